@@ -1,0 +1,84 @@
+"""Run the course: execute the lessons in order, then print the results table.
+
+    python -m labkit.course                 # executed copies go to build/executed/
+    python -m labkit.course --in-place 00   # re-execute lesson 00 and store its outputs (authors)
+
+Executed notebooks keep their outputs but not live widget views (tqdm bars, sliders): those need
+a running kernel, and a stored copy of them would render as an error in the book.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def lessons(notebook_dir: Path = ROOT / "notebooks", select: list[str] | None = None) -> list[Path]:
+    found = sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb"))
+    if select:
+        found = [p for p in found if any(p.name.startswith(s) for s in select)]
+        if not found:
+            raise SystemExit(f"No lesson matches {select}; lessons are named like 00_baseline.ipynb.")
+    return found
+
+
+def strip_widgets(nb) -> None:
+    """Drop live-widget outputs and the saved widget state; keep every other output."""
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if WIDGET_MIME in data:
+                if set(data) - {WIDGET_MIME, "text/plain"}:  # a still fallback exists: keep it
+                    data.pop(WIDGET_MIME)
+                    data.pop("text/plain", None)
+                    kept.append(out)
+                continue
+            kept.append(out)
+        cell.outputs = kept
+
+
+def execute(path: Path, out_path: Path, timeout: int = 1800) -> float:
+    """Execute one notebook top to bottom in its own folder; returns the seconds it took."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    strip_widgets(nb)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out_path)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("select", nargs="*", help="lesson prefixes to run, e.g. 00 03 (default: all)")
+    parser.add_argument("--in-place", action="store_true", help="store outputs in notebooks/ (authors only)")
+    parser.add_argument("--out", default=str(ROOT / "build" / "executed"), help="folder for executed copies")
+    args = parser.parse_args(argv)
+
+    from . import profiles, results
+
+    profile = profiles.get()
+    print(f"Profile {profile.name!r}: {profile.model}, seqlen {profile.seqlen}. Results go to {results.results_dir()}.")
+    for path in lessons(select=args.select):
+        target = path if args.in_place else Path(args.out) / path.name
+        print(f"  running {path.name} ...", flush=True)
+        seconds = execute(path, target)
+        print(f"  {path.name}: done in {seconds:.0f} s -> {target}", flush=True)
+    rows = results.load_rows(profile.name)
+    print(f"\nResults ({profile.name} profile, {len(rows)} rows):\n")
+    print(results.table(rows) if rows else "(no rows recorded)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""WikiText-2 text for evaluation and calibration.
+
+Source order: if the environment variable LABKIT_DATA_DIR is set, read the files there (no
+network); otherwise read the Hugging Face Hub through `datasets` ('wikitext',
+'wikitext-2-raw-v1'). The two copies differ slightly (the local raw test file dropped the
+blank lines), so every result records which source produced it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SPLITS = ("test", "validation")
+# Files under LABKIT_DATA_DIR: the raw test split, and the tokenized validation split (the raw
+# validation split is not shipped offline; calibration only needs plausible text).
+LOCAL_FILES = {"test": "wikitext-2-raw/wiki.test.raw", "validation": "wikitext-2/valid.txt"}
+
+
+@dataclass(frozen=True)
+class Text:
+    split: str
+    source: str  # e.g. "hub:wikitext-2-raw-v1" or "local:/path/wiki.test.raw"
+    text: str
+
+
+@functools.lru_cache(maxsize=4)
+def wikitext2(split: str = "test") -> Text:
+    """WikiText-2 `split` ('test' or 'validation') as one string, documents joined by blank lines."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: allowed splits are {SPLITS}.")
+    data_dir = os.environ.get("LABKIT_DATA_DIR")
+    if data_dir:
+        return _local(split, Path(data_dir))
+    try:
+        return _hub(split)
+    except Exception as err:  # offline, hub down, `datasets` missing: all end here
+        raise RuntimeError(
+            f"Could not read WikiText-2 {split!r}: the Hugging Face Hub is unreachable ({type(err).__name__}: "
+            f"{str(err)[:200]}) and LABKIT_DATA_DIR is not set. Either connect to the internet, or set "
+            f"LABKIT_DATA_DIR to a folder holding {LOCAL_FILES[split]} (this project's CI uses ../shared/data)."
+        ) from err
+
+
+def _hub(split: str) -> Text:
+    from datasets import load_dataset
+
+    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    return Text(split, "hub:wikitext-2-raw-v1", "\n\n".join(rows["text"]))  # as the GPTQ code does
+
+
+def _local(split: str, data_dir: Path) -> Text:
+    path = data_dir / LOCAL_FILES[split]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"LABKIT_DATA_DIR={str(data_dir)!r} has no {LOCAL_FILES[split]} (needed for WikiText-2 {split!r}). "
+            f"Point LABKIT_DATA_DIR at a folder with that layout, or unset it to read the Hugging Face Hub."
+        )
+    lines = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+    # Blank lines were dropped from the raw test copy; joining non-empty lines with "\n\n"
+    # approximates "\n\n".join(dataset["text"]).
+    text = "\n\n".join(line for line in lines if line.strip())
+    return Text(split, f"local:{path}", text)
+
+
+_token_cache: dict[tuple[str, str, int], torch.Tensor] = {}
+
+
+def tokens(tokenizer, split: str = "test") -> torch.Tensor:
+    """The whole split tokenized as one stream: LongTensor [1, n_tokens] (cached per tokenizer)."""
+    corpus = wikitext2(split)
+    key = (corpus.source, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    if key not in _token_cache:
+        _token_cache[key] = tokenizer(corpus.text, return_tensors="pt").input_ids
+    return _token_cache[key]
+
+
+def test_tokens(tokenizer) -> torch.Tensor:
+    """WikiText-2 test split as LongTensor [1, n_tokens]: the evaluation stream."""
+    return tokens(tokenizer, "test")
+
+
+test_tokens.__test__ = False  # not a pytest test, despite its name
+
+
+def calibration(tokenizer, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`n_samples` random windows of `seqlen` tokens from the validation split: LongTensor [n, seqlen].
+
+    As in the GPTQ/SparseGPT code: each window starts at a uniformly random token position.
+    Calibration never uses the test split, so it cannot leak into the perplexity.
+    """
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples={n_samples!r}: need a positive integer.")
+    if not isinstance(seqlen, int) or seqlen < 2:
+        raise ValueError(f"seqlen={seqlen!r}: need an integer of at least 2.")
+    stream = tokens(tokenizer, "validation")[0]
+    if stream.numel() <= seqlen:
+        raise ValueError(f"seqlen={seqlen} is longer than the validation split ({stream.numel()} tokens).")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seqlen, (n_samples,), generator=generator)
+    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])

@@ -1,0 +1,226 @@
+"""What a compressed model costs and how good it is: perplexity, stored bytes, runtime memory, speed."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+               batch_size: int = 1, progress: bool = True) -> float:
+    """Perplexity with the GPTQ paper's protocol.
+
+    token_ids: [1, n_tokens], one stream (e.g. the whole WikiText-2 test split). It is cut into
+    n_tokens // seqlen non-overlapping windows (the tail is dropped); the first `max_windows` of
+    them are evaluated. Each window predicts its tokens 2..seqlen from the ones before, with no
+    context carried across windows. ppl = exp(mean NLL over all predicted tokens).
+    """
+    if token_ids.dim() == 1:
+        token_ids = token_ids[None]
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and seqlen > max_pos:
+        raise ValueError(
+            f"seqlen={seqlen} is larger than the model's context ({max_pos} positions, "
+            f"config.max_position_embeddings). Use seqlen <= {max_pos}."
+        )
+    n_windows = token_ids.shape[1] // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows < 1:
+        raise ValueError(f"token_ids has {token_ids.shape[1]} tokens: fewer than one window of seqlen={seqlen}.")
+    windows = token_ids[0, : n_windows * seqlen].view(n_windows, seqlen)
+    device = _device(model)
+    nll_sum = 0.0
+    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", disable=not progress,
+                      unit_scale=batch_size, unit="window"):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                          reduction="sum")
+        nll_sum += nll.item()
+    return math.exp(nll_sum / (n_windows * (seqlen - 1)))
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model really stores for its weights.
+
+    A module that stores weights in a compressed form (packed integers plus scales, a sparse
+    format) reports them through a `stored_bytes()` method, and its own tensors are not counted
+    again. Everything else counts its parameters and persistent buffers at their dtype's size.
+    Tied tensors (the embedding reused as the output layer) are counted once. Non-persistent
+    buffers (e.g. rotary inv_freq, recomputed on load) are not weights and are not counted.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def visit(module: nn.Module) -> None:
+        nonlocal total
+        if hasattr(module, "stored_bytes"):
+            total += module.stored_bytes()
+            seen.update(t.data_ptr() for t in [*module.parameters(), *module.buffers()])
+            return
+        tensors = list(module.parameters(recurse=False))
+        tensors += [b for name, b in module.named_buffers(recurse=False)
+                    if name not in module._non_persistent_buffers_set]
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += tensor_bytes(t)
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return total
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of all tensors the model holds in memory (parameters and every buffer), deduplicated."""
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+# --- runtime memory ----------------------------------------------------------------------------
+
+@dataclass
+class Memory:
+    peak_bytes: int  # peak memory of the model's tensors plus the run's working memory
+    model_bytes: int  # what the model's tensors occupy before the run
+    working_bytes: int  # peak extra memory during the run (activations, KV cache, temporaries)
+    device: str
+    how: str  # how it was measured
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _release_free_memory() -> None:
+    """Return freed heap memory to the OS, so that RSS tracks live memory (glibc only)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(model, fn, *args, **kwargs):
+    """Run fn(*args, **kwargs) and measure peak runtime memory; returns (fn's result, Memory).
+
+    CUDA: the caching allocator's peak of allocated bytes (model + activations). CPU: the model's
+    resident tensor bytes plus the peak rise of the process's resident set size (RSS, sampled
+    every millisecond) during the call, after freed heap memory is given back to the OS. The
+    CPU figure leaves out the Python interpreter and libraries, so it means the same thing as
+    the CUDA one: what this model needs to run.
+    """
+    device = _device(model)
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn(*args, **kwargs)
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        model_bytes = resident_bytes(model)
+        return result, Memory(peak, model_bytes, peak - before, str(device),
+                              "torch.cuda.max_memory_allocated (all tensors on the device)")
+    _release_free_memory()
+    base = _rss()
+    peak = base
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, _rss())
+    model_bytes = resident_bytes(model)
+    working = peak - base
+    return result, Memory(model_bytes + working, model_bytes, working, "cpu",
+                          "model tensor bytes + peak rise of process RSS during the run")
+
+
+# --- generation speed --------------------------------------------------------------------------
+
+@dataclass
+class Speed:
+    tokens_per_s: float  # decode rate: new tokens after the first, per second
+    prefill_s: float  # time to the first new token (prompt processing)
+    new_tokens: int
+    prompt_tokens: int
+    device: str
+
+
+@torch.no_grad()
+def generation_speed(model, tokenizer, prompt: str = "The history of the city", new_tokens: int = 64,
+                     repeats: int = 3) -> Speed:
+    """Greedy generation with the KV cache; decode tokens/s = (N - 1) / (t(N tokens) - t(1 token)).
+
+    Timing the 1-token run separately removes the prompt's prefill from the decode rate. A
+    warm-up run comes first, and the best of `repeats` runs is kept (the least disturbed one).
+    """
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens={new_tokens}: need at least 2 to time decoding.")
+    device = _device(model)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+
+    def run(n):
+        _sync(device)
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                             pad_token_id=model.config.pad_token_id or 0)
+        _sync(device)
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    first = min(run(1) for _ in range(repeats))
+    total = min(run(new_tokens) for _ in range(repeats))
+    decode = max(total - first, 1e-9)
+    return Speed((new_tokens - 1) / decode, first, new_tokens, ids.shape[1], str(device))
+
+
+def measure_generation(model, tokenizer, prompt: str = "The history of the city", new_tokens: int = 64):
+    """Tokens/s and peak runtime memory of greedy generation: returns (Speed, Memory)."""
+    return peak_memory(model, generation_speed, model, tokenizer, prompt, new_tokens)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"

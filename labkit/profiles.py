@@ -1,0 +1,52 @@
+"""Model profiles: the same lessons at two sizes.
+
+cpu: SmolLM2-135M, sized so each lesson runs in about two minutes on two CPU cores (CI).
+gpu: LLaMA-7B in fp16 with the papers' protocol (seqlen 2048, the whole test split, 128
+     calibration samples), so numbers compare with the published ones.
+
+The profile is chosen automatically (gpu when CUDA is available) and overridden by the
+environment variable LABKIT_PROFILE=cpu|gpu.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    model: str  # a key of labkit.models.MODELS
+    device: str
+    dtype: torch.dtype
+    seqlen: int  # evaluation and calibration window length
+    eval_windows: int | None  # first N test windows; None = the whole test split
+    sweep_windows: int | None  # fewer windows for curves with many points
+    calib_samples: int
+    new_tokens: int  # tokens generated when timing decode speed
+
+
+PROFILES = {
+    # On 2 cores: 32 windows x 512 tokens (16,384 test tokens) take ~30 s per perplexity; a
+    # calibration walk over 16 samples x 512 tokens takes ~35 s (two forward passes per layer).
+    "cpu": Profile("cpu", "smollm2-135m", "cpu", torch.float32, seqlen=512, eval_windows=32,
+                   sweep_windows=8, calib_samples=16, new_tokens=32),
+    "gpu": Profile("gpu", "llama-7b", "cuda", torch.float16, seqlen=2048, eval_windows=None,
+                   sweep_windows=40, calib_samples=128, new_tokens=128),
+}
+
+
+def get(name: str | None = None) -> Profile:
+    """The active profile: `name`, else $LABKIT_PROFILE, else 'gpu' if CUDA is available, else 'cpu'."""
+    name = name or os.environ.get("LABKIT_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+    if name not in PROFILES:
+        raise ValueError(f"profile {name!r} (from the argument or LABKIT_PROFILE): allowed are {list(PROFILES)}.")
+    profile = PROFILES[name]
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"The {name!r} profile needs a CUDA GPU and torch sees none. Unset LABKIT_PROFILE (or set "
+            f"LABKIT_PROFILE=cpu) to run the CPU profile, or use a GPU runtime (Colab: Runtime > Change runtime type)."
+        )
+    return profile

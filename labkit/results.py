@@ -1,0 +1,126 @@
+"""One place for measured results: lessons record rows, the capstone gathers them.
+
+Rows live in $LABKIT_RESULTS_DIR/<profile>.json (default ~/.cache/labkit/results), keyed by
+(lesson, method, setting): re-running a lesson replaces its rows. Reference numbers that the
+lessons check live in labkit/references.json, per profile, each with its tolerance and origin.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+REFERENCES_FILE = Path(__file__).with_name("references.json")
+
+
+@dataclass
+class Row:
+    lesson: str  # e.g. "00_baseline"
+    method: str  # e.g. "FP32 baseline", "GPTQ"
+    setting: str  # e.g. "-", "W4 g128", "50% 2:4"
+    profile: str
+    model: str
+    params: int
+    weight_bytes: int
+    runtime_bytes: int | None  # peak runtime memory of generation (labkit.evaluate.peak_memory)
+    tokens_per_s: float | None  # decode speed with the KV cache
+    perplexity: float | None
+    seqlen: int
+    eval_windows: int | None  # None: the whole test split
+    data: str  # where the test text came from (labkit.data.Text.source)
+    device: str
+    note: str = ""
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get("LABKIT_RESULTS_DIR") or Path.home() / ".cache" / "labkit" / "results")
+
+
+def _path(profile: str) -> Path:
+    return results_dir() / f"{profile}.json"
+
+
+def load_rows(profile: str) -> list[Row]:
+    path = _path(profile)
+    if not path.exists():
+        return []
+    return [Row(**r) for r in json.loads(path.read_text())]
+
+
+def record(row: Row) -> Row:
+    """Add `row` to its profile's results, replacing a row with the same (lesson, method, setting)."""
+    for name in ("perplexity", "tokens_per_s"):
+        value = getattr(row, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"Row.{name}={value}: a recorded measurement must be finite.")
+    key = (row.lesson, row.method, row.setting)
+    rows = [r for r in load_rows(row.profile) if (r.lesson, r.method, r.setting) != key] + [row]
+    path = _path(row.profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    tmp.replace(path)  # atomic: a crash never leaves a half-written file
+    return row
+
+
+def table(rows: list[Row]) -> str:
+    """A plain-text table of rows, in the survey's column order."""
+    from .evaluate import format_bytes
+
+    head = ["lesson", "method", "setting", "params (M)", "weights", "runtime mem", "tok/s", "perplexity"]
+    body = []
+    for r in sorted(rows, key=lambda r: r.lesson):
+        body.append([
+            r.lesson, r.method, r.setting, f"{r.params / 1e6:.1f}", format_bytes(r.weight_bytes),
+            format_bytes(r.runtime_bytes) if r.runtime_bytes is not None else "-",
+            f"{r.tokens_per_s:.1f}" if r.tokens_per_s is not None else "-",
+            f"{r.perplexity:.2f}" if r.perplexity is not None else "-",
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+
+
+# --- reference numbers ---------------------------------------------------------------------------
+
+def references() -> dict:
+    return json.loads(REFERENCES_FILE.read_text())
+
+
+def reference(key: str, profile: str) -> dict:
+    refs = references()
+    if key not in refs:
+        raise KeyError(f"No reference number {key!r} in {REFERENCES_FILE.name}; known: {sorted(refs)}.")
+    if profile not in refs[key]:
+        raise KeyError(f"Reference {key!r} has no value for profile {profile!r} (has {sorted(refs[key])}).")
+    return refs[key][profile]
+
+
+def check_reference(key: str, value: float, profile: str, data: str | None = None) -> str:
+    """Compare a measured `value` with the stored reference for `profile`, within its tolerance.
+
+    data: the source of the test text (labkit.data.Text.source). A reference measured on the
+    local copy of WikiText-2 is not comparable with a run on the Hub's copy (their blank lines
+    differ), so that case is reported, not checked. Raises AssertionError (naming both numbers)
+    when outside the tolerance; otherwise returns a one-line verdict made only of stored values,
+    so it prints identically on every run.
+    """
+    ref = reference(key, profile)
+    target, rtol, origin = ref["value"], ref["rtol"], ref["origin"]
+    ref_kind, run_kind = ref.get("data"), (data or "").split(":")[0] or None
+    if ref_kind and run_kind and ref_kind != run_kind:
+        return (f"NOT CHECKED {key}: the {profile}-profile reference {target:g} was measured on the {ref_kind} "
+                f"copy of WikiText-2 and this run read the {run_kind} copy; measured {value:.4g}.")
+    if not math.isfinite(value) or abs(value - target) > rtol * abs(target):
+        raise AssertionError(
+            f"{key}: measured {value:.4g}, but the {profile}-profile reference is {target:.4g} "
+            f"± {100 * rtol:g}% ({origin}). Something changed the result: the model, the data, "
+            f"the protocol or the code."
+        )
+    return f"OK {key}: within ±{100 * rtol:g}% of the {profile}-profile reference {target:g} ({origin})"
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(Row)]
