@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from labkit import evaluate
+
+
+def test_perplexity_matches_a_hand_computation(tiny):
+    model, _ = tiny
+    ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+    got = evaluate.perplexity(model, ids, seqlen=32, progress=False)  # 3 windows, 4 tokens dropped
+    nll = []
+    for w in ids[0, :96].view(3, 32):
+        logp = model(w[None]).logits[0, :-1].log_softmax(-1)
+        nll += (-logp.gather(1, w[1:, None])).flatten().tolist()
+    assert got == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+    assert evaluate.perplexity(model, ids, 32, batch_size=2, progress=False) == pytest.approx(got, rel=1e-5)
+
+
+def test_uniform_model_has_perplexity_equal_to_vocabulary(tiny):
+    model, _ = tiny
+    model.lm_head.weight = nn.Parameter(torch.zeros_like(model.lm_head.weight))  # all logits 0
+    ids = torch.randint(0, 256, (1, 64))
+    assert evaluate.perplexity(model, ids, 16, progress=False) == pytest.approx(256, rel=1e-5)
+
+
+def test_max_windows_uses_a_prefix(tiny):
+    model, _ = tiny
+    ids = torch.randint(0, 256, (1, 128), generator=torch.Generator().manual_seed(1))
+    assert evaluate.perplexity(model, ids, 32, max_windows=2, progress=False) == pytest.approx(
+        evaluate.perplexity(model, ids[:, :64], 32, progress=False), rel=1e-6)
+
+
+def test_perplexity_bad_seqlen(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=r"seqlen=4096 is larger than the model's context \(1024"):
+        evaluate.perplexity(model, torch.zeros(1, 8192, dtype=torch.long), 4096)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        evaluate.perplexity(model, torch.zeros(1, 10, dtype=torch.long), 32)
+
+
+def test_weight_bytes_counts_dtype_tied_once_and_skips_nonpersistent(tiny):
+    model, _ = tiny
+    n = sum(p.numel() for p in model.parameters())
+    assert evaluate.weight_bytes(model) == 4 * n  # fp32; embedding and lm_head tied: once
+    assert evaluate.weight_bytes(model.half()) == 2 * n
+    assert "model.rotary_emb.inv_freq" in dict(model.named_buffers())  # a buffer, but not a weight
+
+
+class Packed(nn.Module):
+    """A stand-in for a compressed layer: a float copy it does not count, and its real bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.shadow = nn.Parameter(torch.zeros(100, 100))
+        self.register_buffer("codes", torch.zeros(5000, dtype=torch.uint8))
+
+    def stored_bytes(self):
+        return self.codes.numel() + 200
+
+
+def test_weight_bytes_uses_stored_bytes_of_compressed_modules():
+    model = nn.Sequential(nn.Linear(10, 10, bias=False), Packed())
+    assert evaluate.weight_bytes(model) == 10 * 10 * 4 + 5000 + 200
+
+
+def test_peak_memory_sees_a_large_temporary(tiny):
+    model, _ = tiny
+
+    def work():
+        x = torch.ones(64, 1024, 1024)  # 256 MiB, freed on return
+        return float(x[0, 0, 0])
+
+    result, mem = evaluate.peak_memory(model, work)
+    assert result == 1.0
+    assert mem.model_bytes == evaluate.resident_bytes(model)
+    assert 200 * 2**20 < mem.working_bytes < 600 * 2**20
+    assert mem.peak_bytes == mem.model_bytes + mem.working_bytes
+
+
+def test_generation_speed_and_memory(tiny):
+    model, tok = tiny
+    speed, mem = evaluate.measure_generation(model, tok, prompt="abc", new_tokens=8)
+    assert speed.tokens_per_s > 0 and speed.new_tokens == 8 and speed.prompt_tokens == 3
+    assert mem.peak_bytes >= mem.model_bytes > 0
+    with pytest.raises(ValueError, match="new_tokens=1"):
+        evaluate.generation_speed(model, tok, new_tokens=1)
+
+
+def test_format_bytes():
+    assert evaluate.format_bytes(512) == "512 B"
+    assert evaluate.format_bytes(3 * 2**20) == "3.0 MiB"
+    assert evaluate.format_bytes(13.5 * 2**30) == "13.5 GiB"

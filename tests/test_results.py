@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from labkit import results
+
+
+def row(**kw):
+    base = dict(lesson="00_baseline", method="fp32", setting="-", profile="cpu", model="m", params=10,
+                weight_bytes=40, runtime_bytes=50, tokens_per_s=1.5, perplexity=20.0, seqlen=512,
+                eval_windows=32, data="local:x", device="cpu")
+    return results.Row(**{**base, **kw})
+
+
+def test_record_replaces_same_key_and_keeps_others(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    results.record(row())
+    results.record(row(method="GPTQ", setting="W4"))
+    results.record(row(perplexity=21.0))  # re-run of the baseline
+    rows = results.load_rows("cpu")
+    assert [(r.method, r.perplexity) for r in rows] == [("GPTQ", 20.0), ("fp32", 21.0)]
+    assert json.loads((tmp_path / "cpu.json").read_text())[0]["setting"] == "W4"
+    assert results.load_rows("gpu") == []
+    text = results.table(rows)
+    assert "GPTQ" in text and "21.00" in text and "perplexity" in text.splitlines()[0]
+
+
+def test_record_refuses_non_finite(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="perplexity=nan"):
+        results.record(row(perplexity=float("nan")))
+
+
+def test_check_reference_passes_fails_and_reports_incomparable():
+    ref = results.reference("00_baseline/perplexity", "cpu")
+    ok = results.check_reference("00_baseline/perplexity", ref["value"] * (1 + ref["rtol"] / 2), "cpu", "local:x")
+    assert ok.startswith("OK 00_baseline/perplexity") and str(ref["value"]) in ok
+    with pytest.raises(AssertionError, match="measured 40, but the cpu-profile reference"):
+        results.check_reference("00_baseline/perplexity", 40.0, "cpu", "local:x")
+    with pytest.raises(AssertionError):
+        results.check_reference("00_baseline/perplexity", float("nan"), "cpu")
+    msg = results.check_reference("00_baseline/perplexity", 40.0, "cpu", "hub:wikitext-2-raw-v1")
+    assert msg.startswith("NOT CHECKED")
+    with pytest.raises(KeyError, match="No reference number 'nope'"):
+        results.check_reference("nope", 1.0, "cpu")
+
+
+def test_every_reference_states_value_tolerance_and_origin():
+    for key, per_profile in results.references().items():
+        for profile, ref in per_profile.items():
+            assert profile in ("cpu", "gpu"), key
+            assert ref["value"] > 0 and 0 < ref["rtol"] <= 0.05 and ref["origin"], key
