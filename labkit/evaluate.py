@@ -186,7 +186,7 @@ class Speed:
 
 @torch.no_grad()
 def generation_speed(model, tokenizer, prompt: str = "The history of the city", new_tokens: int = 64,
-                     repeats: int = 3) -> Speed:
+                     repeats: int = 3, progress: bool = True) -> Speed:
     """Greedy generation with the KV cache; decode tokens/s = (N - 1) / (t(N tokens) - t(1 token)).
 
     Timing the 1-token run separately removes the prompt's prefill from the decode rate. A
@@ -206,9 +206,15 @@ def generation_speed(model, tokenizer, prompt: str = "The history of the city", 
         assert out.shape[1] == ids.shape[1] + n
         return time.perf_counter() - start
 
+    bar = tqdm(total=1 + 2 * repeats, desc="timing generation", disable=not progress, leave=False)
     run(2)  # warm-up
-    first = min(run(1) for _ in range(repeats))
-    total = min(run(new_tokens) for _ in range(repeats))
+    bar.update()
+    times = {1: [], new_tokens: []}
+    for n in [1] * repeats + [new_tokens] * repeats:
+        times[n].append(run(n))
+        bar.update()
+    bar.close()
+    first, total = min(times[1]), min(times[new_tokens])
     decode = max(total - first, 1e-9)
     return Speed((new_tokens - 1) / decode, first, new_tokens, ids.shape[1], str(device))
 

@@ -29,10 +29,11 @@ class Profile:
 
 
 PROFILES = {
-    # On 2 cores: 32 windows x 512 tokens (16,384 test tokens) take ~30 s per perplexity; a
-    # calibration walk over 16 samples x 512 tokens takes ~35 s (two forward passes per layer).
-    "cpu": Profile("cpu", "smollm2-135m", "cpu", torch.float32, seqlen=512, eval_windows=32,
-                   sweep_windows=8, calib_samples=16, new_tokens=32),
+    # Sized for CI (13 lessons on 2 cores, each in about two minutes): a perplexity over 16
+    # windows x 512 tokens (8,192 test tokens) takes ~15 s, and a calibration walk over 8 samples
+    # x 512 tokens (4,096 tokens, more than the widest linear's 1,536 inputs) ~15 s.
+    "cpu": Profile("cpu", "smollm2-135m", "cpu", torch.float32, seqlen=512, eval_windows=16,
+                   sweep_windows=8, calib_samples=8, new_tokens=32),
     "gpu": Profile("gpu", "llama-7b", "cuda", torch.float16, seqlen=2048, eval_windows=None,
                    sweep_windows=40, calib_samples=128, new_tokens=128),
 }
