@@ -1,0 +1,317 @@
+"""Training loops for distillation, plain fine-tuning and block-wise (local) distillation.
+
+One plain loop (`_train`), written out once:
+
+    for step in range(steps):
+        for each of grad_accum micro-batches:        # gradient accumulation
+            loss = micro_loss(next batch)             # distillation, cross-entropy or hidden MSE
+            (loss / grad_accum).backward()
+        clip the gradient norm to max_grad_norm       # one bad batch cannot blow the student up
+        AdamW step
+    return the loss of every step                      # the learning curve, for a plot
+
+Every step sees batch_size · grad_accum windows of the token data, so `distill` and `finetune`
+with the same steps, batch_size and grad_accum train on the same token budget: the comparison
+"distillation vs plain fine-tuning on the same tokens" changes only the target (the teacher's
+whole distribution vs the one observed next token).
+
+Deterministic for a seed: batches are drawn and on-policy samples are generated with
+generators seeded from `seed`, and the global RNG is forked so the caller's is left alone.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import numbers
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .losses import LOSSES, check_beta, check_temperature, hidden_mse
+from .students import check_vocab
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def check_tokens(data, vocab: int | None = None, name: str = "data") -> None:
+    if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype != torch.long or data.shape[1] < 2:
+        got = f"{tuple(data.shape)} {data.dtype}" if isinstance(data, torch.Tensor) else type(data).__name__
+        raise ValueError(f"{name} must be a LongTensor of token windows [n, seqlen] with seqlen >= 2; got {got}. "
+                         f"Make one with labkit.data.calibration(tokenizer, n, seqlen).")
+    if vocab is not None and data.numel() and (data.min() < 0 or data.max() >= vocab):
+        raise ValueError(f"{name} holds token ids outside [0, {vocab}): was it made with another tokenizer?")
+
+
+def batches(data: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless batches of `batch_size` rows of data [n, ...]: shuffled epochs, each row once per epoch."""
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += torch.randperm(data.shape[0], generator=generator).tolist()
+        rows, order = order[:batch_size], order[batch_size:]
+        yield data[rows]
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: need a positive integer.")
+    return value
+
+
+def _check_training(steps, lr, batch_size, grad_accum, max_grad_norm) -> None:
+    _positive_int(steps, "steps")
+    _positive_int(batch_size, "batch_size")
+    _positive_int(grad_accum, "grad_accum")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+        raise ValueError(f"lr={lr!r}: need a learning rate > 0, e.g. 1e-4.")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={max_grad_norm!r}: need a norm > 0, or None for no clipping.")
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _rng_devices(device: torch.device) -> list:
+    return [device] if device.type == "cuda" else []
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+def _train(model: nn.Module, steps: int, micro_loss: Callable[[], torch.Tensor], lr: float, grad_accum: int,
+           max_grad_norm: float | None, weight_decay: float, desc: str, progress: bool) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad is False everywhere).")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    curve: list[float] = []
+    model.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    try:
+        for _ in bar:
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(grad_accum):
+                loss = micro_loss()
+                (loss / grad_accum).backward()  # gradients add up over the micro-batches
+                total += loss.item()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            curve.append(total / grad_accum)
+            bar.set_postfix(loss=f"{curve[-1]:.4f}")
+    finally:
+        model.eval()
+    return curve
+
+
+# --- on-policy samples ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(model, prompts: torch.Tensor, new_tokens: int, temperature: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample `new_tokens` tokens after each prompt from the model's own distribution (KV cache).
+
+    prompts: [batch, prompt_len] -> [batch, prompt_len + new_tokens]. Seeded by `generator`
+    (on the model's device), not by the global RNG.
+    """
+    # transformers 5.x renamed past_key_values to cache; accept either spelling
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(prompts, use_cache=True)
+        tokens = prompts
+        for i in range(new_tokens):
+            probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)  # [batch, vocab]
+            next_token = torch.multinomial(probs, 1, generator=generator)  # [batch, 1]
+            tokens = torch.cat([tokens, next_token], dim=1)
+            if i + 1 < new_tokens:  # feed only the new token; the cache holds the rest
+                out = model(next_token, use_cache=True, **{cache_name: out[cache_name]})
+    finally:
+        model.train(was_training)
+    return tokens
+
+
+# --- distillation ------------------------------------------------------------------------------------
+
+def distill(student, teacher, data: torch.Tensor, steps: int, loss: str | Callable = "forward_kl",
+            temperature: float = 2.0, lr: float = 1e-4, batch_size: int = 4, grad_accum: int = 1,
+            max_grad_norm: float | None = 1.0, on_policy: bool = False, alpha_ce: float = 0.0, beta: float = 0.5,
+            prompt_len: int | None = None, seed: int = 0, weight_decay: float = 0.0,
+            progress: bool = True) -> list[float]:
+    """Train `student` in place to match `teacher`'s next-token distributions; returns the loss per step.
+
+    data: LongTensor [n, seqlen] of token windows (e.g. labkit.data.calibration(tokenizer, n, seqlen)).
+    loss: "forward_kl" (Hinton et al.), "reverse_kl", "jsd" (GKD's generalized JSD, with `beta`),
+        or a callable loss(student_logits, teacher_logits, mask=mask) -> scalar.
+    temperature: τ of the softened distributions (the divergences are scaled by τ²).
+    alpha_ce: weight of the hard-label cross-entropy on the data's next tokens, in [0, 1]:
+        loss = (1 − alpha_ce) · divergence + alpha_ce · CE (Hinton et al.'s weighted average).
+    on_policy: GKD (Agarwal et al., 2024) with student-data fraction λ = 1: each batch keeps the
+        first prompt_len tokens of its windows (default seqlen // 2) as prompts, the student
+        samples the rest (temperature 1, seeded), and the divergence is taken on the sampled
+        tokens only: the student learns from its own mistakes, where it will be at inference.
+    The teacher runs in eval mode under no_grad and is never changed; it may live on another device.
+    """
+    check_vocab(student, teacher)
+    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm)
+    check_tokens(data, student.config.vocab_size)
+    temperature = check_temperature(temperature)
+    if isinstance(alpha_ce, bool) or not isinstance(alpha_ce, numbers.Real) or not 0 <= alpha_ce <= 1:
+        raise ValueError(f"alpha_ce={alpha_ce!r}: need a weight in [0, 1] for the cross-entropy term.")
+    if callable(loss):
+        divergence = loss
+    elif loss in LOSSES:
+        divergence = functools.partial(LOSSES[loss], temperature=temperature)
+        if loss == "jsd":
+            divergence = functools.partial(divergence, beta=check_beta(beta))
+    else:
+        raise ValueError(f"loss={loss!r}: allowed are {list(LOSSES)} or a callable "
+                         f"loss(student_logits, teacher_logits, mask=mask).")
+    seqlen = data.shape[1]
+    if on_policy:
+        if alpha_ce:
+            raise ValueError("alpha_ce > 0 with on_policy=True: the sequences are the student's own samples, "
+                             "so there is no data token to take a cross-entropy on. Use alpha_ce=0.")
+        prompt_len = seqlen // 2 if prompt_len is None else prompt_len
+        if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or not 1 <= prompt_len < seqlen:
+            raise ValueError(f"prompt_len={prompt_len!r}: need an integer in [1, {seqlen}) "
+                             f"(the rest of each {seqlen}-token window is sampled by the student).")
+    device, teacher_device = _device(student), _device(teacher)
+    teacher.eval()
+    generator = torch.Generator().manual_seed(seed)
+    sampler = torch.Generator(device=device).manual_seed(seed)
+    stream = batches(data, batch_size, generator)
+
+    def micro_loss():
+        tokens = next(stream).to(device)  # [batch, seqlen]
+        mask = None
+        if on_policy:
+            tokens = sample(student, tokens[:, :prompt_len], seqlen - prompt_len, generator=sampler)
+            mask = torch.zeros(tokens.shape[0], seqlen - 1, dtype=torch.bool, device=device)
+            mask[:, prompt_len - 1:] = True  # positions that predict a sampled token
+        with torch.no_grad():
+            teacher_logits = teacher(tokens.to(teacher_device), use_cache=False).logits[:, :-1].to(device)
+        student_logits = student(tokens, use_cache=False).logits[:, :-1]  # [batch, seqlen - 1, vocab]
+        value = divergence(student_logits, teacher_logits, mask=mask)
+        if alpha_ce:
+            ce = F.cross_entropy(student_logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            value = (1 - alpha_ce) * value + alpha_ce * ce
+        return value
+
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(seed)
+        return _train(student, steps, micro_loss, lr, grad_accum, max_grad_norm, weight_decay,
+                      "distill (on-policy)" if on_policy else "distill", progress)
+
+
+def finetune(student, data: torch.Tensor, steps: int, lr: float = 1e-4, batch_size: int = 4, grad_accum: int = 1,
+             max_grad_norm: float | None = 1.0, seed: int = 0, weight_decay: float = 0.0,
+             progress: bool = True) -> list[float]:
+    """Plain next-token cross-entropy on the same token windows; returns the loss per step.
+
+    data: LongTensor [n, seqlen]. With the same steps, batch_size, grad_accum and seed as a
+    `distill` call, it sees exactly the same batches: the baseline for "distillation vs
+    fine-tuning on the same token budget" (the teacher adds information, not tokens).
+    """
+    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm)
+    check_tokens(data, student.config.vocab_size)
+    device = _device(student)
+    stream = batches(data, batch_size, torch.Generator().manual_seed(seed))
+
+    def micro_loss():
+        tokens = next(stream).to(device)  # [batch, seqlen]
+        logits = student(tokens, use_cache=False).logits[:, :-1]  # [batch, seqlen - 1, vocab]
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(seed)
+        return _train(student, steps, micro_loss, lr, grad_accum, max_grad_norm, weight_decay, "finetune", progress)
+
+
+# --- block-wise (local) distillation -------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer_inputs(model, tokens: torch.Tensor, index: int, batch_size: int = 8) -> tuple[torch.Tensor, dict]:
+    """What decoder layer `index` of `model` receives on `tokens` [n, seqlen]:
+    (hidden states [n, seqlen, hidden], the keyword arguments the model passes to its layers).
+
+    The kwargs (rotary cos/sin for positions 0..seqlen-1, mask None = causal) are shared by
+    every window, so any batch of the inputs can be replayed with them. One forward per batch,
+    stopped at layer `index`.
+    """
+    check_tokens(tokens, model.config.vocab_size, "tokens")
+    layers = model.model.layers
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(layers):
+        raise ValueError(f"index={index!r}: the model has decoder layers 0..{len(layers) - 1}.")
+    seen: list[tuple[torch.Tensor, dict]] = []
+
+    def catch(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        seen.append((hidden, kwargs))
+        raise _Stop
+
+    hook = layers[index].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            try:
+                model(tokens[start:start + batch_size].to(_device(model)), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
+    kwargs = seen[0][1]
+    cos, _ = kwargs["position_embeddings"]
+    if cos.shape[0] != 1:  # position ids per window would tie the kwargs to one batch
+        raise ValueError("the model passes per-window position embeddings; layer_inputs needs shared ones.")
+    return torch.cat([hidden for hidden, _ in seen]), kwargs
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # transformers 5 layers return a tensor
+
+
+def blockwise_distill(student_layer: nn.Module, teacher_layer: nn.Module, inputs: torch.Tensor, steps: int,
+                      lr: float = 1e-4, batch_size: int = 4, layer_kwargs: dict | None = None,
+                      grad_accum: int = 1, max_grad_norm: float | None = 1.0, seed: int = 0,
+                      weight_decay: float = 0.0, progress: bool = True) -> list[float]:
+    """Train one block to reproduce another block's outputs on the same inputs (hidden_mse).
+
+    inputs: [n, seqlen, hidden], the block's inputs in the full model (layer_inputs gives them,
+    with the layer_kwargs a decoder layer needs). Local distillation needs no backward pass
+    through the rest of the model, so it repairs one compressed block at a time at the memory
+    cost of a single layer. Returns the loss per step; the teacher block is never changed.
+    """
+    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 or not inputs.is_floating_point():
+        got = f"{tuple(inputs.shape)} {inputs.dtype}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise ValueError(f"inputs must be float hidden states [n, seqlen, hidden]; got {got}. "
+                         f"Get a decoder layer's inputs with labkit.distill.layer_inputs(model, tokens, index).")
+    kwargs = layer_kwargs or {}
+    device = _device(student_layer)
+    teacher_layer.eval()
+    with torch.no_grad():  # the targets, computed once
+        targets = torch.cat([_hidden(teacher_layer(chunk.to(device), **kwargs))
+                             for chunk in inputs.split(batch_size)])  # [n, seqlen, hidden]
+    pairs = torch.stack([inputs.to(device), targets])  # [2, n, seqlen, hidden]
+    stream = batches(pairs.transpose(0, 1), batch_size, torch.Generator().manual_seed(seed))
+
+    def micro_loss():
+        batch = next(stream)  # [batch, 2, seqlen, hidden]
+        return hidden_mse(_hidden(student_layer(batch[:, 0], **kwargs)), batch[:, 1])
+
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(seed)
+        return _train(student_layer, steps, micro_loss, lr, grad_accum, max_grad_norm, weight_decay,
+                      "blockwise distill", progress)
+
+
+__all__ = ["distill", "finetune", "blockwise_distill", "layer_inputs", "sample", "batches", "check_tokens"]

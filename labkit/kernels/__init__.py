@@ -1,0 +1,19 @@
+"""Triton kernels for serving, each beside the plain torch reference it is tested against.
+
+    from labkit import kernels
+    out = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens)
+    y, h = kernels.rms_norm(x, weight, eps, residual=h)
+    y = kernels.w4a16_matmul(x, *kernels.w4a16_from_codes(codes, scales, zeros, 128), group_size=128)
+
+backend="auto" runs Triton on CUDA tensors and the torch reference otherwise. On a CPU machine,
+set TRITON_INTERPRET=1 before the first kernel launch and pass backend="triton" to run the Triton
+code in its interpreter (slow; for tests and for stepping through a kernel). Importing this package
+does not import triton.
+"""
+from ._triton import available as triton_available  # noqa: F401
+from ._triton import interpreted as triton_interpreted  # noqa: F401
+from .fused import (  # noqa: F401
+    rms_norm, rms_norm_torch, rotary, rotary_torch, silu_and_mul, swiglu, swiglu_torch, w4a16_dequantize,
+    w4a16_from_codes, w4a16_matmul, w4a16_matmul_torch, w4a16_unpack,
+)
+from .paged_attention import paged_attention_decode, paged_attention_decode_torch  # noqa: F401

@@ -1,0 +1,213 @@
+"""A small serving engine: continuous batching over a paged KV cache, greedy decoding.
+
+    engine = Engine(model, tokenizer, num_blocks=256, block_size=16, max_batch=8)
+    completions = engine.generate(["The capital of France", "def fib(n):"], max_new_tokens=32)
+
+Each step of `generate`:
+  1. admit waiting requests (first come, first served) while the batch has room and the pool has
+     blocks for their tokens; prefill each with the model's ordinary forward pass, whose K/V are
+     captured (hooks on k_proj / v_proj, rotary applied as the attention module does) and written
+     into the request's blocks; the prefill's last logits give its first new token;
+  2. decode one token for every running request at once: each decoder layer is run by hand on a
+     [batch, 1, hidden] input, the new K/V go into each request's next slot, and attention reads the
+     whole context through the block tables (labkit.kernels.paged_attention_decode);
+  3. requests that hit max_new_tokens or EOS leave the batch and free their blocks at once, so
+     waiting requests join at the next step (Orca's iteration-level scheduling, Yu et al. 2022).
+When a running request needs a block and none is free, the most recently admitted request is
+preempted: its blocks are freed and it is recomputed (re-prefilled) later, as in vLLM.
+
+Greedy outputs equal `model.generate(ids, do_sample=False)` request by request (the tests check
+this in fp32 on CPU; in fp16 on a GPU other kernels sum in other orders, and a near-tie between
+two tokens can then go the other way).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels import paged_attention_decode, rotary
+from ..models import check_llama
+from .block_manager import BlockManager, PagedKVCache
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]  # the new tokens, EOS included when it ended the request
+    text: str
+    finish_reason: str  # "length" | "eos"
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, num_blocks: int, block_size: int = 16, max_batch: int = 8,
+                 backend: str = "auto"):
+        """model: a Llama LlamaForCausalLM (labkit.models.load); tokenizer: its tokenizer.
+        num_blocks, block_size: the KV pool (num_blocks · block_size tokens in all).
+        max_batch: most requests decoded together. backend: for the attention and rotary kernels."""
+        check_llama(model, "labkit.serving.Engine")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1; got {max_batch}.")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.block_size, self.max_batch, self.backend = block_size, max_batch, backend
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        c = model.config
+        self.num_heads, self.num_kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim = self.cache.k[0].shape[-1]
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = c.eos_token_id if eos is None else eos
+        self.eos_ids = set() if eos is None else set(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.stats: dict = {}
+
+    # --- the scheduler ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int | list[int] = 32) -> list[Completion]:
+        """Greedy completions of `prompts` (strings or lists of token ids), in the prompts' order.
+
+        max_new_tokens: one limit for all, or one per prompt (requests then leave the batch at
+        different steps and waiting ones take their place). Statistics of the run: self.stats."""
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(prompts) or min(limits, default=1) < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1 or one such int per prompt; got {max_new_tokens}.")
+        requests = [_Request(i, self._encode(p), n) for i, (p, n) in enumerate(zip(prompts, limits))]
+        for r in requests:
+            # The last new token is never written to the cache: a request needs room for the rest.
+            need = self.blocks.blocks_needed(len(r.prompt_ids) + r.max_new_tokens - 1)
+            if need > self.blocks.num_blocks:
+                raise ValueError(f"request {r.id} ({len(r.prompt_ids)} prompt tokens + {r.max_new_tokens} new) "
+                                 f"needs {need} blocks of {self.block_size} tokens; the pool has "
+                                 f"{self.blocks.num_blocks}.")
+        self.blocks = BlockManager(self.blocks.num_blocks, self.block_size)  # a clean pool for each call
+        waiting, running = deque(requests), []
+        stats = {"steps": 0, "batch_sizes": [], "prefills": 0, "preemptions": 0, "decode_s": 0.0, "prefill_s": 0.0}
+        while waiting or running:
+            # 1. admit and prefill
+            while waiting and len(running) < self.max_batch and self._fits(waiting[0], len(running)):
+                r = waiting.popleft()
+                start = time.perf_counter()
+                self._prefill(r)
+                stats["prefill_s"] += time.perf_counter() - start
+                stats["prefills"] += 1
+                (running.append(r) if r.finish_reason is None else self.blocks.free(r.id))
+            # 2. every running request needs a slot for its next token; if the pool cannot give all
+            #    of them a block, preempt the most recently admitted (recomputed when readmitted)
+            while sum(self.blocks.needs_block(r.id) for r in running) > self.blocks.num_free:
+                victim = running.pop()
+                self.blocks.free(victim.id)
+                waiting.appendleft(victim)
+                stats["preemptions"] += 1
+            if not running:
+                if waiting and self.blocks.num_free == self.blocks.num_blocks:
+                    raise RuntimeError(f"request {waiting[0].id} does not fit in an empty pool (a bug: sizes "
+                                       f"were checked above).")
+                continue
+            # 3. one decode step for the whole batch
+            start = time.perf_counter()
+            self._decode_step(running)
+            stats["decode_s"] += time.perf_counter() - start
+            stats["steps"] += 1
+            stats["batch_sizes"].append(len(running))
+            for r in [r for r in running if r.finish_reason is not None]:
+                running.remove(r)
+                self.blocks.free(r.id)
+        self.stats = stats
+        return [Completion(r.prompt_ids, r.output_ids, self.tokenizer.decode(r.output_ids), r.finish_reason)
+                for r in requests]
+
+    def _fits(self, r: _Request, n_running: int) -> bool:
+        """Admit r if its tokens fit and one block per running request stays free for their next
+        decode step (a watermark, so that a new request does not force an immediate preemption)."""
+        need = self.blocks.blocks_needed(len(r.prompt_ids) + len(r.output_ids))
+        return need + n_running <= self.blocks.num_free
+
+    def _encode(self, prompt) -> list[int]:
+        ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt: the engine needs at least one prompt token.")
+        return ids
+
+    def _emit(self, r: _Request, token: int) -> None:
+        r.output_ids.append(token)
+        if token in self.eos_ids:
+            r.finish_reason = "eos"
+        elif len(r.output_ids) >= r.max_new_tokens:
+            r.finish_reason = "length"
+
+    # --- prefill: the model's ordinary forward, with K/V captured into the paged cache ---------------
+    def _prefill(self, r: _Request) -> None:
+        ids = r.prompt_ids + r.output_ids  # after a preemption, recompute the generated tokens too
+        n = len(ids)
+        self.blocks.allocate(r.id, n)
+        slots = torch.tensor([self.blocks.slot(r.id, t) for t in range(n)], device=self.cache.k[0].device)
+        model = self.model
+        captured: dict[tuple[int, str], torch.Tensor] = {}
+        hooks = []
+        for i, layer in enumerate(model.model.layers):
+            for name in ("k_proj", "v_proj"):
+                def hook(module, args, out, key=(i, name)):
+                    captured[key] = out  # [1, n, num_kv_heads · head_dim]
+                hooks.append(getattr(layer.self_attn, name).register_forward_hook(hook))
+        try:
+            input_ids = torch.tensor([ids], device=self.cache.k[0].device)
+            logits = model(input_ids, use_cache=False).logits[0, -1]  # [vocab]
+        finally:
+            for h in hooks:
+                h.remove()
+        positions = torch.arange(n, device=input_ids.device)[None]  # [1, n]
+        cos, sin = model.model.rotary_emb(captured[(0, "k_proj")], positions)  # [1, n, head_dim]
+        for i in range(len(model.model.layers)):
+            k = captured[(i, "k_proj")].view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            k = rotary(k.contiguous(), cos, sin, backend=self.backend)  # [1, kv_heads, n, head_dim]
+            v = captured[(i, "v_proj")].view(n, self.num_kv_heads, self.head_dim)
+            self.cache.write(i, slots, k[0].transpose(0, 1), v)
+        self._emit(r, int(logits.float().argmax()))
+
+    # --- decode: one token for every running request -----------------------------------------------
+    def _decode_step(self, running: list[_Request]) -> None:
+        model, B = self.model, len(running)
+        device = self.cache.k[0].device
+        slots, positions = [], []
+        for r in running:
+            positions.append(self.blocks.num_tokens(r.id))  # the new token's position
+            slot, copy = self.blocks.append_slot(r.id)
+            if copy is not None:
+                self.cache.copy_block(*copy)
+            slots.append(slot)
+        tables = [self.blocks.block_table(r.id) for r in running]
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+        context_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device)  # [B]
+        slots = torch.tensor(slots, device=device)  # [B]
+        tokens = torch.tensor([[r.output_ids[-1]] for r in running], device=device)  # [B, 1]
+
+        h = model.model.embed_tokens(tokens)  # [B, 1, hidden]
+        cos, sin = model.model.rotary_emb(h, torch.tensor(positions, device=device)[:, None])  # [B, 1, head_dim]
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            residual = h
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(B, 1, self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, 1, head_dim]
+            k = attn.k_proj(x).view(B, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(B, self.num_kv_heads, self.head_dim)  # [B, kv_heads, head_dim]
+            q = rotary(q.contiguous(), cos, sin, backend=self.backend)
+            k = rotary(k.contiguous(), cos, sin, backend=self.backend)
+            self.cache.write(i, slots, k[:, :, 0], v)
+            o = paged_attention_decode(q[:, :, 0].contiguous(), self.cache.k[i], self.cache.v[i], block_tables,
+                                       context_lens, scale=attn.scaling, backend=self.backend)  # [B, heads, head_dim]
+            h = residual + attn.o_proj(o.reshape(B, 1, self.num_heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = model.lm_head(model.model.norm(h))[:, -1]  # [B, vocab]
+        for r, token in zip(running, logits.float().argmax(-1).tolist()):
+            self._emit(r, token)

@@ -1,0 +1,266 @@
+"""labkit.lowrank: SVD, SVD-LLM whitening, rank allocation, low rank + sparse. Tiny Llama and small matrices."""
+import copy
+
+import pytest
+import torch
+
+from labkit import evaluate, lowrank, models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads; two OpenMP threads on a shared 2-core machine are far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, _ = models.load("tiny-llama-random", device="cpu")
+    return model
+
+
+@pytest.fixture
+def model(tiny):
+    return copy.deepcopy(tiny)
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def correlated_layer(seed=0, rows=32, columns=48, tokens=512):
+    """A weight and inputs whose features are correlated and unevenly scaled, like an LLM's."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, columns, generator=g)  # [rows, columns]
+    mixing = torch.randn(columns, columns, generator=g) / columns**0.5
+    scales = torch.ones(columns)
+    scales[:4] = 10.0  # a few outlier channels
+    X = torch.randn(tokens, columns, generator=g) @ mixing * scales + 0.1 * torch.randn(tokens, columns, generator=g)
+    return W, X  # X: [tokens, columns]
+
+
+def output_error(W, W_hat, X):
+    return ((X @ W.T - X @ W_hat.T) ** 2).sum().item()  # ‖WX − ŴX‖²
+
+
+# --- one matrix ----------------------------------------------------------------------------------
+
+def test_full_rank_svd_reproduces_the_layer():
+    W, X = correlated_layer()
+    A, B, s = lowrank.truncated_svd(W, 32)
+    layer = lowrank.LowRankLinear.from_factors(A, B)
+    torch.testing.assert_close(layer(X), X @ W.T, rtol=1e-4, atol=1e-3)  # fp32 SVD of a 32 x 48 matrix
+    torch.testing.assert_close(layer.weight, W, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 20])
+def test_truncation_error_is_eckart_young(rank):
+    W, _ = correlated_layer()
+    A, B, s = lowrank.truncated_svd(W, rank)
+    error = ((W - B @ A) ** 2).sum().item()
+    assert error == pytest.approx((s[rank:] ** 2).sum().item(), rel=1e-4)  # Σ_{i>r} σ_i²
+    other = torch.randn(32, rank, generator=torch.Generator().manual_seed(9)) @ A  # another rank-r matrix
+    assert ((W - other) ** 2).sum().item() > error
+
+
+def test_whitened_svd_minimises_the_output_error():
+    W, X = correlated_layer()
+    H = X.T @ X  # ∝ X Xᵀ in the docstring's [in, tokens] convention
+    rank = 8
+    A, B, s = lowrank.truncated_svd(W, rank)
+    Aw, Bw, sw = lowrank.whitened_svd(W, H, rank)
+    plain, whitened = output_error(W, B @ A, X), output_error(W, Bw @ Aw, X)
+    assert whitened < 0.5 * plain  # same rank, far less output error
+    assert whitened == pytest.approx((sw[rank:] ** 2).sum().item(), rel=1e-3)  # Σ_{i>r} σ_i(W S)²
+    # ... while its weight error is larger: the weight error is the wrong guide
+    assert ((W - Bw @ Aw) ** 2).sum() > ((W - B @ A) ** 2).sum()
+    Aw_full, Bw_full, _ = lowrank.whitened_svd(W, H, 32)
+    torch.testing.assert_close(Bw_full @ Aw_full, W, rtol=0, atol=1e-3)
+
+
+def test_whitening_dampens_a_singular_hessian():
+    H = torch.zeros(4, 4)
+    H[:2, :2] = torch.tensor([[2.0, 2.0], [2.0, 2.0]])  # rank 1, two dead inputs
+    S = lowrank.whitening(H)  # dead inputs get H_jj = mean of the live diagonal (2), then a tiny λ·I
+    expected = H.double().clone()
+    expected[2, 2] = expected[3, 3] = 2.0
+    assert torch.isfinite(S).all() and (S.diagonal() > 0).all()
+    torch.testing.assert_close(S @ S.T, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not positive definite"):
+        lowrank.whitening(-torch.eye(3))
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aware", [False, True])
+def test_svd_at_full_rank_reproduces_the_model(model, tiny, calibration, tokens, aware):
+    kwargs = dict(activation_aware=True, calibration=calibration) if aware else {}
+    report = lowrank.svd(model, energy=1.0, **kwargs)
+    assert len(report.layers) == 14 and len(lowrank.lowrank_linears(model)) == 14
+    assert all(layer.rank == layer.full_rank for layer in report.layers.values())
+    torch.testing.assert_close(model(tokens).logits, tiny(tokens).logits, rtol=0, atol=1e-4)
+
+
+def test_param_ratio_removes_parameters(model, tiny, tokens):
+    report = lowrank.svd(model, param_ratio=0.8)
+    for layer in report.layers.values():
+        assert layer.params_after <= 0.8 * layer.params_before
+    linear_before = sum(layer.params_before for layer in report.layers.values())
+    assert report.params_before == linear_before == 86016
+    removed = models.parameter_count(tiny) - models.parameter_count(model)
+    assert removed == report.params_before - report.params_after  # real parameters, not a mask
+    assert evaluate.weight_bytes(tiny) - evaluate.weight_bytes(model) == 4 * removed
+    assert report.method == "svd" and 0.75 < report.kept <= 0.8
+    assert torch.isfinite(model(tokens).logits).all()
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.rank == 25 and q.A.weight.shape == (25, 64) and q.B.weight.shape == (64, 25)  # ⌊0.8·64·64/128⌋
+
+
+def test_rank_int_and_dict(model, tiny):
+    report = lowrank.svd(model, rank=8, targets=["mlp.gate_proj", "up_proj"])
+    assert set(report.layers) == {f"layers.{i}.mlp.{n}" for i in (0, 1) for n in ("gate_proj", "up_proj")}
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    other = copy.deepcopy(tiny)
+    report = lowrank.svd(other, rank={"layers.1.self_attn.k_proj": 3, "layers.0.mlp.down_proj": 10})
+    assert report.ranks() == {"layers.1.self_attn.k_proj": 3, "layers.0.mlp.down_proj": 10}
+    assert other.model.layers[1].self_attn.k_proj.rank == 3
+    with pytest.raises(ValueError, match="match no nn.Linear"):  # already factored
+        lowrank.svd(other, rank=2, targets=["layers.1.self_attn.k_proj"])
+
+
+def test_activation_aware_walk_reports_the_output_error(model, tiny, calibration):
+    seen = []  # inputs of layer 0's q_proj on the calibration data, in the dense model
+    hook = tiny.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        tiny(calibration)
+    hook.remove()
+    X = seen[0].reshape(-1, 64)
+    report = lowrank.svd(model, param_ratio=0.5, activation_aware=True, calibration=calibration)
+    assert report.method == "svd-llm"
+    W = tiny.model.layers[0].self_attn.q_proj.weight.detach()
+    W_hat = model.model.layers[0].self_attn.q_proj.weight.detach()
+    relative = output_error(W, W_hat, X) / ((X @ W.T) ** 2).sum().item()
+    assert relative == pytest.approx(report.layers["layers.0.self_attn.q_proj"].discarded, rel=1e-3)
+    plain = copy.deepcopy(tiny)
+    lowrank.svd(plain, param_ratio=0.5)
+    W_plain = plain.model.layers[0].self_attn.q_proj.weight.detach()
+    assert output_error(W, W_hat, X) < output_error(W, W_plain, X)
+
+
+def test_sequential_walk_runs(model, calibration, tokens):
+    report = lowrank.svd(model, param_ratio=0.6, activation_aware=True, calibration=calibration, sequential=True)
+    assert len(report.layers) == 14 and torch.isfinite(model(tokens).logits).all()
+
+
+# --- rank allocation ----------------------------------------------------------------------------
+
+def test_greedy_ranks_on_hand_made_spectra():
+    spectra = {"steep": torch.tensor([10.0, 1.0, 0.1, 0.01]), "flat": torch.tensor([1.0, 1.0, 1.0, 1.0])}
+    shapes = {"steep": (4, 4), "flat": (4, 4)}  # 16 parameters each; one rank holds 8
+    ranks = lowrank.greedy_ranks(spectra, shapes, 0.5)  # keep 16 of 32: two ranks in all
+    assert ranks == {"steep": 1, "flat": 1}
+    ranks = lowrank.greedy_ranks(spectra, shapes, 0.75)  # keep 24: three ranks
+    assert ranks == {"steep": 1, "flat": 2}  # the flat spectrum needs its rank more
+    assert lowrank.break_even(4, 4) == 2  # 2 · (4 + 4) = 16 = 4 · 4: more would cost more than dense
+    wide = {"steep": (4, 5), "flat": (4, 5)}  # break-even 2: 2 · 9 = 18 < 20 parameters
+    assert lowrank.greedy_ranks(spectra, wide, 0.95) == {"steep": 2, "flat": 2}  # never above break-even
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.6, 0.8])
+def test_allocation_meets_the_budget(tiny, calibration, budget):
+    allocation = lowrank.allocate_ranks(tiny, calibration, budget)
+    target = budget * allocation.params_before
+    step = max(64 + 160, 64 + 64)  # parameters of one rank of the widest linear (in + out)
+    assert target - step < allocation.params_after <= target
+    assert allocation.uniform_params <= target
+    assert allocation.predicted < allocation.uniform_predicted  # the point of allocating
+    assert all(r >= 1 for r in allocation.ranks.values())
+    factored = copy.deepcopy(tiny)
+    report = lowrank.svd(factored, rank=allocation.ranks, activation_aware=True, calibration=calibration)
+    assert report.params_after == allocation.params_after
+    first = "layers.0.mlp.down_proj"  # layer 0 sees the same inputs in both walks: the same error
+    assert report.layers[first].discarded == pytest.approx(
+        lowrank.discarded(allocation.spectra[first], allocation.ranks[first]), rel=1e-4)
+
+
+def test_allocation_from_weights_alone(tiny):
+    allocation = lowrank.allocate_ranks(tiny, None, 0.5)
+    assert allocation.params_after <= 0.5 * allocation.params_before
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+def test_svd_errors(model, calibration):
+    with pytest.raises(ValueError, match="rank=0 for layers.0.self_attn.q_proj"):
+        lowrank.svd(model, rank=0)
+    with pytest.raises(ValueError, match=r"rank=33 for layers.0.self_attn.k_proj \(32 x 64\).*\[1, 32\]"):
+        lowrank.svd(model, rank=33)
+    for ratio in (0, 1, 1.5):
+        with pytest.raises(ValueError, match=f"param_ratio={ratio}"):
+            lowrank.svd(model, param_ratio=ratio)
+    for energy in (0, 1.5):
+        with pytest.raises(ValueError, match=f"energy={energy}"):
+            lowrank.svd(model, energy=energy)
+    with pytest.raises(ValueError, match="exactly one of rank, param_ratio, energy; got none"):
+        lowrank.svd(model)
+    with pytest.raises(ValueError, match=r"exactly one .* got \['rank', 'energy'\]"):
+        lowrank.svd(model, rank=4, energy=0.9)
+    with pytest.raises(ValueError, match="activation_aware=True needs calibration"):
+        lowrank.svd(model, param_ratio=0.8, activation_aware=True)
+    with pytest.raises(ValueError, match=r"targets \['attn.q'\] match no nn.Linear"):
+        lowrank.svd(model, rank=4, targets=["attn.q"])
+    with pytest.raises(ValueError, match="rank names .* are not linears to factor"):
+        lowrank.svd(model, rank={"layers.7.mlp.up_proj": 4})
+    assert not lowrank.lowrank_linears(model)  # nothing was changed by the failed calls
+
+
+def test_allocation_errors(tiny, calibration):
+    with pytest.raises(ValueError, match="budget=0.001 keeps 86 parameters, but even rank 1 in every linear needs"):
+        lowrank.allocate_ranks(tiny, None, 0.001)
+    for budget in (0, 1, 1.2):
+        with pytest.raises(ValueError, match=f"budget={budget}"):
+            lowrank.allocate_ranks(tiny, calibration, budget)
+
+
+# --- low rank + sparse ------------------------------------------------------------------------------
+
+def test_sparse_plus_lowrank_module():
+    W, X = correlated_layer()
+    linear = torch.nn.Linear(48, 32, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(W)
+    rank, density = 6, 0.05
+    layer = lowrank.SparsePlusLowRankLinear.from_linear(linear, rank, density)
+    k = round(density * W.numel())  # 77 entries of S
+    assert layer.values.numel() == k and layer.index.dtype == torch.int32
+    torch.testing.assert_close(layer(X), X @ layer.weight.T + linear.bias, rtol=1e-4, atol=1e-3)
+    assert layer.n_params() == rank * (48 + 32) + 32 + k
+    assert layer.stored_bytes() == 4 * (rank * (48 + 32) + 32 + k) + 4 * k  # values + int32 indices
+    A, B, _ = lowrank.truncated_svd(W, rank)
+    lowrank_only = ((W - B @ A) ** 2).sum()
+    errors = [((W - lowrank.SparsePlusLowRankLinear.from_linear(linear, rank, density, iters).weight) ** 2).sum()
+              for iters in (1, 2, 4)]
+    assert errors[0] < lowrank_only and errors[2] <= errors[1] * 1.0001 <= errors[0] * 1.0001
+    # the sparse part holds exactly the largest residuals of W − B A after one step
+    S = layer.sparse_weight()
+    residual = (W - B @ A).abs()
+    assert residual[S != 0].min() >= residual[S == 0].max() - 1e-5
+
+
+def test_sparse_plus_lowrank_model(model, tiny, tokens):
+    report = lowrank.sparse_plus_lowrank(model, param_ratio=0.6, density=0.02)
+    assert report.bytes_after == evaluate.weight_bytes(model) - (evaluate.weight_bytes(tiny) - report.bytes_before)
+    assert report.kept < 0.7 and torch.isfinite(model(tokens).logits).all()
+    with pytest.raises(ValueError, match="density=1"):
+        lowrank.decompose(torch.randn(4, 4), 2, 1.0)
+    with pytest.raises(ValueError, match="rank=5 for a 4 x 4 matrix"):
+        lowrank.decompose(torch.randn(4, 4), 5, 0.1)
