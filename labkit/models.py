@@ -225,6 +225,12 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
 
 
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (e.g. 'self_attn.q_proj') of `root` by `module`."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
 def parameter_count(model: nn.Module) -> int:
     """Number of parameters, counting tied tensors (embedding = output layer) once."""
     seen, total = set(), 0

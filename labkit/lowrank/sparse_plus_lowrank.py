@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..evaluate import tensor_bytes
-from ..quant.qlinear import set_module
+from ..models import set_module
 from .svd import LowRankLinear, check_rank, factor_targets, rank_for_ratio, truncated_svd
 
 

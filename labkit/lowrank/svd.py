@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..models import check_llama
-from ..quant.qlinear import set_module
+from ..models import set_module
 from ..walk import Hessian, calibration_walk
 
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
