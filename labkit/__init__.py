@@ -2,6 +2,9 @@
 
     from labkit import models, data, evaluate, profiles, results
     model, tokenizer = models.load("smollm2-135m")
+
+Technique packages: labkit.prune, labkit.quant, labkit.distill, labkit.lowrank, labkit.kernels,
+labkit.serving (import them by name; labkit.kernels loads Triton only when a kernel first runs).
 """
 from . import data, evaluate, models, profiles, results, walk  # noqa: F401
 

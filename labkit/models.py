@@ -232,13 +232,9 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Number of parameters, counting tied tensors (embedding = output layer) once."""
-    seen, total = set(), 0
-    for p in model.parameters():  # nn.Module.parameters() already skips shared duplicates
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel()
-    return total
+    """Number of parameters; a tied tensor (embedding = output layer) counts once, because
+    nn.Module.parameters() yields each Parameter object once."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def parameter_breakdown(model) -> list[tuple[str, str, int]]:

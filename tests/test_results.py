@@ -50,3 +50,17 @@ def test_every_reference_states_value_tolerance_and_origin():
         for profile, ref in per_profile.items():
             assert profile in ("cpu", "gpu"), key
             assert ref["value"] > 0 and 0 < ref["rtol"] <= 0.05 and ref["origin"], key
+
+
+def test_update_mode_writes_measured_cpu_reference(tmp_path, monkeypatch):
+    refs = tmp_path / "references.json"
+    refs.write_text(json.dumps({"k": {"gpu": {"value": 5.68, "rtol": 0.01, "origin": "paper"}}}))
+    monkeypatch.setattr(results, "REFERENCES_FILE", refs)
+    monkeypatch.setenv("LABKIT_UPDATE_REFERENCES", "1")
+    assert results.check_reference("k", 12.345678, "cpu", "local:x").startswith("OK k")
+    stored = json.loads(refs.read_text())["k"]
+    assert stored["cpu"] == {"value": 12.3457, "rtol": 0.02, "origin": "measured by this code", "data": "local"}
+    assert stored["gpu"]["value"] == 5.68  # published numbers are never overwritten
+    monkeypatch.delenv("LABKIT_UPDATE_REFERENCES")
+    with pytest.raises(AssertionError):
+        results.check_reference("k", 20.0, "cpu", "local:x")

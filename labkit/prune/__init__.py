@@ -1,0 +1,29 @@
+"""Pruning: set weights to zero and measure what it costs and what it saves.
+
+Unstructured and N:M (semi-structured) pruning of the decoder linears of a Llama model, in place:
+
+    from labkit import prune
+    prune.magnitude(model, 0.5)                         # |W|, no data
+    prune.wanda(model, calibration, 0.5)                # |W|·‖X‖₂ per row (Sun et al., 2023)
+    prune.sparsegpt(model, calibration, pattern="2:4")  # OBS with mask selection (Frantar & Alistarh, 2023)
+    prune.sparsity_report(model).overall
+    prune.to_sparse(model, "bitmask")                   # then labkit.evaluate.weight_bytes(model)
+
+Each method returns a PruneReport (achieved sparsity per linear and overall, seconds taken).
+"""
+from .magnitude import magnitude, magnitude_mask
+from .masks import (PruneReport, SparsityReport, decoder_linears, lowest_mask, nm_mask, parse_pattern,
+                    row_mask, sparsity_report)
+from .sparse_storage import (FORMATS, SparseLinear, bitmask_bytes, csr_bytes, decode, dense_bytes, encode,
+                             semi_structured_bytes, semi_structured_speed, storage_bytes, to_sparse)
+from .sparsegpt import inverse_hessian_cholesky, sparsegpt, sparsegpt_naive, sparsegpt_prune
+from .wanda import wanda, wanda_mask, wanda_scores
+
+__all__ = [
+    "magnitude", "magnitude_mask", "wanda", "wanda_mask", "wanda_scores",
+    "sparsegpt", "sparsegpt_prune", "sparsegpt_naive", "inverse_hessian_cholesky",
+    "sparsity_report", "PruneReport", "SparsityReport", "decoder_linears",
+    "parse_pattern", "lowest_mask", "row_mask", "nm_mask",
+    "FORMATS", "SparseLinear", "to_sparse", "encode", "decode",
+    "dense_bytes", "bitmask_bytes", "csr_bytes", "semi_structured_bytes", "storage_bytes", "semi_structured_speed",
+]

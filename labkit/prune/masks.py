@@ -1,0 +1,199 @@
+"""Masks shared by every pruning method: which weights to zero, given a score per weight.
+
+Convention: a mask is a bool tensor shaped like the weight, True where the weight is PRUNED
+(set to zero), as in the SparseGPT and Wanda reference code. Lower score = pruned first.
+
+Patterns:
+    "unstructured"  any weights may go; the count pruned is round(sparsity · n) over the
+                    compared set (a row, a matrix, or all matrices).
+    "N:M"           e.g. "2:4": in every group of M consecutive input weights of a row, the N
+                    highest-scoring weights are KEPT (NVIDIA's semi-structured sparsity);
+                    the sparsity is 1 − N/M.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models import check_llama
+
+SCOPES = ("layer", "row", "global")
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """None for "unstructured", (N, M) for an "N:M" string (N weights kept per group of M)."""
+    if pattern == "unstructured":
+        return None
+    found = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern) if isinstance(pattern, str) else None
+    if found is None:
+        raise ValueError(f"pattern={pattern!r}: allowed are 'unstructured' or 'N:M' with integers "
+                         f"1 <= N < M, e.g. '2:4' (keep 2 of every 4 consecutive weights).")
+    n, m = int(found[1]), int(found[2])
+    if not 1 <= n < m:
+        raise ValueError(f"pattern={pattern!r}: N:M needs 1 <= N < M (N weights kept in each group of M); "
+                         f"got N={n}, M={m}.")
+    return n, m
+
+
+def check_sparsity(sparsity: float | None, pattern: str) -> tuple[float, tuple[int, int] | None]:
+    """Validate (sparsity, pattern); returns (the sparsity, (N, M) or None).
+
+    With an N:M pattern the sparsity is fixed at 1 − N/M: pass None or exactly that value."""
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        implied = 1 - nm[0] / nm[1]
+        if sparsity is not None and not math.isclose(float(sparsity), implied, abs_tol=1e-9):
+            raise ValueError(f"sparsity={sparsity!r} contradicts pattern={pattern!r}, which fixes the sparsity "
+                             f"at 1 - {nm[0]}/{nm[1]} = {implied:g}. Pass sparsity=None or {implied:g}.")
+        return implied, nm
+    if sparsity is None:
+        raise ValueError("sparsity=None: unstructured pruning needs a sparsity in [0, 1), e.g. 0.5.")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity={sparsity!r}: allowed is a number in [0, 1) "
+                         f"(the fraction of weights set to zero; 1 would remove every weight).")
+    return float(sparsity), None
+
+
+def check_divisible(linears: dict[str, nn.Linear], nm: tuple[int, int] | None) -> None:
+    """N:M groups run along the input dimension: every in_features must be a multiple of M."""
+    if nm is None:
+        return
+    bad = {name: lin.in_features for name, lin in linears.items() if lin.in_features % nm[1]}
+    if bad:
+        raise ValueError(f"pattern '{nm[0]}:{nm[1]}' needs in_features divisible by M={nm[1]}; "
+                         f"these linears are not: {bad}.")
+
+
+def n_pruned(sparsity: float, count: int) -> int:
+    """How many of `count` weights are pruned at `sparsity`: round(sparsity · count)."""
+    return min(count, round(sparsity * count))
+
+
+# --- masks -------------------------------------------------------------------------------------
+
+def lowest_mask(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """True at the k lowest scores over all tensors together (one threshold), exactly k of them.
+
+    scores: tensors of any shapes. Ties at the threshold (common: these weights were 4-bit
+    before) are broken in order, so the count is exact.
+    """
+    masks = [torch.zeros_like(s, dtype=torch.bool) for s in scores]
+    if k <= 0:
+        return masks
+    threshold = torch.cat([s.flatten().float() for s in scores]).kthvalue(k).values
+    for mask, s in zip(masks, scores):
+        mask.copy_(s.float() < threshold)
+    missing = k - sum(int(mask.sum()) for mask in masks)  # ties still to prune
+    for mask, s in zip(masks, scores):
+        if missing == 0:
+            break
+        ties = (s.float() == threshold).flatten().nonzero().squeeze(1)[:missing]
+        mask.view(-1)[ties] = True
+        missing -= ties.numel()
+    return masks
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """True at the round(sparsity · in_features) lowest scores of each row (Wanda's comparison group).
+
+    scores: [out_features, in_features]
+    """
+    k = n_pruned(sparsity, scores.shape[1])
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    lowest = torch.sort(scores, dim=1, stable=True).indices[:, :k]  # [out_features, k]
+    return mask.scatter_(1, lowest, True)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True at the M − N lowest scores of every group of M consecutive columns: N kept per group.
+
+    scores: [out_features, in_features], in_features divisible by m.
+    """
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)  # [out, groups, m]
+    lowest = torch.topk(groups, m - n, dim=2, largest=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, lowest, True)
+    return mask.reshape(rows, cols)
+
+
+def mask_for(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, scope: str = "layer") -> torch.Tensor:
+    """The prune mask of one matrix: N:M groups, per row, or over the whole matrix ('layer')."""
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    if scope == "row":
+        return row_mask(scores, sparsity)
+    return lowest_mask([scores], n_pruned(sparsity, scores.numel()))[0]
+
+
+# --- which linears, and how sparse they are ---------------------------------------------------
+
+def decoder_linears(model) -> dict[str, nn.Module]:
+    """The prunable matrices: every nn.Linear (or SparseLinear) of every decoder layer, by name
+    like 'layers.3.mlp.down_proj'. Embeddings, lm_head and norms are never pruned."""
+    from .sparse_storage import SparseLinear
+
+    check_llama(model, "labkit.prune")
+    found = {}
+    for index, layer in enumerate(model.model.layers):
+        for name, module in layer.named_modules():
+            if isinstance(module, (nn.Linear, SparseLinear)):
+                found[f"layers.{index}.{name}"] = module
+    return found
+
+
+@dataclass
+class SparsityReport:
+    per_linear: dict[str, float]  # name -> fraction of zero weights
+    zeros: int
+    total: int
+
+    @property
+    def overall(self) -> float:
+        return self.zeros / max(self.total, 1)
+
+
+@dataclass
+class PruneReport:
+    method: str  # "magnitude", "wanda", "sparsegpt"
+    pattern: str  # "unstructured" or "N:M"
+    target: float  # requested sparsity
+    seconds: float  # wall time of the compression (calibration walk included)
+    per_linear: dict[str, float] = field(repr=False)  # achieved fraction of zeros per decoder linear
+    overall: float = 0.0  # achieved fraction of zeros over all decoder linears
+
+
+def sparsity_report(model) -> SparsityReport:
+    """Fraction of zeros in each decoder linear's weight, and overall (embeddings/lm_head excluded)."""
+    per_linear, zeros, total = {}, 0, 0
+    for name, module in decoder_linears(model).items():
+        weight = module.dense_weight() if not isinstance(module, nn.Linear) else module.weight
+        z = int((weight == 0).sum())
+        per_linear[name] = z / weight.numel()
+        zeros, total = zeros + z, total + weight.numel()
+    return SparsityReport(per_linear, zeros, total)
+
+
+def report(method: str, pattern: str, target: float, seconds: float, model) -> PruneReport:
+    measured = sparsity_report(model)
+    return PruneReport(method, pattern, target, seconds, measured.per_linear, measured.overall)
+
+
+def weight_linears(model) -> dict[str, nn.Linear]:
+    """decoder_linears restricted to plain nn.Linear (what the pruning methods change)."""
+    linears = {name: m for name, m in decoder_linears(model).items() if isinstance(m, nn.Linear)}
+    if not linears:
+        raise ValueError("the model has no nn.Linear in its decoder layers left to prune "
+                         "(was it already converted with labkit.prune.to_sparse?).")
+    return linears
+
+
+__all__ = ["SCOPES", "parse_pattern", "check_sparsity", "check_divisible", "n_pruned", "lowest_mask",
+           "row_mask", "nm_mask", "mask_for", "decoder_linears", "SparsityReport", "PruneReport",
+           "sparsity_report", "weight_linears"]

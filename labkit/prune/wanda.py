@@ -1,0 +1,59 @@
+"""Wanda: Pruning by Weights and activations (Sun, Liu, Bair & Kolter, 2023).
+
+Score of weight W_ij (Wanda eq. 1):   S_ij = |W_ij| · ‖X_j‖₂
+where ‖X_j‖₂ is the L2 norm of input feature j over all N·L calibration tokens. Weights are
+compared within each output row (the paper's per-output "comparison group"), the lowest are zeroed,
+and the remaining weights are NOT updated: one forward pass per layer, no second-order solve.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..walk import ColumnStats, calibration_walk
+from .masks import PruneReport, check_divisible, check_sparsity, mask_for, report, weight_linears
+
+
+def wanda_scores(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """S = |W| · ‖X‖₂ broadcast over rows (Wanda eq. 1).
+
+    weight: [out_features, in_features]; norm: [in_features] -> scores [out_features, in_features]
+    """
+    return weight.detach().float().abs() * norm.float().to(weight.device)[None, :]
+
+
+def wanda_mask(weight: torch.Tensor, norm: torch.Tensor, sparsity: float | None,
+               pattern: str = "unstructured") -> torch.Tensor:
+    """Prune mask (True = zeroed) of one matrix: lowest scores per row, or per N:M group."""
+    sparsity, nm = check_sparsity(sparsity, pattern)
+    return mask_for(wanda_scores(weight, norm), sparsity, nm, scope="row")
+
+
+@torch.no_grad()
+def wanda(model, calibration: torch.Tensor, sparsity: float | None = None, pattern: str = "unstructured",
+          device=None, batch_size: int = 8) -> PruneReport:
+    """Prune every decoder nn.Linear of `model` in place with Wanda.
+
+    calibration: LongTensor [n_samples, seqlen] (labkit.data.calibration).
+    sparsity: fraction zeroed in each row, in [0, 1); with pattern "N:M" it is 1 − N/M (pass None).
+    pattern: "unstructured" (per output row) or "N:M" (N highest scores kept in each group of M).
+    The layers are walked in order with labkit.walk.calibration_walk, so each layer's
+    statistics come from the outputs of the already-pruned layers before it, as in the
+    reference code.
+    """
+    sparsity, nm = check_sparsity(sparsity, pattern)
+    check_divisible(weight_linears(model), nm)
+    start = time.perf_counter()
+
+    def make_stats(name, linear):
+        return ColumnStats(linear.in_features, device=linear.weight.device)
+
+    def update(index, layer, stats):
+        for name, linear in layer.named_modules():
+            if name in stats:
+                mask = mask_for(wanda_scores(linear.weight, stats[name].norm), sparsity, nm, scope="row")
+                linear.weight[mask] = 0
+
+    calibration_walk(model, calibration, make_stats, update, device=device, batch_size=batch_size, desc="wanda")
+    return report("wanda", pattern, sparsity, time.perf_counter() - start, model)

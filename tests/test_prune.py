@@ -1,0 +1,368 @@
+"""labkit.prune: masks, magnitude, Wanda, SparseGPT, sparse storage. Fast: tiny random Llama and small matrices."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from labkit import evaluate, models, prune
+from labkit.prune import masks, sparse_storage
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, _ = models.load("tiny-llama-random", device="cpu")
+    return model
+
+
+@pytest.fixture
+def model(tiny):
+    return copy.deepcopy(tiny)
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def linears(model):
+    return prune.decoder_linears(model)
+
+
+def correlated_layer(seed=0, rows=32, columns=64, tokens=512):
+    """A weight and inputs whose features are correlated and unevenly scaled, like an LLM's."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, columns, generator=g)  # [rows, columns]
+    mixing = torch.randn(columns, columns, generator=g) / columns**0.5
+    scales = torch.ones(columns)
+    scales[:4] = 10.0  # a few outlier channels
+    X = torch.randn(tokens, columns, generator=g) @ mixing * scales + 0.3 * torch.randn(tokens, columns, generator=g)
+    return W, X  # X: [tokens, columns]
+
+
+def reconstruction_error(W, W_hat, X):
+    return ((X @ W.T - X @ W_hat.T) ** 2).sum().item()  # ‖WX − ŴX‖²
+
+
+def check_nm(weight, n, m):
+    rows, columns = weight.shape
+    per_group = (weight != 0).reshape(rows, columns // m, m).sum(2)
+    assert (per_group == n).all(), f"groups with {per_group.unique().tolist()} nonzeros, expected {n}"
+
+
+# --- masks ----------------------------------------------------------------------------------------
+
+def test_parse_pattern():
+    assert masks.parse_pattern("unstructured") is None
+    assert masks.parse_pattern("2:4") == (2, 4)
+    assert masks.parse_pattern("4:8") == (4, 8)
+    assert masks.check_sparsity(None, "2:4") == (0.5, (2, 4))
+    assert masks.check_sparsity(0.75, "1:4") == (0.75, (1, 4))
+
+
+def test_lowest_mask_exact_with_ties():
+    scores = [torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 1.0]]), torch.tensor([1.0, 3.0])]
+    got = masks.lowest_mask(scores, 3)  # 0.0 plus two of the five 1.0 ties
+    assert sum(int(m.sum()) for m in got) == 3
+    assert got[0][1, 0]  # the lowest score is always pruned
+    assert not got[0][1, 1] and not got[1][1]
+
+
+# --- magnitude ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_magnitude_layer_exact_and_keeps_largest(model, sparsity):
+    before = {name: lin.weight.clone() for name, lin in linears(model).items()}
+    embed, norm = model.model.embed_tokens.weight.clone(), model.model.norm.weight.clone()
+    rep = prune.magnitude(model, sparsity)
+    for name, lin in linears(model).items():
+        W0, W = before[name], lin.weight
+        pruned = W == 0
+        assert int(pruned.sum()) == round(sparsity * W.numel()), name
+        assert torch.equal(W[~pruned], W0[~pruned])  # kept weights untouched
+        if 0 < sparsity:
+            assert W0[pruned].abs().max() <= W0[~pruned].abs().min()  # the smallest went
+        assert rep.per_linear[name] == pytest.approx(round(sparsity * W.numel()) / W.numel())
+    assert torch.equal(model.model.embed_tokens.weight, embed) and torch.equal(model.model.norm.weight, norm)
+    assert rep.method == "magnitude" and rep.seconds >= 0 and rep.overall == pytest.approx(sparsity, abs=1e-3)
+
+
+def test_magnitude_row_exact(model):
+    prune.magnitude(model, 0.3, scope="row")
+    for lin in linears(model).values():
+        assert ((lin.weight == 0).sum(1) == round(0.3 * lin.in_features)).all()
+
+
+def test_magnitude_global_one_threshold(model):
+    before = [lin.weight.clone() for lin in linears(model).values()]
+    rep = prune.magnitude(model, 0.4, scope="global")
+    after = [lin.weight for lin in linears(model).values()]
+    total = sum(w.numel() for w in after)
+    assert sum(int((w == 0).sum()) for w in after) == round(0.4 * total)
+    pruned = torch.cat([w0[w == 0].abs() for w0, w in zip(before, after)])
+    kept = torch.cat([w0[w != 0].abs() for w0, w in zip(before, after)])
+    assert pruned.max() <= kept.min()
+    assert len(set(round(v, 6) for v in rep.per_linear.values())) > 1  # layers end up unevenly sparse
+
+
+@pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("1:4", 1, 4), ("4:8", 4, 8)])
+def test_magnitude_nm(model, pattern, n, m):
+    before = {name: lin.weight.clone() for name, lin in linears(model).items()}
+    rep = prune.magnitude(model, None, pattern)
+    assert rep.overall == pytest.approx(1 - n / m)
+    for name, lin in linears(model).items():
+        check_nm(lin.weight, n, m)
+        groups0 = before[name].abs().reshape(lin.out_features, -1, m)
+        kept = (lin.weight != 0).reshape(lin.out_features, -1, m)
+        # in each group, every kept weight is at least as large as every pruned one
+        assert (groups0.masked_fill(~kept, float("inf")).amin(2) >= groups0.masked_fill(kept, 0).amax(2)).all()
+
+
+# --- Wanda ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", None)])
+def test_wanda_uniform_activations_is_row_magnitude(pattern, sparsity):
+    W = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    mask = prune.wanda_mask(W, torch.full((32,), 3.0), sparsity, pattern)
+    scope = "row" if pattern == "unstructured" else "layer"
+    assert torch.equal(mask, prune.magnitude_mask(W, sparsity, pattern, scope))
+
+
+def test_wanda_scores_use_activation_norms():
+    W = torch.tensor([[1.0, 2.0], [-3.0, 0.5]])
+    assert torch.equal(prune.wanda_scores(W, torch.tensor([10.0, 1.0])), torch.tensor([[10.0, 2.0], [30.0, 0.5]]))
+    # a small weight on a loud channel outranks a large weight on a quiet one
+    assert prune.wanda_mask(torch.tensor([[1.0, 2.0]]), torch.tensor([10.0, 1.0]), 0.5).tolist() == [[False, True]]
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None)])
+def test_wanda_model_exact_and_faithful(model, calibration, pattern, sparsity):
+    # layer 0 sees the unpruned embeddings: its q_proj mask must equal one computed by hand
+    seen = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(calibration)
+    hook.remove()
+    X = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])  # [tokens, hidden]
+    W0 = model.model.layers[0].self_attn.q_proj.weight.clone()
+    expected = prune.wanda_mask(W0, X.double().norm(dim=0).float(), sparsity, pattern)
+
+    rep = prune.wanda(model, calibration, sparsity, pattern)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight == 0, expected)
+    for lin in linears(model).values():
+        if pattern == "2:4":
+            check_nm(lin.weight, 2, 4)
+        else:
+            assert ((lin.weight == 0).sum(1) == lin.in_features // 2).all()
+    assert rep.overall == 0.5 and rep.method == "wanda"
+
+
+# --- SparseGPT ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", None)])
+def test_sparsegpt_matches_naive_reference(pattern, sparsity):
+    # Cholesky rows + lazy batch updates == explicit inverse of the remaining Hessian each column.
+    # Tolerance: fp32 round-off of 32 sequential updates with a well-damped H, ~1e-6 observed.
+    W, X = correlated_layer(rows=16, columns=32)
+    H = 2 * X.T @ X / X.shape[0]
+    fast, mask, _ = prune.sparsegpt_prune(W, H, sparsity, pattern, blocksize=8)
+    slow, slow_mask = prune.sparsegpt_naive(W, H, sparsity, pattern, blocksize=8)
+    assert torch.equal(mask, slow_mask)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast == 0, mask)
+
+
+def test_sparsegpt_nm_blocksize_does_not_matter():
+    # with a fixed N:M rule the lazy batching is an exact re-ordering of the same updates
+    W, X = correlated_layer()
+    H = 2 * X.T @ X / X.shape[0]
+    a, mask_a, _ = prune.sparsegpt_prune(W, H, None, "2:4", blocksize=8)
+    b, mask_b, _ = prune.sparsegpt_prune(W, H, None, "2:4", blocksize=64)
+    assert torch.equal(mask_a, mask_b)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None)])
+def test_sparsegpt_beats_magnitude_and_wanda(pattern, sparsity):
+    W, X = correlated_layer()
+    H = 2 * X.T @ X / X.shape[0]
+    norm = X.norm(dim=0)
+    scope = "row" if pattern == "unstructured" else "layer"
+    errors = {
+        "magnitude": reconstruction_error(W, W.masked_fill(prune.magnitude_mask(W, sparsity, pattern, scope), 0), X),
+        "wanda": reconstruction_error(W, W.masked_fill(prune.wanda_mask(W, norm, sparsity, pattern), 0), X),
+        "sparsegpt": reconstruction_error(W, prune.sparsegpt_prune(W, H, sparsity, pattern, blocksize=16)[0], X),
+    }
+    assert errors["sparsegpt"] < min(errors["wanda"], errors["magnitude"]), errors
+
+
+def test_sparsegpt_dead_inputs_and_no_pruning():
+    W, X = correlated_layer(rows=8, columns=16)
+    X[:, 3] = 0  # an input that is never active
+    H = 2 * X.T @ X / X.shape[0]
+    out, mask, _ = prune.sparsegpt_prune(W, H, 0.0)
+    assert not mask.any()
+    assert (out[:, 3] == 0).all()  # dead input's weights are zeroed
+    torch.testing.assert_close(X @ out.T, X @ W.T)  # ... which changes nothing on the data
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("unstructured", 0.25), ("2:4", None)])
+def test_sparsegpt_model_exact(model, calibration, pattern, sparsity):
+    rep = prune.sparsegpt(model, calibration, sparsity, pattern, blocksize=32)
+    for name, lin in linears(model).items():
+        if pattern == "2:4":
+            check_nm(lin.weight, 2, 4)
+        else:
+            assert int((lin.weight == 0).sum()) == round(sparsity * lin.weight.numel()), name
+    assert rep.method == "sparsegpt" and rep.overall == pytest.approx(0.5 if sparsity is None else sparsity, abs=1e-3)
+
+
+# --- reports --------------------------------------------------------------------------------------
+
+def test_sparsity_report(model):
+    rep = prune.sparsity_report(model)
+    assert rep.overall == 0 and len(rep.per_linear) == 2 * 7
+    assert "layers.1.mlp.down_proj" in rep.per_linear
+    model.model.layers[1].mlp.down_proj.weight.data[:, :80] = 0  # half of a [64, 160] matrix
+    rep = prune.sparsity_report(model)
+    assert rep.per_linear["layers.1.mlp.down_proj"] == 0.5
+    assert rep.zeros == 64 * 80 and rep.overall == pytest.approx(64 * 80 / rep.total)
+
+
+# --- storage --------------------------------------------------------------------------------------
+
+# 4 x 8, 2:4 sparse, with one all-zero group (row 3, columns 4..7): nnz = 14
+EXAMPLE = torch.tensor([
+    [1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 0.0, 4.0],
+    [0.0, 5.0, 6.0, 0.0, 7.0, 8.0, 0.0, 0.0],
+    [9.0, 1.5, 0.0, 0.0, 0.0, 0.0, 2.5, 3.5],
+    [0.0, 0.0, 4.5, 5.5, 0.0, 0.0, 0.0, 0.0],
+])
+
+
+@pytest.mark.parametrize("dtype,expected", [
+    # dense: 32 values. bitmask: 32 bits = 4 B + 14 values. csr: 14 · (value + 2 B int16 index) + 5 int32 row
+    # starts = 20 B. 2:4: 16 kept slots + 16 · 2 bits = 4 B.
+    (torch.float32, {"dense": 128, "bitmask": 4 + 56, "csr": 14 * 6 + 20, "2:4": 64 + 4}),
+    (torch.float16, {"dense": 64, "bitmask": 4 + 28, "csr": 14 * 4 + 20, "2:4": 32 + 4}),
+])
+def test_storage_bytes_hand_computed(dtype, expected):
+    W = EXAMPLE.to(dtype)
+    for format, nbytes in expected.items():
+        assert prune.storage_bytes(W, format) == nbytes, format
+        layer = prune.SparseLinear(W, format=format)
+        assert layer.stored_bytes() == nbytes, format  # what it holds is what the formula says
+        assert torch.equal(layer.dense_weight(), W), format
+        x = torch.randn(3, 5, 8, dtype=dtype)
+        assert torch.equal(layer(x), nn.functional.linear(x, W)), format
+
+
+def test_csr_index_width():
+    assert sparse_storage.csr_index_bytes(32768) == 2 and sparse_storage.csr_index_bytes(32769) == 4
+
+
+def test_sparse_linear_with_bias_and_random_sparsity():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(24, 40, generator=g)
+    W[torch.rand(24, 40, generator=g) < 0.7] = 0
+    linear = nn.Linear(40, 24)
+    linear.weight.data.copy_(W)
+    x = torch.randn(7, 40, generator=g)
+    for format in ("dense", "bitmask", "csr"):
+        sparse = prune.SparseLinear.from_linear(linear, format)
+        assert torch.equal(sparse(x), linear(x)), format
+        assert sparse.stored_bytes() == prune.storage_bytes(W, format) + 24 * 4, format
+
+
+@pytest.mark.parametrize("format", ["bitmask", "csr", "2:4"])
+def test_to_sparse_model(model, format):
+    prune.magnitude(model, None, "2:4")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).logits
+    dense_bytes = evaluate.weight_bytes(model)
+    sparse_bytes = sum(prune.storage_bytes(lin.weight, format) - prune.dense_bytes(lin.weight)
+                       for lin in linears(model).values())
+    prune.to_sparse(model, format)
+    assert all(isinstance(m, prune.SparseLinear) for m in linears(model).values())
+    assert not isinstance(model.lm_head, prune.SparseLinear)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    assert evaluate.weight_bytes(model) == dense_bytes + sparse_bytes
+    assert prune.sparsity_report(model).overall == 0.5
+
+
+# --- bad inputs -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, "0.5", True])
+def test_bad_sparsity(model, sparsity):
+    with pytest.raises(ValueError, match=r"sparsity=.*allowed is a number in \[0, 1\)"):
+        prune.magnitude(model, sparsity)
+
+
+def test_missing_sparsity(model, calibration):
+    with pytest.raises(ValueError, match="needs a sparsity"):
+        prune.wanda(model, calibration)
+
+
+@pytest.mark.parametrize("pattern,message", [
+    ("4:4", "needs 1 <= N < M"), ("5:4", "needs 1 <= N < M"), ("0:4", "needs 1 <= N < M"),
+    ("2-4", "allowed are 'unstructured' or 'N:M'"), ("semi", "allowed are 'unstructured' or 'N:M'"),
+    ("2:4:8", "allowed are 'unstructured' or 'N:M'"),
+])
+def test_bad_pattern(model, pattern, message):
+    with pytest.raises(ValueError, match=message):
+        prune.magnitude(model, 0.5, pattern)
+
+
+def test_sparsity_contradicts_pattern(model):
+    with pytest.raises(ValueError, match="contradicts pattern='2:4'"):
+        prune.magnitude(model, 0.6, "2:4")
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_in_features_not_divisible(model, calibration, method):
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    args = () if method == "magnitude" else (calibration,)
+    with pytest.raises(ValueError, match=r"needs in_features divisible by M=3.*down_proj': 160"):
+        getattr(prune, method)(model, *args, None, "2:3")
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)  # nothing changed
+
+
+def test_bad_scope(model):
+    with pytest.raises(ValueError, match=r"scope='column': allowed scopes are \('layer', 'row', 'global'\)"):
+        prune.magnitude(model, 0.5, scope="column")
+    with pytest.raises(ValueError, match="scope='global' applies to unstructured"):
+        prune.magnitude(model, None, "2:4", scope="global")
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("bad", [torch.rand(4, 32), torch.randint(0, 256, (32,)), [[1, 2, 3]]])
+def test_bad_calibration(model, method, bad):
+    with pytest.raises(ValueError, match=r"calibration must be a LongTensor of token ids shaped \[n_samples, seqlen\]"):
+        getattr(prune, method)(model, bad, 0.5)
+
+
+def test_calibration_out_of_vocabulary(model):
+    with pytest.raises(ValueError, match=r"outside \[0, 256\)"):
+        prune.sparsegpt(model, torch.full((2, 8), 300), 0.5)
+
+
+def test_sparsegpt_bad_blocksize(model, calibration):
+    with pytest.raises(ValueError, match="blocksize=6 must be a multiple of M=4"):
+        prune.sparsegpt(model, calibration, None, "2:4", blocksize=6)
+
+
+def test_bad_format(model):
+    with pytest.raises(ValueError, match=r"format='coo': allowed formats are \('dense', 'bitmask', 'csr', '2:4'\)"):
+        prune.to_sparse(model, "coo")
+    with pytest.raises(ValueError, match=r"layers.0.self_attn.q_proj is not 2:4 sparse: row 0"):
+        prune.to_sparse(model, "2:4")
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        prune.storage_bytes(EXAMPLE.masked_fill(EXAMPLE == 0, 1.0), "2:4")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_semi_structured_speed_refuses_cpu():
+    with pytest.raises(RuntimeError, match="no speed-up is expected"):
+        prune.semi_structured_speed()
