@@ -1,0 +1,173 @@
+"""GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", ICLR 2023), Algorithm 1, on the shared calibration walk.
+
+Per linear layer, minimise the layer-wise error  ‖W X − Ŵ X‖²  (eq. 1), X the calibration inputs.
+Its Hessian with respect to each row of W is H = 2 X Xᵀ (walk.Hessian). Quantizing input column q of
+all rows at once, the optimal update of the not-yet-quantized columns F is (eq. 2, OBQ):
+    δ_F = − (w_q − quant(w_q)) / [H_F⁻¹]_qq · (H_F⁻¹)_{:,q}
+GPTQ's three changes make this fast and stable:
+    1. a fixed column order for all rows (left to right, or by decreasing diag(H) with act-order);
+    2. lazy batch updates: columns are processed in blocks of B = 128; inside a block updates are
+       applied at once to the block, and to the rest of W only when the block is done (fewer, larger
+       matmuls);
+    3. Cholesky reformulation: every H_F⁻¹ needed is a row of the upper Cholesky factor of H⁻¹, with
+       H dampened by λ = percdamp · mean(diag H) for numerical stability.
+The core loop below follows the reference implementation (github.com/IST-DASLab/gptq, gptq.py).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import walk
+from .formats import (check_bits, check_group_size, check_weight, dequantize_codes, find_params, group_index,
+                      quantize_codes)
+from .qlinear import QuantLinear, QuantReport, set_module
+
+# GPTQ's "true sequential" order inside a decoder layer: each group is quantized after the ones before
+# it, and is calibrated on the inputs that the already-quantized linears produce.
+TRUE_SEQUENTIAL = [
+    ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.up_proj", "mlp.gate_proj"],
+    ["mlp.down_proj"],
+]
+
+
+@torch.no_grad()
+def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
+                         sym: bool = False, act_order: bool = False, blocksize: int = 128,
+                         percdamp: float = 0.01, float_offset: bool = False):
+    """GPTQ on one weight matrix. Returns (Wq, codes, scales, zeros, g_idx).
+
+    W: [out, in]; H: [in, in], the Hessian 2/n · X Xᵀ of the layer's inputs (walk.Hessian.H).
+    Wq: [out, in] in W's dtype (the dequantized result); codes: [out, in] uint8;
+    scales, zeros: [out, n_groups] fp32 (1 per channel, else ceil(in / group_size)); g_idx: [in] int32, the
+    group of each input column (with act-order, groups follow the processing order: g_idx is not sorted).
+    """
+    return _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset)[:5]
+
+
+def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset):
+    check_bits(bits)
+    check_weight(W, "W")
+    rows, columns = W.shape
+    group_size = check_group_size(group_size)
+    if H.shape != (columns, columns) or not torch.isfinite(H).all():
+        raise ValueError(f"H must be a finite [{columns}, {columns}] matrix (in_features of W); "
+                         f"got {tuple(H.shape)}{'' if torch.isfinite(H).all() else ' with non-finite values'}.")
+    if blocksize < 1 or not 0 <= percdamp:
+        raise ValueError(f"blocksize={blocksize} must be positive and percdamp={percdamp} non-negative.")
+    dtype = W.dtype
+    W = W.float().clone()
+    H = H.to(W.device, torch.float32).clone()
+
+    dead = torch.diag(H) == 0  # inputs that are always 0: any weight works there; quantize it as 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if group_size is None:  # one grid per row, from the whole (original) row
+        scale, zero = find_params(W, bits, sym, float_offset)
+
+    perm = None
+    if act_order:  # "act-order": quantize columns with large activations first, while many remain to fix
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    Q = torch.zeros_like(W)
+    codes = torch.zeros(rows, columns, dtype=torch.uint8, device=W.device)
+    Losses = torch.zeros_like(W)
+    scales, zeros = [], []
+
+    damp = percdamp * torch.mean(torch.diag(H))  # dampening λ (sec. 4, step 3)
+    H.diagonal().add_(damp)
+    try:
+        L = torch.linalg.cholesky(H)
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(f"H + λI is not positive definite (percdamp={percdamp}): use more calibration data or "
+                         f"a larger percdamp (e.g. 0.1).") from err
+    # Alg. 1: H⁻¹ ← Cholesky(H⁻¹)ᵀ, the upper factor; its row j holds what eq. 2 needs at column j (sec. 4, step 3)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    for i1 in range(0, columns, blocksize):  # Alg. 1: for i = 0, B, 2B, ... (step 2: lazy batches)
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+
+        for i in range(count):  # Alg. 1: for j = i, ..., i + B − 1
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if group_size is not None and (i1 + i) % group_size == 0:
+                # Entering a new group: its grid from its weights as updated so far. (The reference
+                # reads W here, which misses this block's updates for a group that starts inside a
+                # block; W1 has them. With group_size == blocksize the two are the same.)
+                end = i1 + i + group_size
+                cols = W1[:, i:i + group_size] if end <= i2 else torch.cat([W1[:, i:], W[:, i2:end]], 1)
+                scale, zero = find_params(cols, bits, sym, float_offset)
+                scales.append(scale)
+                zeros.append(zero)
+            c = quantize_codes(w[:, None], scale[:, None], zero[:, None], bits, float_offset)[:, 0]
+            q = dequantize_codes(c, scale, zero, float_offset)  # Alg. 1: Q_{:,j} ← quant(W_{:,j})
+            Q1[:, i] = q
+            codes[:, i1 + i] = c
+            Losses1[:, i] = (w - q) ** 2 / d**2
+            err1 = (w - q) / d  # Alg. 1: E_{:,j−i} ← (W_{:,j} − Q_{:,j}) / [H⁻¹]_jj
+            # Alg. 1: W_{:,j:(i+B)} −= E_{:,j−i} · H⁻¹_{j,j:(i+B)}  (eq. 2's update, inside the block)
+            W1[:, i:] -= err1[:, None].matmul(Hinv1[i, i:][None, :])
+            Err1[:, i] = err1
+
+        Q[:, i1:i2] = Q1
+        Losses[:, i1:i2] = Losses1 / 2
+        # Alg. 1, lazy batch update of everything after the block: W_{:,(i+B):} −= E · H⁻¹_{i:(i+B),(i+B):}
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+
+    if group_size is None:
+        scales, zeros = [scale], [zero]
+    g_idx = group_index(columns, group_size, W.device)  # in processing order
+    if perm is not None:  # undo the permutation: back to the original column order
+        invperm = torch.argsort(perm)
+        Q, codes, g_idx = Q[:, invperm], codes[:, invperm], g_idx[invperm]
+    return Q.to(dtype), codes, torch.stack(scales, 1), torch.stack(zeros, 1), g_idx, Losses.sum().item()
+
+
+@torch.no_grad()
+def gptq(model, calibration: torch.Tensor, bits: int, group_size: int | None = None, sym: bool = False,
+         act_order: bool = False, blocksize: int = 128, percdamp: float = 0.01, pack: bool = True,
+         float_offset: bool = False, true_sequential: bool = True, device=None, batch_size: int = 8) -> QuantReport:
+    """GPTQ on every decoder linear of `model`, in place, layer by layer (labkit.walk.calibration_walk).
+
+    calibration: LongTensor [n_samples, seqlen] (labkit.data.calibration). pack=True installs QuantLinear
+    modules; pack=False writes the dequantized weights back into the nn.Linear modules.
+    true_sequential: quantize q/k/v, then o, then up/gate, then down, each on the inputs that the
+    already-quantized ones produce (the GPTQ code's default). Returns a QuantReport whose `errors`
+    hold each linear's GPTQ loss estimate Σ_q (w_q − quant(w_q))² / (2 [H_F⁻¹]_qq), summed over rows.
+    """
+    report = QuantReport("GPTQ", bits, group_size, sym, float_offset, act_order, packed=pack)
+    start = time.perf_counter()
+
+    def make_stats(name, linear):
+        return walk.Hessian(linear.in_features, device=linear.weight.device)
+
+    def update(index, layer, stats):
+        for name, hessian in stats.items():
+            linear = layer.get_submodule(name)
+            Wq, codes, scales, zeros, g_idx, loss = _gptq(linear.weight.data, hessian.H, bits, group_size, sym,
+                                                          act_order, blocksize, percdamp, float_offset)
+            if pack:
+                set_module(layer, name, QuantLinear.from_codes(
+                    codes, scales, zeros, bits, group_size, sym=sym, float_offset=float_offset, g_idx=g_idx,
+                    bias=linear.bias, dtype=linear.weight.dtype))
+            else:
+                linear.weight.data.copy_(Wq)
+            report.errors[f"layers.{index}.{name}"] = loss
+            report.layers += 1
+            report.params += codes.numel()
+
+    walk.calibration_walk(model, calibration, make_stats, update, device=device, batch_size=batch_size,
+                          sequential=TRUE_SEQUENTIAL if true_sequential else None, desc="GPTQ")
+    report.seconds = time.perf_counter() - start
+    return report
