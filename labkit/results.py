@@ -129,11 +129,17 @@ def _update_reference(key: str, value: float, profile: str, data: str | None, rt
 
     Keeps an existing entry's tolerance and origin; a new entry gets rtol 2% (compressed models
     go through masks and factorizations whose ties can break differently on other CPUs)."""
-    refs = references()
-    entry = refs.setdefault(key, {}).setdefault(profile, {"rtol": rtol, "origin": "measured by this code"})
-    entry["value"] = round(float(value), 4)
-    entry["data"] = (data or "local").split(":")[0]
-    REFERENCES_FILE.write_text(json.dumps(refs, indent=2) + "\n")
+    import fcntl  # authors' machines only (Linux/macOS); several lessons may update at once
+
+    with open(REFERENCES_FILE.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        refs = references()
+        entry = refs.setdefault(key, {}).setdefault(profile, {"rtol": rtol, "origin": "measured by this code"})
+        entry["value"] = round(float(value), 4)
+        entry["data"] = (data or "local").split(":")[0]
+        tmp = REFERENCES_FILE.with_suffix(".tmp")
+        tmp.write_text(json.dumps(refs, indent=2) + "\n")
+        tmp.replace(REFERENCES_FILE)
 
 
 def field_names() -> list[str]:
