@@ -83,6 +83,35 @@ def table(rows: list[Row]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def require(rows: list[Row], wanted: list[tuple[str, str, str]]) -> list[Row]:
+    """The rows for `wanted` (lesson, method, setting) keys, in that order; fails loudly when one is missing.
+
+    The capstone gathers what earlier lessons recorded; a missing row means a lesson was not run
+    (or was run on another profile), and a table with a silent gap would mislead."""
+    by_key = {(r.lesson, r.method, r.setting): r for r in rows}
+    missing = [key for key in wanted if key not in by_key]
+    if missing:
+        lessons = sorted({lesson for lesson, _, _ in missing})
+        raise LookupError(
+            f"{len(missing)} result row(s) missing from {results_dir()}: {missing}. Run lesson(s) {lessons} "
+            f"first (python -m labkit.course {' '.join(name[:2] for name in lessons)}), on the same profile."
+        )
+    return [by_key[key] for key in wanted]
+
+
+def pareto_front(rows: list[Row]) -> list[Row]:
+    """Rows not dominated in (weight_bytes, perplexity): no other row is smaller AND at least as good.
+
+    Sorted by weight memory. Rows without a perplexity are left out."""
+    scored = sorted((r for r in rows if r.perplexity is not None), key=lambda r: (r.weight_bytes, r.perplexity))
+    front, best = [], math.inf
+    for r in scored:
+        if r.perplexity < best:
+            front.append(r)
+            best = r.perplexity
+    return front
+
+
 # --- reference numbers ---------------------------------------------------------------------------
 
 def references() -> dict:

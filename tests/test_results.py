@@ -64,3 +64,20 @@ def test_update_mode_writes_measured_cpu_reference(tmp_path, monkeypatch):
     monkeypatch.delenv("LABKIT_UPDATE_REFERENCES")
     with pytest.raises(AssertionError):
         results.check_reference("k", 20.0, "cpu", "local:x")
+
+
+def test_require_returns_rows_in_order_and_names_what_is_missing():
+    rows = [row(), row(lesson="05_gptq", method="GPTQ", setting="W4")]
+    got = results.require(rows, [("05_gptq", "GPTQ", "W4"), ("00_baseline", "fp32", "-")])
+    assert [r.lesson for r in got] == ["05_gptq", "00_baseline"]
+    with pytest.raises(LookupError, match=r"1 result row\(s\) missing.*'07_distillation'.*labkit.course 07"):
+        results.require(rows, [("00_baseline", "fp32", "-"), ("07_distillation", "KD", "6 layers")])
+
+
+def test_pareto_front_keeps_only_undominated_rows():
+    a = row(method="a", weight_bytes=100, perplexity=10.0)
+    b = row(method="b", weight_bytes=50, perplexity=12.0)
+    c = row(method="c", weight_bytes=60, perplexity=13.0)  # bigger and worse than b: dominated
+    d = row(method="d", weight_bytes=20, perplexity=40.0)
+    e = row(method="e", weight_bytes=10, perplexity=None)
+    assert [r.method for r in results.pareto_front([a, b, c, d, e])] == ["d", "b", "a"]
