@@ -26,8 +26,9 @@ course: $(VENV)/.installed  ## execute every lesson in order (CPU profile here) 
 test: $(VENV)/.installed  ## unit tests, the real-model integration test, and nbval over every lesson
 	$(PY) -m pytest
 
-book: $(VENV)/.installed  ## build the Jupyter Book from the stored outputs into book/_build/html
+book: $(VENV)/.installed  ## build the Jupyter Book from the stored outputs into book/_build/html (offline-readable)
 	$(VENV)/bin/jupyter-book build book
+	@echo "The book: file://$(abspath book/_build/html/index.html)"
 
 lab: $(VENV)/.installed  ## open the course in JupyterLab (as root, JupyterLab needs --allow-root)
 	$(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)

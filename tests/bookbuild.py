@@ -1,0 +1,56 @@
+"""Build the Jupyter Book once per test session; tests/test_book.py and tests/test_browser.py share it.
+
+The book is copied (the book/notebooks symlink followed, any old _build left out) to
+build/book/ and built there with warnings as errors, so a test run never touches
+book/_build and always starts from a clean build. MathJax comes from the npm cache that
+book/_ext/offline.py keeps (fetched on first use).
+"""
+import functools
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "book"
+
+
+@dataclass
+class Built:
+    html: Path  # the built site (index.html, intro.html, notebooks/NN_*.html, ...)
+    ok: bool
+    log: str
+
+
+def toc_files() -> list[str]:
+    """Every page of book/_toc.yml (root first), as written there: 'intro', 'notebooks/00_baseline', ..."""
+    toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [c["file"] for c in part.get("chapters", [])]
+    return files
+
+
+def lesson_notebooks() -> list[Path]:
+    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def lessons_in_book() -> list[Path]:
+    """The lesson notebooks the toc lists (test_book checks separately that it lists them all)."""
+    listed = set(toc_files())
+    return [p for p in lesson_notebooks() if f"notebooks/{p.stem}" in listed]
+
+
+@functools.cache
+def build() -> Built:
+    jb = Path(sys.executable).with_name("jupyter-book")
+    if not jb.exists():
+        return Built(WORK / "_build" / "html", False, "jupyter-book is not installed: pip install -e '.[book]'")
+    shutil.rmtree(WORK, ignore_errors=True)
+    shutil.copytree(ROOT / "book", WORK, symlinks=False, ignore=shutil.ignore_patterns("_build", "__pycache__"))
+    done = subprocess.run([str(jb), "build", str(WORK), "--warningiserror", "--keep-going"],
+                          capture_output=True, text=True, timeout=900)
+    return Built(WORK / "_build" / "html", done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:])
