@@ -6,6 +6,7 @@ book/_build and always starts from a clean build. MathJax comes from the npm cac
 book/_ext/offline.py keeps (fetched on first use).
 """
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,25 @@ def lessons_in_book() -> list[Path]:
     """The lesson notebooks the toc lists (test_book checks separately that it lists them all)."""
     listed = set(toc_files())
     return [p for p in lesson_notebooks() if f"notebooks/{p.stem}" in listed]
+
+
+def require_npm_or_cached_mathjax():
+    """The build fetches MathJax with npm once (book/_ext/offline.py). Without npm and without the
+    cached tarball: skip on a developer's machine, fail in CI (.ci/run installs npm)."""
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    try:
+        import offline
+    finally:
+        sys.path.pop(0)
+    cached = offline.default_cache() / f"mathjax-{offline.MATHJAX_VERSION}.tgz"
+    if shutil.which("npm") or cached.exists():
+        return
+    message = f"the book needs npm once to fetch MathJax (Debian: apt-get install npm), or {cached}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @functools.cache

@@ -6,9 +6,17 @@ import re
 from pathlib import Path
 
 import yaml
-from bookbuild import ROOT, build, lesson_notebooks, lessons_in_book, toc_files
+from bookbuild import ROOT, lesson_notebooks, lessons_in_book, require_npm_or_cached_mathjax, toc_files
+from bookbuild import build as _build
 
 BOOK = ROOT / "book"
+
+
+def build():
+    require_npm_or_cached_mathjax()
+    return _build()
+
+
 SOURCE_SUFFIXES = (".md", ".ipynb", ".rst")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from bookbuild import ROOT, build, lessons_in_book, toc_files
+from bookbuild import ROOT, build, lessons_in_book, require_npm_or_cached_mathjax, toc_files
 
 SCREENSHOT = ROOT / "build" / "book_front_page.png"
 
@@ -212,6 +212,7 @@ def broken_links(links, site):
 @pytest.fixture(scope="module")
 def site():
     executable = chromium_executable()
+    require_npm_or_cached_mathjax()
     built = build()
     if not built.ok:
         pytest.fail("the book did not build (tests/test_book.py shows why):\n" + built.log[-3000:])
