@@ -1,41 +1,49 @@
-"""Bandwidth of labkit's Triton kernels on a CUDA GPU, against PyTorch eager and torch.compile,
-and the time of one decode step of a LLaMA-7B-shaped layer stack (random weights) in fp16 and W4A16.
+"""Bandwidth of labkit's Triton kernels on a CUDA GPU, against PyTorch eager and torch.compile, and
+the time of one decode step of a LLaMA-7B-shaped model (random weights) in fp16 and W4A16.
 
     python benchmarks/bench_kernels.py                 # everything (needs a CUDA GPU)
-    python benchmarks/bench_kernels.py --quick         # fewer shapes, 4 layers
+    python benchmarks/bench_kernels.py --quick         # fewer shapes, a 4-layer model
     python benchmarks/bench_kernels.py --no-compile    # skip torch.compile baselines
     python benchmarks/bench_kernels.py --smoke         # tiny shapes on CPU (Triton interpreter): checks the
                                                        # script runs; its timings mean nothing
 
 These kernels move many bytes and do few flops, so the figure of merit is achieved bandwidth:
 GB/s = (bytes the op must read + bytes it must write) / time, compared with the GPU's peak (a
-table by device name) and with a measured device-to-device copy (what is reachable in practice).
-A naive implementation that moves more bytes than necessary still counts only the necessary ones.
+datasheet table by device name, labkit.kernels.roofline.GPUS) and with a measured device-to-device
+copy (what is reachable in practice). A naive implementation that moves more bytes than necessary
+still counts only the necessary ones, so its GB/s is what it achieves *for the work done*.
+
+The decode step: a transformers LlamaForCausalLM built from a LLaMA-7B-shaped LlamaConfig with
+random weights (no download; speed does not depend on the values), fp16. Timed as
+  transformers                its own eager forward with a DynamicCache (fp16 only: the baseline)
+  transformers+triton fused   the same model after labkit.kernels.llama.fuse (fused RMSNorm + residual
+  transformers+triton w4a16   and SwiGLU in Triton; W4A16: also every decoder linear a Triton W4A16 matmul)
+  triton paged                labkit's hand-written step over the same weights: merged qkv and gate_up
+                              projections, Triton RMSNorm, rotary, paged attention, SiLU-and-mul, W4A16
+  triton paged+graph          the same captured in a CUDA graph (no Python or launch overhead)
+against the bandwidth limit: (weight bytes + KV-cache bytes read) / peak bandwidth. The paged step's
+logits are checked against transformers' for the same token and cache before it is timed.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
-import time
 
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first kernel launch
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from labkit import kernels as K  # noqa: E402
+from labkit.kernels import llama as fused_llama  # noqa: E402
+from labkit.kernels import roofline  # noqa: E402
 
-# Peak DRAM bandwidth in GB/s (vendor datasheets), matched by substring of torch.cuda.get_device_name,
-# most specific first ("A100" before "A10", "L40S" before "L4").
-PEAK_GBPS = [
-    ("H200", 4800), ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3350), ("GH200", 4000),
-    ("A100-SXM4-80GB", 2039), ("A100 80GB PCIe", 1935), ("A100", 1555), ("L40S", 864), ("L40", 864),
-    ("L4", 300), ("A10G", 600), ("A10", 600), ("T4", 320), ("V100", 900), ("RTX 4090", 1008),
-    ("RTX 3090", 936), ("A6000", 768),
-]
+LLAMA_7B = dict(hidden=4096, heads=32, kv_heads=32, inter=11008, vocab=32000)
 
 
 def sync(device):
@@ -44,43 +52,32 @@ def sync(device):
 
 
 def bench_ms(fn, device, rep_ms: int = 100) -> float:
-    """Median time of fn() in milliseconds (triton.testing.do_bench on CUDA: it runs fn for about
-    rep_ms milliseconds and flushes the L2 cache before each call)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-    fn()
-    start = time.perf_counter()
-    for _ in range(2):
-        fn()
-    return (time.perf_counter() - start) / 2 * 1e3
+    """Milliseconds per call: do_bench's median on CUDA (L2 flushed before each call); on CPU the
+    fastest of two calls after a warm-up (the smoke mode only checks that the code runs)."""
+    return roofline.time_ms(fn, device, repeats=2, rep_ms=rep_ms)
 
 
-def peak_bandwidth(device) -> tuple[float | None, float]:
-    """(table peak GB/s or None, measured copy GB/s)."""
+def peak_bandwidth(device) -> tuple[roofline.GPU | None, float]:
+    """(datasheet entry or None, measured device-to-device copy GB/s)."""
     if device.type != "cuda":
         return None, float("nan")
-    name = torch.cuda.get_device_name(device)
-    table = next((gbps for key, gbps in PEAK_GBPS if key in name), None)
-    src = torch.empty(256 * 2**20, dtype=torch.float32, device=device)  # 1 GiB
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), device)
-    return table, 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    gpu = roofline.device_peak(torch.cuda.get_device_name(device))
+    return gpu, roofline.copy_bandwidth_gbps(device, nbytes=2**30)
 
 
 class Report:
-    def __init__(self, peak, copy):
-        self.ref = peak or copy
+    def __init__(self, peak_gbps, copy_gbps):
+        self.ref = peak_gbps or copy_gbps
         self.rows = []
-        print(f"{'kernel':<44} {'impl':<14} {'time':>10} {'GB/s':>8} {'% peak':>7} {'speed-up':>9}")
+        print(f"{'kernel':<46} {'impl':<26} {'time':>11} {'GB/s':>8} {'% peak':>7} {'speed-up':>9}")
 
     def add(self, kernel, impl, ms, nbytes, baseline_ms=None):
         gbps = nbytes / (ms * 1e-3) / 1e9
-        pct = f"{100 * gbps / self.ref:6.1f}%" if self.ref and self.ref == self.ref else "    n/a"
+        pct = 100 * gbps / self.ref if self.ref and self.ref == self.ref else None
         speed = f"{baseline_ms / ms:8.2f}x" if baseline_ms else ""
-        print(f"{kernel:<44} {impl:<14} {ms * 1e3:8.1f}us {gbps:8.1f} {pct:>7} {speed:>9}")
-        self.rows.append(dict(kernel=kernel, impl=impl, ms=ms, gbps=gbps))
+        shown = f"{pct:6.1f}%" if pct is not None else "    n/a"
+        print(f"{kernel:<46} {impl:<26} {ms * 1e3:9.1f}us {gbps:8.1f} {shown:>7} {speed:>9}", flush=True)
+        self.rows.append(dict(kernel=kernel, impl=impl, ms=ms, gbps=gbps, pct_peak=pct))
 
 
 def compiled(fn, enabled):
@@ -160,7 +157,8 @@ def bench_w4a16(report, device, dtype, shapes, rows_list, group_size, use_compil
             compare(report, name, w4_bytes, device,
                     lambda: K.w4a16_matmul(x, qweight, scales, zeros, group_size, backend="triton"),
                     lambda: K.w4a16_matmul_torch(x, qweight, scales, zeros, group_size),
-                    comp and (lambda: comp(x, qweight, scales, zeros, group_size)))
+                    # torch.compile at decode size only: one compilation per weight shape
+                    comp and m == rows_list[0] and (lambda: comp(x, qweight, scales, zeros, group_size)))
             print(f"  -> triton W4A16 vs dense {str(dtype)[6:]} matmul: "
                   f"{dense_ms / report.rows[-1]['ms']:.2f}x")
 
@@ -198,96 +196,230 @@ def bench_paged_attention(report, device, dtype, configs, block_size):
             q, k, v, tables, lens, backend="triton", check_values=False), device), nbytes, sdpa_ms)
 
 
-# --- one decode step of a LLaMA-7B-shaped stack ----------------------------------------------------------
+# --- one decode step of a LLaMA-7B-shaped model ----------------------------------------------------------
 
-def make_stack(layers, hidden, heads, kv_heads, inter, quant, group_size, dtype, device):
-    head_dim = hidden // heads
-    out = []
-    for _ in range(layers):
-        def lin(n, k):
-            if quant:
-                return random_w4(n, k, group_size, dtype, device)
-            return ((torch.rand(n, k, device=device, dtype=dtype) - 0.5) * (2 / math.sqrt(k)),)
-        out.append(dict(
-            qkv=lin((heads + 2 * kv_heads) * head_dim, hidden), o=lin(hidden, hidden),
-            gate_up=lin(2 * inter, hidden), down=lin(hidden, inter),
-            ln1=torch.ones(hidden, dtype=dtype, device=device), ln2=torch.ones(hidden, dtype=dtype, device=device),
-        ))
-    return out
+def build_model(cfg, layers, dtype, device, seed=0):
+    """transformers' LlamaForCausalLM from a config, randomly initialised straight on `device` in `dtype`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["inter"], num_hidden_layers=layers,
+                         num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
+                         vocab_size=cfg["vocab"], max_position_embeddings=4096, rms_norm_eps=1e-6)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in fp16: no fp32 copy of 7B weights on the way
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
 
 
-def decode_step(stack, x, caches, tables, lens, slots, cos, sin, cfg, backend, group_size):
-    """One token for each of B sequences through the stack. x: [B, hidden]; caches: per layer (k, v)."""
-    B, hidden = x.shape
-    heads, kv_heads = cfg["heads"], cfg["kv_heads"]
-    head_dim = hidden // heads
+def _weights(module):
+    """(weight,) of an nn.Linear, or (qweight, scales, zeros) of a W4A16Linear."""
+    if isinstance(module, nn.Linear):
+        if module.bias is not None:
+            raise ValueError("the decode step assumes bias-free projections (as in Llama)")
+        return (module.weight.data,)
+    return (module.qweight, module.scales, module.zeros)
 
-    def linear(t, w):
-        if len(w) == 1:
-            return F.linear(t, w[0])
-        return K.w4a16_matmul(t, *w, group_size, backend=backend)
 
-    h, residual = x, None
-    for layer, (kc, vc) in zip(stack, caches):
-        if residual is None:
-            residual, t = h, K.rms_norm(h, layer["ln1"], 1e-6, backend=backend)
+def _merge(modules):
+    """Concatenate the projections' weights along the output dimension (rows; for W4A16 the codes,
+    scales and zeros are all per output row), then point each module at its rows of the merged
+    tensors, so the model and the step share one copy of the weights."""
+    parts = [_weights(m) for m in modules]
+    merged = tuple(torch.cat(ts, 0) for ts in zip(*parts))
+    start = 0
+    for m, ts in zip(modules, parts):
+        rows = slice(start, start + ts[0].shape[0])
+        if isinstance(m, nn.Linear):
+            m.weight.data = merged[0][rows]
         else:
-            t, residual = K.rms_norm(h, layer["ln1"], 1e-6, residual=residual, backend=backend)
+            m.qweight, m.scales, m.zeros = (t[rows] for t in merged)
+        start = rows.stop
+    return merged
+
+
+def decode_weights(model):
+    """The step's view of the model: merged qkv / gate_up per layer, norms, embedding, output layer."""
+    layers = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(dict(qkv=_merge([attn.q_proj, attn.k_proj, attn.v_proj]), o=_weights(attn.o_proj),
+                           gate_up=_merge([mlp.gate_proj, mlp.up_proj]), down=_weights(mlp.down_proj),
+                           ln1=layer.input_layernorm.weight.data, ln2=layer.post_attention_layernorm.weight.data))
+    return dict(layers=layers, embed=model.model.embed_tokens.weight.data, norm=model.model.norm.weight.data,
+                lm_head=model.lm_head.weight.data, eps=model.config.rms_norm_eps)
+
+
+def weight_bytes_read(parts, batch):
+    """Bytes of weights one decode step reads: every layer tensor, the final norm, the output layer,
+    and only the `batch` rows of the embedding it looks up."""
+    tensors = [t for layer in parts["layers"] for v in layer.values() for t in (v if isinstance(v, tuple) else (v,))]
+    tensors += [parts["norm"], parts["lm_head"]]
+    embed = parts["embed"]
+    return sum(t.numel() * t.element_size() for t in tensors) + batch * embed.shape[1] * embed.element_size()
+
+
+def decode_step(parts, ids, caches, tables, lens, slots, cos, sin, cfg, backend, group_size):
+    """One token for each of B sequences. ids: [B] token ids; caches: per layer (k_pool, v_pool), each
+    [num_blocks, block_size, kv_heads, head_dim]; slots: [B] flat slot of the new token; cos, sin:
+    [B, 1, head_dim] for its position. Returns the logits [B, vocab]."""
+    B = ids.shape[0]
+    heads, kv_heads = cfg["heads"], cfg["kv_heads"]
+    hidden = parts["embed"].shape[1]
+    head_dim = hidden // heads
+    eps = parts["eps"]
+
+    def linear(t, w):  # t: [B, in] -> [B, out]
+        return F.linear(t, w[0]) if len(w) == 1 else K.w4a16_matmul(t, *w, group_size, backend=backend)
+
+    h, residual = F.embedding(ids, parts["embed"]), None  # [B, hidden]
+    for layer, (kc, vc) in zip(parts["layers"], caches):
+        if residual is None:
+            residual, t = h, K.rms_norm(h, layer["ln1"], eps, backend=backend)
+        else:
+            t, residual = K.rms_norm(h, layer["ln1"], eps, residual=residual, backend=backend)  # residual += h
         q, k, v = linear(t, layer["qkv"]).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
         q = K.rotary(q.reshape(B, heads, 1, head_dim).contiguous(), cos, sin, backend=backend)
         k = K.rotary(k.reshape(B, kv_heads, 1, head_dim).contiguous(), cos, sin, backend=backend)
-        kc.view(-1, kv_heads, head_dim)[slots] = k[:, :, 0]  # write the new token's K/V
+        kc.view(-1, kv_heads, head_dim)[slots] = k[:, :, 0]  # write the new token's K/V into its slot
         vc.view(-1, kv_heads, head_dim)[slots] = v.reshape(B, kv_heads, head_dim)
         o = K.paged_attention_decode(q[:, :, 0], kc, vc, tables, lens, backend=backend, check_values=False)
         h = linear(o.reshape(B, hidden), layer["o"])
-        t, residual = K.rms_norm(h, layer["ln2"], 1e-6, residual=residual, backend=backend)
+        t, residual = K.rms_norm(h, layer["ln2"], eps, residual=residual, backend=backend)
         h = linear(K.silu_and_mul(linear(t, layer["gate_up"]), backend=backend), layer["down"])
-    return h + residual
+    t, _ = K.rms_norm(h, parts["norm"], eps, residual=residual, backend=backend)
+    return F.linear(t, parts["lm_head"])
 
 
-def bench_decode(report, device, dtype, layers, batch, ctx, cfg, group_size, block_size, cuda_graph):
-    hidden, heads, kv_heads, inter = cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["inter"]
-    head_dim = hidden // heads
-    nb = torch.tensor([], dtype=dtype).element_size()
+def _forward_kwargs(model, cache):
+    """The KV cache keyword of this transformers version ('cache' in 5.2x, 'past_key_values' before)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True, "logits_to_keep": 1}
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def prefill(model, batch, ctx, device):
+    """Run `ctx` random tokens per sequence through transformers; returns (its DynamicCache, the
+    saved per-layer (keys, values) to restore it with, the next token ids [B])."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, ctx + 1), generator=g).to(device)
+    with torch.no_grad():
+        out = model(ids[:, :ctx], use_cache=True, logits_to_keep=1)  # no [B, ctx, vocab] logits
+    cache = _cache_of(out)
+    saved = [(layer.keys, layer.values) for layer in cache.layers]  # [B, kv_heads, ctx, head_dim] each
+    return cache, saved, ids[:, ctx]
+
+
+def restore(cache, saved):
+    """Put the cache back to its prefill state (a timed step appends one token to it)."""
+    for layer, (k, v) in zip(cache.layers, saved):
+        layer.keys, layer.values = k, v
+
+
+def paged_from(saved, batch, ctx, block_size, device):
+    """Copy transformers' cache into block pools: per layer (k_pool, v_pool), the block tables, the
+    context lengths (ctx + 1: the new token included) and the new token's flat slot per sequence."""
+    kv_heads, head_dim = saved[0][0].shape[1], saved[0][0].shape[3]
     per_seq = math.ceil((ctx + 1) / block_size)
-    caches = [tuple(torch.zeros(batch * per_seq, block_size, kv_heads, head_dim, dtype=dtype, device=device)
-                    for _ in range(2)) for _ in range(layers)]
     tables = torch.arange(batch * per_seq, device=device, dtype=torch.int32).view(batch, per_seq)
+    positions = torch.arange(ctx + 1, device=device)
+    slot_of = tables[:, positions // block_size].long() * block_size + positions % block_size  # [B, ctx + 1]
+    caches = []
+    for keys, values in saved:
+        pools = []
+        for t in (keys, values):
+            pool = torch.zeros(batch * per_seq, block_size, kv_heads, head_dim, dtype=t.dtype, device=device)
+            pool.view(-1, kv_heads, head_dim)[slot_of[:, :ctx].reshape(-1)] = t.transpose(1, 2).reshape(-1, kv_heads, head_dim)
+            pools.append(pool)
+        caches.append(tuple(pools))
     lens = torch.full((batch,), ctx + 1, dtype=torch.int32, device=device)
-    slots = (tables[:, ctx // block_size].long() * block_size + ctx % block_size)  # [B]
-    ang = torch.full((batch, 1, head_dim // 2), float(ctx), device=device)
-    cos, sin = (torch.cat([f(ang)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
-    x = torch.randn(batch, hidden, dtype=dtype, device=device) * 0.1
-    kv_bytes = layers * 2 * batch * (ctx + 1) * kv_heads * head_dim * nb
+    return caches, tables, lens, slot_of[:, ctx].contiguous()
+
+
+def bench_decode(report, device, dtype, layers, batch, ctx, cfg, group_size, block_size, cuda_graph, backend):
+    model = build_model(cfg, layers, dtype, device)
+    nb = torch.tensor([], dtype=dtype).element_size()
+    head_dim = cfg["hidden"] // cfg["heads"]
+    kv_bytes = layers * 2 * batch * (ctx + 1) * cfg["kv_heads"] * head_dim * nb  # K and V read per step
+    cache, saved, next_ids = prefill(model, batch, ctx, device)
+    caches, tables, lens, slots = paged_from(saved, batch, ctx, block_size, device)
+    position = torch.full((batch, 1), ctx, device=device)
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype, device=device), position)  # [B, 1, head_dim]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    hf_kwargs = _forward_kwargs(model, cache)
+    peak = report.ref if report.ref == report.ref else None
+
+    def hf_step():
+        restore(cache, saved)
+        return model(next_ids[:, None], **hf_kwargs).logits[:, -1]  # [B, vocab]
+
+    baseline = None
     for quant in (False, True):
-        stack = make_stack(layers, hidden, heads, kv_heads, inter, quant, group_size, dtype, device)
-        w_bytes = sum(t.numel() * t.element_size() for layer in stack for v in layer.values()
-                      for t in (v if isinstance(v, tuple) else (v,)))
-        label = "W4A16" if quant else str(dtype)[6:]
+        label = f"W4A16 g{group_size}" if quant else str(dtype)[6:]
         name = f"decode {layers}L b{batch} ctx{ctx} {label}"
-        for backend in ("triton",) + (("torch",) if not quant else ()):
-            def fn(backend=backend):
-                return decode_step(stack, x, caches, tables, lens, slots, cos, sin, cfg, backend, group_size)
-            ms = bench_ms(fn, device, rep_ms=300)
-            report.add(name, f"{backend} kernels", ms, w_bytes + kv_bytes)
-            if cuda_graph and device.type == "cuda" and backend == "triton":
+        with torch.no_grad():
+            if quant:  # every decoder linear becomes a W4A16Linear (round to nearest, 4 bits)
+                fused_llama.fuse(model, w4a16=True, group_size=group_size, backend=backend)
+            parts = decode_weights(model)  # merged projections, shared with the model
+            w_bytes = weight_bytes_read(parts, batch)
+            nbytes = w_bytes + kv_bytes
+            if not quant:
+                reference = hf_step().float()
+                baseline = bench_ms(hf_step, device, rep_ms=300)
+                report.add(name, "transformers", baseline, nbytes)
+                fused_llama.fuse(model, backend=backend)  # fused RMSNorm + residual and SwiGLU
+            fused_ref = hf_step().float()
+            report.add(name, "transformers+triton w4a16" if quant else "transformers+triton fused",
+                       bench_ms(hf_step, device, rep_ms=300), nbytes, baseline)
+            note = "" if quant else f"; fused vs plain transformers: {(fused_ref - reference).abs().max().item():.3g}"
+
+            def step():
+                return decode_step(parts, next_ids, caches, tables, lens, slots, cos, sin, cfg, backend, group_size)
+
+            logits = step().float()
+            scale = fused_ref.abs().max().item()
+            diff = (logits - fused_ref).abs().max().item()
+            print(f"  -> logits of the paged step vs transformers' (same weights): max |diff| {diff:.3g}, "
+                  f"logits up to {scale:.3g}{note}")
+            if not diff <= 0.05 * scale + 1e-3:
+                raise AssertionError(f"{name}: the paged decode step disagrees with transformers "
+                                     f"(max |diff| {diff:.3g}, logits up to {scale:.3g})")
+            ms = bench_ms(step, device, rep_ms=300)
+            report.add(name, "triton paged", ms, nbytes, baseline)
+            if cuda_graph and device.type == "cuda":
                 try:
-                    fn()
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):  # warm up outside the graph
+                        step()
+                    torch.cuda.current_stream().wait_stream(stream)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
-                        fn()
-                    report.add(name, "triton+graph", bench_ms(graph.replay, device, rep_ms=300), w_bytes + kv_bytes, ms)
+                        step()
+                    report.add(name, "triton paged+graph", bench_ms(graph.replay, device, rep_ms=300), nbytes, baseline)
+                    del graph
                 except Exception as err:  # noqa: BLE001
-                    print(f"  (CUDA graph capture failed: {type(err).__name__}: {str(err)[:120]})")
-        print(f"  -> weights {w_bytes / 1e9:.2f} GB + KV cache read {kv_bytes / 1e9:.3f} GB per step")
-        del stack
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                    print(f"  (CUDA graph capture failed: {type(err).__name__}: {str(err)[:160]})")
+        limit = f"{nbytes / (peak * 1e9) * 1e3:.3f} ms at {peak:.0f} GB/s" if peak else "n/a (no peak known)"
+        print(f"  -> reads {w_bytes / 1e9:.3f} GB of weights + {kv_bytes / 1e9:.3f} GB of KV cache per step; "
+              f"bandwidth limit {limit}", flush=True)
+        del parts
+    del model, cache, saved, caches
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer shapes; a 4-layer stack")
+    p.add_argument("--quick", action="store_true", help="fewer shapes; a 4-layer model")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in Triton's interpreter")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph decode timing")
@@ -309,19 +441,26 @@ def main(argv=None):
     if not K.triton_available():
         sys.exit("bench_kernels.py needs triton: pip install triton")
 
-    table, copy = peak_bandwidth(device)
+    gpu, copy = peak_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter smoke test)"
-    print(f"device: {name}; peak {table or 'unknown'} GB/s (datasheet), device copy {copy:.0f} GB/s (measured); "
-          f"% peak below is of the {'datasheet peak' if table else 'measured copy'}. torch {torch.__version__}")
-    report = Report(table, copy)
+    peak = gpu.bandwidth_gbps if gpu else None
+    print(f"device: {name}; peak {peak or 'unknown'} GB/s (datasheet), device copy {copy:.0f} GB/s (measured); "
+          f"% peak below is of the {'datasheet peak' if peak else 'measured copy'}. torch {torch.__version__}")
+    report = Report(peak, copy)
     use_compile = not args.no_compile and not args.smoke
-    llama7b = dict(hidden=4096, heads=32, kv_heads=32, inter=11008)
+    if use_compile:  # one compiled graph per shape: allow more than the default 8 recompilations
+        from torch import _dynamo
+
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(_dynamo.config, knob):
+                setattr(_dynamo.config, knob, 64)
 
     if args.smoke:
+        tiny = dict(hidden=64, heads=4, kv_heads=2, inter=96, vocab=256)
         bench_elementwise(report, device, dtype, 16, 64, 96, 4, 16, False)
         bench_w4a16(report, device, dtype, [(48, 64)], [1], 32, False)
         bench_paged_attention(report, device, dtype, [(2, 40, 4, 2, 16)], 16)
-        bench_decode(report, device, dtype, 2, 2, 20, dict(hidden=64, heads=4, kv_heads=2, inter=96), 32, 16, False)
+        bench_decode(report, device, dtype, 2, 2, 20, tiny, 32, 16, False, backend="triton")
         return report
     tokens = 4096 if args.quick else 8192
     bench_elementwise(report, device, dtype, tokens, 4096, 11008, 32, 128, use_compile)
@@ -336,15 +475,16 @@ def main(argv=None):
     layers = args.layers or (4 if args.quick else 32)
     free, _ = torch.cuda.mem_get_info()
     per_layer = 2 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # fp16 bytes per layer
-    if layers * per_layer > 0.8 * free:
-        layers = max(1, int(0.8 * free // per_layer))
-        print(f"  (decode stack reduced to {layers} layers to fit in {free / 1e9:.1f} GB free)")
+    head = 2 * 2 * 4096 * LLAMA_7B["vocab"]  # embedding and output layer
+    if layers * per_layer + head > 0.8 * free:
+        layers = max(1, int((0.8 * free - head) // per_layer))
+        print(f"  (decode model reduced to {layers} layers to fit in {free / 1e9:.1f} GB free)")
     for batch, ctx in ([(1, 512), (16, 512)] if args.quick else [(1, 512), (1, 2048), (16, 512), (32, 1024)]):
-        kv = layers * 2 * batch * (ctx + 1) * 4096 * 2  # K and V of every layer, fp16
-        if layers * per_layer + kv > 0.8 * free:
-            print(f"  (skipping decode b{batch} ctx{ctx}: {(layers * per_layer + kv) / 1e9:.1f} GB does not fit)")
+        kv = 3 * layers * 2 * batch * (ctx + 1) * 4096 * 2  # transformers' cache, its copy, and the paged pools
+        if layers * per_layer + head + kv > 0.8 * free:
+            print(f"  (skipping decode b{batch} ctx{ctx}: {(layers * per_layer + head + kv) / 1e9:.1f} GB does not fit)")
             continue
-        bench_decode(report, device, dtype, layers, batch, ctx, llama7b, 128, 16, not args.no_graph)
+        bench_decode(report, device, dtype, layers, batch, ctx, LLAMA_7B, 128, 16, not args.no_graph, backend="auto")
     return report
 
 

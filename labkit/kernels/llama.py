@@ -1,0 +1,134 @@
+"""A transformers Llama run through labkit's fused kernels: W4A16 linears and a fused decoder layer.
+
+    from labkit.kernels import llama as fused
+    report = fused.fuse(model)                                  # fused RMSNorm + residual, SwiGLU
+    report = fused.fuse(model, w4a16=True, group_size=128)      # ... and every decoder linear in 4 bits
+    fused.set_backend(model, "torch", layers=[0])               # layer 0: the torch references
+
+`fuse` changes the model in place. Each decoder layer then runs
+    t = rms_norm(h)                        h: the residual stream
+    a = self_attn(t)                       transformers' own attention (its rotary, SDPA, KV cache)
+    t, h = rms_norm(a, residual=h)         one kernel: h = h + a, t = rms_norm(h)
+    h = h + down(silu_and_mul(gate(t), up(t)))
+instead of transformers' separate add / norm / act / mul kernels. With w4a16=True every nn.Linear
+inside the decoder layers becomes a W4A16Linear: 4-bit codes packed two per byte, a scale and a zero
+point per group, multiplied by kernels.w4a16_matmul (Triton on CUDA, dequantize-then-matmul in torch
+elsewhere). The embedding and the output layer stay as they are.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from ..models import check_llama, decoder_layers, linear_layers, set_module
+from .fused import rms_norm, swiglu, w4a16_dequantize, w4a16_from_codes, w4a16_matmul
+
+
+class W4A16Linear(nn.Module):
+    """y = x · Wᵀ (+ bias) with W [out, in] stored as 4-bit codes (labkit.kernels.fused's layout).
+
+    Buffers: qweight uint8 [out, in // 2]; scales, zeros [out, in // group_size], with
+    W[n, k] = (code[n, k] - zeros[n, k // g]) · scales[n, k // g]."""
+
+    def __init__(self, qweight, scales, zeros, group_size: int, bias=None, backend: str = "auto"):
+        super().__init__()
+        self.in_features, self.out_features = 2 * qweight.shape[1], qweight.shape[0]
+        self.group_size, self.backend = group_size, backend
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, float_offset: bool = False,
+                    backend: str = "auto") -> W4A16Linear:
+        """Round-to-nearest 4-bit quantization of `linear` (labkit.quant.formats.quantize).
+
+        Integer zero points (the usual asymmetric grid) are stored with fp16 scales. float_offset=True
+        quantizes on the GGUF Q4_1-style grid ŵ = scale·q + offset and stores zero = -offset / scale, in
+        fp32 so that the weights come back to within fp32 rounding."""
+        from ..quant.formats import quantize  # labkit.quant is only needed here
+
+        w = linear.weight.detach()
+        codes, scale, zero = quantize(w, bits=4, group_size=group_size, float_offset=float_offset)
+        if float_offset:
+            scales, zeros = scale.float(), (-zero / scale).float()
+        else:
+            scales, zeros = scale.half(), zero.half()  # fp16-representable scales; integer zeros 0..15
+        qweight, scales, zeros = w4a16_from_codes(codes, scales, zeros, group_size)
+        return cls(qweight, scales, zeros, group_size, linear.bias, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        y = w4a16_matmul(x.contiguous(), self.qweight, self.scales, self.zeros, self.group_size, backend=self.backend)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:  # [out, in]
+        return w4a16_dequantize(self.qweight, self.scales, self.zeros, self.group_size, dtype)
+
+    def stored_bytes(self) -> int:
+        """Codes, scales and zeros (and bias): what labkit.evaluate.weight_bytes counts for this layer."""
+        tensors = [self.qweight, self.scales, self.zeros] + ([self.bias] if self.bias is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, 4 bits, g{self.group_size}, "
+                f"scales {str(self.scales.dtype)[6:]}, backend={self.backend!r}")
+
+
+def fused_decoder_forward(layer, hidden_states, *args, backend: str = "auto", **kwargs):
+    """LlamaDecoderLayer.forward with the residual add fused into the second RMSNorm and SwiGLU fused.
+
+    hidden_states: [batch, seq, hidden]; every other argument goes to transformers' attention as the
+    original forward passes it (attention_mask, position_embeddings, the KV cache, ...)."""
+    ln1, ln2, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
+    h = hidden_states.contiguous()
+    t = rms_norm(h, ln1.weight, ln1.variance_epsilon, backend=backend)
+    a, _ = layer.self_attn(t, *args, **kwargs)
+    t, h = rms_norm(a.contiguous(), ln2.weight, ln2.variance_epsilon, residual=h, backend=backend)  # h = h + a
+    return h + mlp.down_proj(swiglu(mlp.gate_proj(t), mlp.up_proj(t), backend=backend))
+
+
+def fuse(model, w4a16: bool = False, group_size: int = 128, float_offset: bool = False, backend: str = "auto",
+         layers=None) -> dict:
+    """Make `model`'s decoder layers (all, or the indices in `layers`) run the fused kernels, in place.
+
+    w4a16: also replace each nn.Linear in those layers by a W4A16Linear (round-to-nearest, 4 bits,
+    `group_size`). Returns {"layers": n, "linears": n, "weights": n}: what was changed."""
+    check_llama(model, "labkit.kernels.llama.fuse")
+    act = getattr(model.config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"fuse: the fused MLP computes SiLU(gate) · up; this model's hidden_act is {act!r}.")
+    all_layers = decoder_layers(model)
+    chosen = range(len(all_layers)) if layers is None else list(layers)
+    report = {"layers": 0, "linears": 0, "weights": 0}
+    for i in chosen:
+        if not 0 <= i < len(all_layers):
+            raise ValueError(f"fuse: layer index {i} is outside 0..{len(all_layers) - 1}.")
+        layer = all_layers[i]
+        if w4a16:
+            for name, linear in linear_layers(layer).items():
+                if linear.in_features % group_size or group_size % 2:
+                    raise ValueError(f"fuse: group_size={group_size} must be even and divide {name}'s "
+                                     f"in_features={linear.in_features}.")
+                set_module(layer, name, W4A16Linear.from_linear(linear, group_size, float_offset, backend))
+                report["linears"] += 1
+                report["weights"] += linear.weight.numel()
+        layer.forward = functools.partial(fused_decoder_forward, layer, backend=backend)
+        report["layers"] += 1
+    return report
+
+
+def set_backend(model, backend: str, layers=None) -> None:
+    """Switch fused layers (all, or the indices in `layers`) and their W4A16Linears to `backend`
+    ("auto" | "triton" | "torch"), e.g. to run one layer in Triton's interpreter on a CPU."""
+    all_layers = decoder_layers(model)
+    for i in range(len(all_layers)) if layers is None else layers:
+        layer = all_layers[i]
+        if not isinstance(layer.__dict__.get("forward"), functools.partial):
+            raise ValueError(f"set_backend: layer {i} is not fused; call fuse(model) first.")
+        layer.forward = functools.partial(fused_decoder_forward, layer, backend=backend)
+        for module in layer.modules():
+            if isinstance(module, W4A16Linear):
+                module.backend = backend

@@ -1,0 +1,105 @@
+"""labkit.kernels.llama: a transformers Llama through the fused kernels (tiny-llama-random).
+
+On CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set before any launch); with
+TRITON_INTERPRET=0 on a CUDA machine the same tests run compiled on the GPU in fp16.
+Tolerances: fp32 1e-5 relative to the logits' magnitude (the same sums in another order); the fp16
+GPU run 2e-2 (fp16 activations through two layers, tl.dot's own accumulation order).
+"""
+import copy
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed; the fused path is untested")
+
+from labkit import evaluate, models  # noqa: E402
+from labkit.kernels import _triton  # noqa: E402
+from labkit.kernels import llama as fused_llama  # noqa: E402
+
+if _triton.interpreted():
+    DEVICE, DTYPE, TOL = "cpu", torch.float32, 1e-5
+elif torch.cuda.is_available():
+    DEVICE, DTYPE, TOL = "cuda", torch.float16, 2e-2
+else:
+    pytest.skip("TRITON_INTERPRET is off and there is no CUDA GPU", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_model():
+    model, tok = models.load("tiny-llama-random", device=DEVICE, dtype=DTYPE)
+    return model, tok
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def test_fused_layers_compute_the_same_model(tiny_model):
+    model, _ = tiny_model
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ref = logits(model, ids)
+    report = fused_llama.fuse(model, backend="triton")
+    assert report == {"layers": 2, "linears": 0, "weights": 0}
+    out = logits(model, ids)
+    assert (out - ref).abs().max().item() <= TOL * ref.abs().max().item()
+
+
+def test_w4a16_model_equals_the_fake_quantized_model(tiny_model):
+    model, tok = tiny_model
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    fake = copy.deepcopy(model)  # the same 4-bit weights, dequantized into ordinary nn.Linears
+    for layer in models.decoder_layers(fake):
+        for linear in models.linear_layers(layer).values():
+            linear.weight.data = fused_llama.W4A16Linear.from_linear(linear, 32).dequantized_weight(DTYPE)
+    report = fused_llama.fuse(model, w4a16=True, group_size=32, backend="triton")
+    assert report["linears"] == 14 and report["weights"] == 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 160)
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, fused_llama.W4A16Linear) and down.qweight.shape == (64, 80)
+    assert evaluate.weight_bytes(model) < evaluate.weight_bytes(fake)
+    ref, out = logits(fake, ids), logits(model, ids)
+    assert (out - ref).abs().max().item() <= TOL * ref.abs().max().item()
+    fused_llama.set_backend(model, "torch")
+    assert all(m.backend == "torch" for m in model.modules() if isinstance(m, fused_llama.W4A16Linear))
+    with torch.no_grad():
+        a = fake.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        b = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b) or DEVICE == "cuda"  # fp16 near-ties may differ on a GPU
+
+
+def test_float_offset_reproduces_a_q4_1_grid():
+    """Weights that lie on a Q4_1 grid (groups of 32, float scale and minimum) come back exactly."""
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (8, 64), generator=g).float()
+    codes[:, 0::32], codes[:, 1::32] = 0, 15  # every group spans the whole grid, as a quantizer's output does
+    scale = (0.01 + torch.rand(8, 2, generator=g)).half().float()
+    minimum = (-torch.rand(8, 2, generator=g)).half().float()
+    w = codes * scale.repeat_interleave(32, 1) + minimum.repeat_interleave(32, 1)  # GGUF's d·q + m
+    linear = torch.nn.Linear(64, 8, bias=False)
+    linear.weight.data = w
+    packed = fused_llama.W4A16Linear.from_linear(linear, 32, float_offset=True, backend="torch")
+    assert (packed.dequantized_weight() - w).abs().max().item() < 1e-6
+    assert packed.stored_bytes() == 8 * 32 + 2 * (8 * 2 * 4)  # codes + fp32 scales and zeros
+
+
+def test_fuse_input_errors(tiny_model):
+    model, _ = tiny_model
+    with pytest.raises(ValueError, match="group_size=48 must be even and divide"):
+        fused_llama.fuse(model, w4a16=True, group_size=48)
+    with pytest.raises(ValueError, match="layer index 5 is outside 0..1"):
+        fused_llama.fuse(model, layers=[5])
+    with pytest.raises(ValueError, match="layer 0 is not fused"):
+        fused_llama.set_backend(copy.deepcopy(model), "torch")
+    with pytest.raises(TypeError, match="Llama-architecture"):
+        fused_llama.fuse(torch.nn.Linear(2, 2))
