@@ -99,6 +99,17 @@ def require(rows: list[Row], wanted: list[tuple[str, str, str]]) -> list[Row]:
     return [by_key[key] for key in wanted]
 
 
+def require_lessons(rows: list[Row], lessons: list[str]) -> list[Row]:
+    """The rows of `lessons` (names like "05_gptq"), in lesson order; fails loudly when a lesson recorded none."""
+    missing = [lesson for lesson in lessons if not any(r.lesson == lesson for r in rows)]
+    if missing:
+        raise LookupError(
+            f"No recorded rows from lesson(s) {missing} in {results_dir()}. Run them first, on the same "
+            f"profile (python -m labkit.course {' '.join(name[:2] for name in missing)})."
+        )
+    return sorted((r for r in rows if r.lesson in lessons), key=lambda r: lessons.index(r.lesson))
+
+
 def pareto_front(rows: list[Row]) -> list[Row]:
     """Rows not dominated in (weight_bytes, perplexity): no other row is smaller AND at least as good.
 

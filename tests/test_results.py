@@ -81,3 +81,11 @@ def test_pareto_front_keeps_only_undominated_rows():
     d = row(method="d", weight_bytes=20, perplexity=40.0)
     e = row(method="e", weight_bytes=10, perplexity=None)
     assert [r.method for r in results.pareto_front([a, b, c, d, e])] == ["d", "b", "a"]
+
+
+def test_require_lessons_orders_by_lesson_and_names_missing_ones():
+    rows = [row(lesson="05_gptq", method="GPTQ"), row(), row(lesson="05_gptq", method="RTN")]
+    got = results.require_lessons(rows, ["00_baseline", "05_gptq"])
+    assert [(r.lesson, r.method) for r in got] == [("00_baseline", "fp32"), ("05_gptq", "GPTQ"), ("05_gptq", "RTN")]
+    with pytest.raises(LookupError, match=r"\['03_structured'\].*labkit.course 03"):
+        results.require_lessons(rows, ["00_baseline", "03_structured"])
