@@ -18,6 +18,11 @@ from .sparse_storage import (FORMATS, SparseLinear, bitmask_bytes, csr_bytes, de
                              semi_structured_bytes, semi_structured_speed, storage_bytes, to_sparse)
 from .sparsegpt import inverse_hessian_cholesky, sparsegpt, sparsegpt_naive, sparsegpt_prune
 from .wanda import wanda, wanda_mask, wanda_scores
+from .flap import flap, flap_allocation, flap_scores, flap_stats, fluctuation, standardize
+from .llm_pruner import LoRALinear, default_layers, group_importance, layer_plan, llm_pruner, lora_recover, taylor_importance
+from .structured import (AttentionShape, LayerStructure, StructuredReport, attention_shape, channel_param_count,
+                         check_ratio, compensation, group_heads, group_param_count, head_channels, keep_lowest_removed,
+                         layer_param_count, linear_param_count, prune_channels, prune_heads, prune_layer, structure)
 
 __all__ = [
     "magnitude", "magnitude_mask", "wanda", "wanda_mask", "wanda_scores",
@@ -26,4 +31,10 @@ __all__ = [
     "parse_pattern", "lowest_mask", "row_mask", "nm_mask",
     "FORMATS", "SparseLinear", "to_sparse", "encode", "decode",
     "dense_bytes", "bitmask_bytes", "csr_bytes", "semi_structured_bytes", "storage_bytes", "semi_structured_speed",
+    # structured pruning (lesson 03): heads and channels removed for real
+    "flap", "flap_stats", "flap_scores", "flap_allocation", "fluctuation", "standardize",
+    "llm_pruner", "taylor_importance", "group_importance", "default_layers", "layer_plan", "lora_recover", "LoRALinear",
+    "prune_heads", "prune_channels", "prune_layer", "compensation", "head_channels", "group_heads", "attention_shape",
+    "AttentionShape", "structure", "LayerStructure", "StructuredReport", "check_ratio", "group_param_count",
+    "channel_param_count", "layer_param_count", "linear_param_count", "keep_lowest_removed",
 ]

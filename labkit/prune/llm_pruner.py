@@ -1,0 +1,253 @@
+"""LLM-Pruner: On the Structural Pruning of Large Language Models (Ma, Fang & Wang, NeurIPS 2023).
+
+1. Dependency-coupled groups. Removing one structure forces the removal of everything wired to
+   it, and the group lives or dies together:
+       attention group = q_proj rows and o_proj columns of its query heads, k_proj and v_proj rows
+                         of their KV head (with GQA: a whole KV group, see structured.py);
+       MLP group       = row c of gate_proj and up_proj, column c of down_proj.
+2. Importance from the language-modelling loss L on a few calibration samples. The first-order
+   Taylor expansion of the loss change when a weight is set to zero gives, per weight (the
+   paper's eq. 3-4, "element-wise, first order", the `param_first` setting of its code):
+       I(W_k) = |∂L/∂W_k · W_k|
+   and a group's importance is the sum over its weights (the code's default aggregation).
+3. The same ratio in every pruned layer, with the first and last layers left whole (they are
+   the most sensitive). The paper's LLaMA-7B runs prune layers 4-29 of 32 (attention and MLP);
+   here the default skips the first round(L/8) and the last round(L/16) layers, which is exactly
+   4 and 2 for 32 layers, and layers 4-27 of SmolLM2-135M's 30.
+4. Optional recovery: a short LoRA fine-tune (the paper tunes LoRA adapters on 50 k Alpaca
+   samples for about 3 hours); `lora_recover` runs a few steps with labkit.distill.finetune.
+
+Ratio: `ratio` is the fraction of the decoder linears' parameters removed over the whole model,
+as in FLaP's and the papers' tables (the paper reaches "20%" on LLaMA-7B with 25% per pruned
+layer). Each pruned layer removes the same share r = ratio · (all decoder-linear parameters) /
+(parameters of the pruned layers): attention groups round(r · n_groups), and MLP channels
+chosen so the layer loses r of its parameters (the head count is coarse with GQA: SmolLM2 has
+only 3 groups per layer, so the MLP takes up the rounding).
+
+LLM-Pruner's public code, run on a GQA model, scores KV head g together with query heads
+g, g + n_kv, g + 2·n_kv, ... while removing heads g·group ... (g+1)·group − 1; here a group's
+importance sums exactly the weights the surgery removes.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..models import check_llama, linear_layers, set_module
+from ..walk import check_calibration
+from .structured import (StructuredReport, attention_shape, begin, channel_param_count, check_layers, check_ratio,
+                         finish, group_heads, group_param_count, keep_lowest_removed, layer_param_count,
+                         linear_param_count, prune_layer)
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """The layers LLM-Pruner prunes: all but the first round(L/8) and the last round(L/16) (4-29 of 32)."""
+    return list(range(round(n_layers / 8), n_layers - round(n_layers / 16)))
+
+
+def group_importance(layer: nn.Module, salience: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of per-weight importance |w · ∂L/∂w| over each coupled group of one decoder layer.
+
+    salience: {'self_attn.q_proj': [out, in], ...} per-weight importance of the 7 linears.
+    Returns (importance per KV group [n_kv], importance per MLP channel [intermediate]).
+    """
+    s = attention_shape(layer.self_attn)
+    q_rows = salience["self_attn.q_proj"].sum(1).view(s.n_kv_heads, s.group * s.head_dim).sum(1)  # rows of q
+    o_cols = salience["self_attn.o_proj"].sum(0).view(s.n_kv_heads, s.group * s.head_dim).sum(1)  # columns of o
+    k_rows = salience["self_attn.k_proj"].sum(1).view(s.n_kv_heads, s.head_dim).sum(1)
+    v_rows = salience["self_attn.v_proj"].sum(1).view(s.n_kv_heads, s.head_dim).sum(1)
+    channels = salience["mlp.gate_proj"].sum(1) + salience["mlp.up_proj"].sum(1) + salience["mlp.down_proj"].sum(0)
+    return q_rows + o_cols + k_rows + v_rows, channels
+
+
+def taylor_importance(model, calibration: torch.Tensor, layers: Sequence[int] | None = None,
+                      batch_size: int = 1) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """First-order Taylor importance of every attention group and MLP channel of `layers`.
+
+    calibration: LongTensor [n_samples, seqlen]; the loss is next-token cross-entropy on it, its
+    gradient accumulated over batches (only the decoder linears of `layers` get gradients).
+    Returns {layer index: (importance per KV group [n_kv], per MLP channel [intermediate])}.
+    """
+    check_llama(model, "llm_pruner")
+    check_calibration(calibration, model)
+    layers = default_layers(len(model.model.layers)) if layers is None else check_layers(model, layers)
+    device = next(model.parameters()).device
+    flags = {p: p.requires_grad for p in model.parameters()}
+    linears = {i: linear_layers(model.model.layers[i]) for i in layers}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for found in linears.values():
+            for linear in found.values():
+                linear.weight.requires_grad_(True)
+        model.eval()
+        for start in range(0, calibration.shape[0], batch_size):
+            tokens = calibration[start:start + batch_size].to(device)  # [b, seqlen]
+            logits = model(tokens, use_cache=False).logits[:, :-1]  # [b, seqlen − 1, vocab]
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            loss.backward()  # gradients add up over batches
+        importance = {}
+        for i, found in linears.items():
+            salience = {name: (lin.weight.detach() * lin.weight.grad).float().abs() for name, lin in found.items()}
+            importance[i] = tuple(t.cpu() for t in group_importance(model.model.layers[i], salience))
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return importance
+
+
+def layer_plan(layer: nn.Module, remove_params: float) -> tuple[int, int]:
+    """(KV groups, MLP channels) to remove so one layer loses about `remove_params` weights."""
+    s = attention_shape(layer.self_attn)
+    group_cost, channel_cost = group_param_count(layer.self_attn), channel_param_count(layer.mlp)
+    layer_params = s.n_kv_heads * group_cost + layer.mlp.down_proj.in_features * channel_cost
+    r = remove_params / layer_params
+    groups = round(r * s.n_kv_heads)
+    channels = round((remove_params - groups * group_cost) / channel_cost)
+    return groups, max(0, min(channels, layer.mlp.down_proj.in_features - 1))
+
+
+@torch.no_grad()
+def _prune(model, importance, ratio, layers) -> dict:
+    total = linear_param_count(model)
+    pruned_params = sum(layer_param_count(model.model.layers[i]) for i in layers)
+    r = ratio * total / pruned_params  # the same share in every pruned layer
+    if r >= 1:
+        largest = pruned_params / total
+        raise ValueError(f"ratio={ratio:g} asks each of the {len(layers)} pruned layers ({layers[0]}-{layers[-1]}) "
+                         f"to lose {r:.0%} of its parameters; with these layers the largest allowed ratio is "
+                         f"below {largest:.3f}. Use a smaller ratio or prune more layers.")
+    plans = {}
+    for i in layers:
+        layer = model.model.layers[i]
+        s = attention_shape(layer.self_attn)
+        groups, channels = layer_plan(layer, r * layer_param_count(layer))
+        if groups >= s.n_kv_heads:
+            raise ValueError(f"ratio={ratio:g} (a share of {r:.0%} in each pruned layer) would remove every attention "
+                             f"head of layer {i} ({groups} of its {s.n_kv_heads} KV groups); allowed is a ratio whose "
+                             f"share stays below {1 - 0.5 / s.n_kv_heads:.0%}, i.e. ratio < "
+                             f"{(1 - 0.5 / s.n_kv_heads) * pruned_params / total:.3f}.")
+        plans[i] = (groups, channels)
+    for i, (groups, channels) in plans.items():
+        group_scores, channel_scores = importance[i]
+        s = attention_shape(model.model.layers[i].self_attn)
+        prune_layer(model.model.layers[i], group_heads(keep_lowest_removed(group_scores, groups), s.group),
+                    keep_lowest_removed(channel_scores, channels))
+    return {"per_layer_share": r, "layers": list(layers), "removed": plans}
+
+
+def llm_pruner(model, calibration: torch.Tensor | None, ratio: float, recover_steps: int = 0,
+               recover_data: torch.Tensor | None = None, layers: Sequence[int] | None = None, importance=None,
+               batch_size: int = 1, **recover_kwargs) -> StructuredReport:
+    """Prune `model` in place with LLM-Pruner (Taylor importance of coupled groups), physically.
+
+    calibration: LongTensor [n_samples, seqlen] for the loss gradient (the paper: 10 samples of 64
+        tokens); not needed when `importance` (from taylor_importance on this unpruned model) is given.
+    ratio: fraction of all decoder-linear parameters to remove, in [0, 1); the pruned `layers`
+        (default: default_layers) each lose the same share of theirs.
+    recover_steps: if > 0, a LoRA recovery fine-tune of that many steps on `recover_data`
+        (default: the calibration windows); recover_kwargs go to lora_recover (rank, lr, ...).
+    The report's `extra` holds the per-layer share, the layers pruned and, with recovery, its
+    seconds and loss curve (report.seconds excludes recovery).
+    """
+    ratio = check_ratio(ratio)
+    check_llama(model, "llm_pruner")
+    layers = default_layers(len(model.model.layers)) if layers is None else check_layers(model, layers)
+    if isinstance(recover_steps, bool) or not isinstance(recover_steps, int) or recover_steps < 0:
+        raise ValueError(f"recover_steps={recover_steps!r}: need an integer >= 0 (0 = no recovery fine-tune).")
+    start = time.perf_counter()
+    before = begin(model)
+    if importance is None:
+        if calibration is None:
+            raise ValueError("llm_pruner needs calibration token ids [n_samples, seqlen], or importance "
+                             "from labkit.prune.taylor_importance.")
+        importance = taylor_importance(model, calibration, layers, batch_size)
+    missing = [i for i in layers if i not in importance]
+    if missing:
+        raise ValueError(f"importance has no scores for layers {missing}; compute it with taylor_importance(model, "
+                         f"calibration, layers={layers}).")
+    extra = _prune(model, importance, ratio, layers)
+    seconds = time.perf_counter() - start
+    if recover_steps:
+        data = recover_data if recover_data is not None else calibration
+        if data is None:
+            raise ValueError("recover_steps > 0 needs recover_data (token windows [n, seqlen]) or calibration.")
+        extra["recovery"] = lora_recover(model, data, recover_steps, **recover_kwargs)
+    return finish("llm_pruner", ratio, before, model, seconds, False, **extra)
+
+
+# --- recovery: LoRA from torch operations -----------------------------------------------------------
+
+class LoRALinear(nn.Module):
+    """y = W x + b + (alpha / rank) · B A x, with W, b frozen (Hu et al., 2021).
+
+    A: [rank, in] small random, B: [out, rank] zero, so training starts from the pruned model."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        w = base.weight
+        a = torch.empty(rank, base.in_features).uniform_(-1, 1, generator=generator) / math.sqrt(base.in_features)
+        self.A = nn.Parameter(a.to(device=w.device, dtype=w.dtype))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        return self.base(x) + (x @ self.A.T) @ self.B.T * self.scale
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with W + scale · B A: no extra cost at inference."""
+        self.base.weight += self.scale * (self.B @ self.A)
+        self.base.weight.requires_grad_(False)
+        return self.base
+
+
+def lora_recover(model, data: torch.Tensor, steps: int, rank: int = 8, alpha: float = 16.0, lr: float = 1e-4,
+                 batch_size: int = 4, seed: int = 0, progress: bool = False) -> dict:
+    """A short LoRA recovery fine-tune of every decoder linear, merged back into the weights, in place.
+
+    data: LongTensor [n, seqlen] of token windows (next-token cross-entropy, labkit.distill.finetune).
+    rank, alpha: the adapters' rank and scale alpha / rank (LLM-Pruner: rank 8, alpha 16, lr 1e-4).
+    Returns {'steps', 'seconds', 'loss' (per step)}; afterwards every parameter of the model has
+    requires_grad as before and the model is a plain dense model again.
+    """
+    from ..distill import finetune
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r}: need a positive integer rank for the LoRA adapters, e.g. 8.")
+    check_llama(model, "lora_recover")
+    flags = {p: p.requires_grad for p in model.parameters()}
+    generator = torch.Generator().manual_seed(seed)
+    wrapped = {}
+    for index, layer in enumerate(model.model.layers):
+        for name, linear in linear_layers(layer).items():
+            wrapped[(index, name)] = LoRALinear(linear, rank, alpha, generator)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for (index, name), lora in wrapped.items():
+        set_module(model.model.layers[index], name, lora)  # its A, B are the only trainable parameters
+    start = time.perf_counter()
+    try:
+        curve = finetune(model, data, steps, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    finally:
+        for (index, name), lora in wrapped.items():
+            set_module(model.model.layers[index], name, lora.merged())
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return {"steps": steps, "seconds": time.perf_counter() - start, "loss": curve, "rank": rank}
+
+
+__all__ = ["llm_pruner", "taylor_importance", "group_importance", "default_layers", "layer_plan", "lora_recover",
+           "LoRALinear"]
