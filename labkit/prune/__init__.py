@@ -12,7 +12,7 @@ Unstructured and N:M (semi-structured) pruning of the decoder linears of a Llama
 Each method returns a PruneReport (achieved sparsity per linear and overall, seconds taken).
 """
 from .magnitude import magnitude, magnitude_mask
-from .masks import (PruneReport, SparsityReport, decoder_linears, lowest_mask, nm_mask, parse_pattern,
+from .masks import (PruneReport, SparsityReport, decoder_linears, lowest_mask, nm_fraction, nm_mask, parse_pattern,
                     row_mask, sparsity_report)
 from .sparse_storage import (FORMATS, SparseLinear, bitmask_bytes, csr_bytes, decode, dense_bytes, encode,
                              semi_structured_bytes, semi_structured_speed, storage_bytes, to_sparse)
@@ -28,7 +28,7 @@ __all__ = [
     "magnitude", "magnitude_mask", "wanda", "wanda_mask", "wanda_scores",
     "sparsegpt", "sparsegpt_prune", "sparsegpt_naive", "inverse_hessian_cholesky",
     "sparsity_report", "PruneReport", "SparsityReport", "decoder_linears",
-    "parse_pattern", "lowest_mask", "row_mask", "nm_mask",
+    "parse_pattern", "lowest_mask", "row_mask", "nm_mask", "nm_fraction",
     "FORMATS", "SparseLinear", "to_sparse", "encode", "decode",
     "dense_bytes", "bitmask_bytes", "csr_bytes", "semi_structured_bytes", "storage_bytes", "semi_structured_speed",
     # structured pruning (lesson 03): heads and channels removed for real

@@ -123,6 +123,17 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
+def nm_fraction(weight: torch.Tensor, n: int, m: int) -> float:
+    """Fraction of groups of m consecutive inputs (per row) holding at most n nonzeros: 1.0 = a valid N:M matrix.
+
+    weight: [out_features, in_features], in_features divisible by m."""
+    rows, cols = weight.shape
+    if cols % m:
+        raise ValueError(f"in_features={cols} is not divisible by m={m}.")
+    nonzero = (weight.detach() != 0).reshape(rows, cols // m, m).sum(-1)
+    return float((nonzero <= n).float().mean())
+
+
 def mask_for(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, scope: str = "layer") -> torch.Tensor:
     """The prune mask of one matrix: N:M groups, per row, or over the whole matrix ('layer')."""
     if nm is not None:
