@@ -68,6 +68,20 @@ def test_pipeline_parallel_equals_single_process(setup):
         assert 0 <= parallel.measured_bubble([r["events"][m] for r in ranks]) < 1
 
 
+def test_in_memory_sharding_keeps_the_right_slices():
+    model = models.load("tiny-llama-random")[0]
+    original = {k: v.clone() for k, v in model.model.layers[0].state_dict().items()}
+    parallel.tensor_parallel(model, 1, 2)  # rank 1 of 2: query heads 2, 3 (16 features each), KV head 1
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert isinstance(attn.q_proj, parallel.ColumnParallelLinear) and isinstance(mlp.down_proj, parallel.RowParallelLinear)
+    assert torch.equal(attn.q_proj.weight, original["self_attn.q_proj.weight"][32:64])
+    assert torch.equal(attn.k_proj.weight, original["self_attn.k_proj.weight"][16:32])
+    assert torch.equal(attn.o_proj.weight, original["self_attn.o_proj.weight"][:, 32:64])
+    assert torch.equal(mlp.up_proj.weight, original["mlp.up_proj.weight"][80:160])
+    assert torch.equal(mlp.down_proj.weight, original["mlp.down_proj.weight"][:, 80:160])
+    assert attn.num_key_value_groups == 2  # 2 query heads per KV head on each rank, as in the whole model
+
+
 def test_bubble_formula_and_splits():
     assert parallel.bubble_fraction(4, 1) == pytest.approx(0.75)
     assert parallel.bubble_fraction(4, 8) == pytest.approx(3 / 11)
@@ -96,6 +110,8 @@ def test_offloaded_generation_equals_resident(setup, tmp_path):
             # Only the embedding (tied to the output layer) and the final norm stay resident.
             assert sum(p.numel() for p in m.parameters()) == 256 * 64 + 64
             assert m.offload_prefetcher.loads >= 8 * 2  # every step loads every layer
+            layer_bytes = sum(t.numel() * 4 for t in model.model.layers[0].state_dict().values())
+            assert m.offload_prefetcher.peak_bytes_in_flight == (2 if prefetch else 1) * layer_bytes
         finally:
             m.offload_prefetcher.close()
     m = parallel.load_offloaded(folder)
@@ -127,6 +143,8 @@ def test_bad_inputs(setup, tmp_path):
         parallel.launch(_ok, 0)
     with pytest.raises(ValueError, match="backend='mpi'"):
         parallel.launch(_ok, 1, backend="mpi")
+    with pytest.raises(ValueError, match="not a lambda, a nested function or a notebook cell"):
+        parallel.launch(lambda rank, world: rank, 2)
 
 
 def test_truncated_file(setup, tmp_path):

@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 
@@ -69,6 +70,7 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
                          f"{torch.cuda.device_count()} visible. Use backend='gloo' or fewer ranks.")
     if timeout <= 0:
         raise ValueError(f"timeout={timeout}: need a positive number of seconds.")
+    _check_importable(fn)
     ctx = _context()
     reports = ctx.Queue()
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -85,6 +87,16 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
         _stop(procs)
         reports.close()
         reports.join_thread()
+
+
+def _check_importable(fn) -> None:
+    """The ranks find `fn` by module and name: a lambda, a nested function or a function defined in a
+    notebook cell cannot be found, and would only fail inside every rank."""
+    name, module = getattr(fn, "__qualname__", ""), getattr(fn, "__module__", None)
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not callable(fn) or "<" in name or module is None or (module == "__main__" and main_file is None):
+        raise ValueError(f"fn={fn!r}: the ranks must be able to import it, so it has to be a function defined at "
+                         f"the top level of a module (a .py file), not a lambda, a nested function or a notebook cell.")
 
 
 # Modules every rank needs, imported once by the fork server instead of once per rank and launch.
@@ -157,16 +169,18 @@ def _rank_main(fn, rank, world_size, args, address, backend, timeout, threads, k
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, init_method=address, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
-        try:
-            result = fn(rank, world_size, *args)
-            reports.put(("ok", rank, _to_numpy(result) if keep_result else None))
-            dist.barrier()  # nobody leaves while another rank may still talk to it
-        finally:
-            dist.destroy_process_group()
+        result = fn(rank, world_size, *args)
+        reports.put(("ok", rank, _to_numpy(result) if keep_result else None))
+        dist.barrier()  # nobody leaves while another rank may still talk to it
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises RankFailed
         reports.put(("error", rank, traceback.format_exc()))
-    reports.close()
-    reports.join_thread()  # flush the report before the process ends
+    finally:
+        # Flush the report *before* leaving the group: leaving makes the other ranks' collectives
+        # fail, and their (secondary) errors must not reach the parent first.
+        reports.close()
+        reports.join_thread()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _to_numpy(x):

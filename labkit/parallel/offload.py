@@ -15,6 +15,7 @@ when the work per layer is large (long prompts, big batches) or when the model d
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,17 +35,28 @@ class Prefetcher:
         self.pending: dict[int, Future] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-prefetch") if prefetch else None
         self.loads = 0  # layers loaded so far (each a full copy of the layer's weights)
+        self.bytes_in_flight = self.peak_bytes_in_flight = 0  # fetched layer weights alive at once
+        self.lock = threading.Lock()
+        # On a GPU the copies run on a side stream, so that they overlap the compute stream's work.
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def _load(self, index: int) -> dict[str, torch.Tensor]:
-        if self.device.type == "cuda":  # copy on a side stream, so the copy overlaps the compute
-            stream = torch.cuda.Stream(self.device)
-            with torch.cuda.stream(stream):
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
                 weights = self.load(index, self.device)
-            stream.synchronize()
+            self.stream.synchronize()  # this thread waits; the compute stream does not
         else:
             weights = self.load(index, self.device)
-        self.loads += 1
+        with self.lock:
+            self.loads += 1
+            self.bytes_in_flight += _nbytes(weights)
+            self.peak_bytes_in_flight = max(self.peak_bytes_in_flight, self.bytes_in_flight)
         return weights
+
+    def release(self, weights: dict[str, torch.Tensor]) -> None:
+        """The caller is done with a layer's weights (they are freed when it drops them)."""
+        with self.lock:
+            self.bytes_in_flight -= _nbytes(weights)
 
     def get(self, index: int) -> dict[str, torch.Tensor]:
         """Layer `index`'s weights on the device; then start loading the next layer."""
@@ -61,7 +73,8 @@ class Prefetcher:
 
     def close(self) -> None:
         for future in self.pending.values():
-            future.cancel()
+            if not future.cancel():
+                self.release(future.result())
         self.pending.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=True)
@@ -78,10 +91,17 @@ class OffloadedLayer(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         weights = self.prefetcher.get(self.index)
-        return functional_call(self.layer, weights, (hidden_states, *args), kwargs)
+        try:
+            return functional_call(self.layer, weights, (hidden_states, *args), kwargs)
+        finally:
+            self.prefetcher.release(weights)
 
     def extra_repr(self):
         return f"decoder layer {self.index}, weights fetched per call"
+
+
+def _nbytes(weights: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:

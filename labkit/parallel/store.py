@@ -109,8 +109,13 @@ def read_config(folder):
 
 
 def read_tensors(path, device="cpu", slices: dict | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of one file, read through a memory map; slices: {name: (dim, start, stop)} reads
-    only those rows (dim 0) or columns (dim 1) of a tensor from disk."""
+    """The tensors of one file, read through a memory map into `device` memory; slices: {name: (dim,
+    start, stop)} reads only those rows (dim 0) or columns (dim 1) of a tensor.
+
+    On the CPU, safetensors hands out tensors that still point into the memory-mapped file (the
+    bytes are read later, on first touch, and a file changed meanwhile crashes the reader); they
+    are copied here, so that reading happens now and the file is released when this returns."""
+    own = torch.device(device).type == "cpu"
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             out = {}
@@ -118,9 +123,10 @@ def read_tensors(path, device="cpu", slices: dict | None = None) -> dict[str, to
                 if slices and name in slices:
                     dim, start, stop = slices[name]
                     part = f.get_slice(name)
-                    out[name] = part[start:stop] if dim == 0 else part[:, start:stop]
+                    t = part[start:stop] if dim == 0 else part[:, start:stop]
                 else:
-                    out[name] = f.get_tensor(name)
+                    t = f.get_tensor(name)
+                out[name] = t.clone() if own else t
             return out
     except (SafetensorError, OSError) as err:
         check_file(path)  # a truncated or missing file gets the clearer message
