@@ -1,0 +1,131 @@
+"""Checks for lesson 04 (number formats and round-to-nearest): an asymmetric integer grid, packing
+two 4-bit codes per byte, and the bytes a packed layer stores.
+
+    check.lesson04.quantize_asym(my_quantize_asym)
+    check.lesson04.pack_int4(my_pack_int4)
+    check.lesson04.quantlinear_bytes(my_quantlinear_bytes)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import Verdict, call, number_like, tensor_like
+from ..quant import formats
+from ..quant import pack as packing
+from ..quant.qlinear import QuantLinear
+
+# Hand-made inputs: both signs, a zero, values that floor and round send to different codes.
+_VECTORS = [
+    (torch.tensor([-0.9, -0.31, 0.0, 0.12, 0.55, 1.3, 0.77, -0.05]), 4),
+    (torch.tensor([0.25, -1.7, 2.9, -0.4, 1.05, -0.02, 0.6]), 3),
+    (torch.randn(64, generator=torch.Generator().manual_seed(4)), 4),
+]
+
+
+def quantize_asym(fn) -> bool:
+    """fn(x [n] float, bits) -> (codes [n] integers in [0, 2^bits), x_hat [n] float): asymmetric RTN
+    with an integer zero point, one scale for the whole vector (kept in fp32, not rounded to fp16)."""
+    v = Verdict("quantize_asym")
+    for x, bits in _VECTORS:
+        out = call(v, fn, x.clone(), bits)
+        if v.problem:
+            break
+        if not isinstance(out, tuple) or len(out) != 2:
+            v.fail(f"return a pair (codes, x_hat); got {type(out).__name__}.")
+            break
+        codes, x_hat = out
+        q, scale, zero = formats.quantize(x[None], bits, scale_dtype=None)  # labkit's grid, fp32 scale
+        expected_codes, expected = q[0].long(), formats.dequantize(q, scale, zero)[0]
+        maxq = 2**bits - 1
+        if isinstance(codes, torch.Tensor) and codes.is_floating_point():
+            if not torch.equal(codes, codes.round()):
+                v.fail("codes are not whole numbers: round x / scale to the nearest integer.")
+                break
+            codes = codes.long()
+        if isinstance(codes, torch.Tensor) and not codes.is_floating_point():
+            codes = codes.long()
+        s = (x.max().clamp(min=0) - x.min().clamp(max=0)) / maxq
+        z = torch.round(-x.min().clamp(max=0) / s)
+        hints = {
+            "used floor (truncation) instead of rounding to the nearest code": (torch.floor(x / s) + z).clamp(0, maxq).long(),
+            "forgot the zero point (codes must be shifted by zero = round(-min / scale) so that they are >= 0)":
+                torch.round(x / s).long(),
+        }
+        if not tensor_like(v, codes, expected_codes, f"codes for bits={bits}", atol=0, rtol=0, hints=hints):
+            break
+        hints = {"forgot to subtract the zero point when dequantizing (x_hat = scale * (code - zero))":
+                 s * expected_codes.float()}
+        if not tensor_like(v, x_hat, expected, f"x_hat for bits={bits}", atol=1e-6, rtol=1e-5, hints=hints):
+            break
+    return v.report("Codes and dequantized values match labkit.quant.quantize / dequantize.")
+
+
+def pack_int4(fn) -> bool:
+    """fn(codes [n] uint8 in [0, 16)) -> uint8 [ceil(n / 2)]: code 2j in the low nibble of byte j,
+    code 2j+1 in its high nibble; for odd n the last byte's high nibble is 0."""
+    v = Verdict("pack_int4")
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 8, 7, 33):
+        codes = torch.randint(0, 16, (n,), generator=g, dtype=torch.uint8)
+        codes[0], codes[1] = 3, 12  # a pair whose nibbles cannot be confused
+        got = call(v, fn, codes.clone())
+        if v.problem:
+            break
+        expected = packing.pack(codes, 4)
+        if isinstance(got, torch.Tensor) and n % 2 and got.shape == (n // 2,):
+            v.fail(f"for n={n} codes you returned {n // 2} bytes: the odd last code needs a byte of its own "
+                   f"(pad with a zero code); expected {math.ceil(n / 2)} bytes.")
+            break
+        even = codes[: n - n % 2].long()
+        lo, hi = even[0::2], even[1::2]
+        wrong = {"put the first code of each pair in the high nibble (labkit's order is low nibble first)":
+                 torch.cat([lo * 16 + hi, codes[n - 1:].long() * 16 if n % 2 else lo[:0]]),
+                 "added the two codes without shifting the second one by 4 bits":
+                 torch.cat([lo + hi, codes[n - 1:].long() if n % 2 else lo[:0]])}
+        if not tensor_like(v, got, expected, f"packed bytes for n={n}", atol=0, rtol=0, hints=wrong):
+            break
+        if got.dtype != torch.uint8:
+            v.fail(f"the values are right but the dtype is {got.dtype}: return torch.uint8, one byte per pair "
+                   f"(with {got.dtype} each pair takes {got.element_size()} bytes and nothing is saved).")
+            break
+    return v.report("Two codes per byte, low nibble first: the layout of labkit.quant.pack.pack(codes, 4).")
+
+
+def quantlinear_bytes(fn) -> bool:
+    """fn(out_features, in_features, bits, group_size) -> int: bytes a labkit QuantLinear stores (asymmetric
+    integer grid, no bias): packed codes + fp16 scales + packed integer zero points, one scale and zero per
+    group of `group_size` input columns (None: one per output row; a short last group counts as a group)."""
+    v = Verdict("quantlinear_bytes")
+    for out_f, in_f, bits, gs in [(1536, 576, 4, 64), (576, 1536, 3, 64), (576, 576, 3, 128), (576, 576, 8, None)]:
+        got = call(v, fn, out_f, in_f, bits, gs)
+        if v.problem:
+            break
+        expected = QuantLinear(in_f, out_f, bits, gs).stored_bytes()
+        groups = 1 if gs is None else math.ceil(in_f / gs)
+        codes = math.ceil(out_f * in_f * bits / 8)
+        zeros = math.ceil(out_f * groups * bits / 8)
+        wrong = {
+            "stored the scales in fp32 (4 bytes); labkit stores them in fp16 (2 bytes)": codes + out_f * groups * 4 + zeros,
+            "forgot the zero points (one `bits`-bit integer per group, packed like the codes)": codes + out_f * groups * 2,
+            "counted the codes in bits, not bytes (divide out * in * bits by 8)": out_f * in_f * bits + out_f * groups * 2 + zeros,
+        }
+        if gs is not None and in_f % gs:
+            floor_groups = in_f // gs
+            wrong["counted in_features // group_size groups; a short last group still needs its own scale "
+                  f"(ceil({in_f} / {gs}) = {groups} groups)"] = (codes + out_f * floor_groups * 2
+                                                             + math.ceil(out_f * floor_groups * bits / 8))
+        try:
+            value = float(got)
+        except (TypeError, ValueError):
+            value = None
+        if value is not None and value != expected:
+            for description, w in wrong.items():
+                if value == w:
+                    v.fail(f"for a {out_f}x{in_f} layer at {bits} bits, group_size={gs}: you {description}.")
+                    break
+        if not number_like(v, got, expected, f"bytes of a {out_f}x{in_f} layer at {bits} bits, group_size={gs}",
+                           rtol=0):
+            break
+    return v.report("Matches QuantLinear.stored_bytes(), which labkit.evaluate.weight_bytes counts.")
