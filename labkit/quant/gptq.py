@@ -16,6 +16,7 @@ The core loop below follows the reference implementation (github.com/IST-DASLab/
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -35,6 +36,24 @@ TRUE_SEQUENTIAL = [
 ]
 
 
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """Quantize a layer on one CPU thread. The column loop's operations are tiny (one column; a rank-1
+    update of one block): splitting each across threads costs more in synchronisation than it gains,
+    and when the cores are shared with other processes every split waits for a descheduled thread,
+    which makes the loop many times slower. The few larger operations (Cholesky, the lazy batch
+    update) are small enough at these sizes that one thread loses little on them."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
                          sym: bool = False, act_order: bool = False, blocksize: int = 128,
@@ -46,7 +65,8 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
     scales, zeros: [out, n_groups] fp32 (1 per channel, else ceil(in / group_size)); g_idx: [in] int32, the
     group of each input column (with act-order, groups follow the processing order: g_idx is not sorted).
     """
-    return _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset)[:5]
+    with _one_thread(W.device):
+        return _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset)[:5]
 
 
 def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset):
@@ -104,9 +124,15 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
             if group_size is not None and (i1 + i) % group_size == 0:
                 # Entering a new group: its grid from its weights as updated so far. (The reference
                 # reads W here, which misses this block's updates for a group that starts inside a
-                # block; W1 has them. With group_size == blocksize the two are the same.)
+                # block; W1 has them. With group_size == blocksize the two are the same.) Columns of
+                # the group beyond this block have not yet received the lazy update of this block's
+                # columns i1 .. i1+i−1: add it here, so the grid does not depend on blocksize.
                 end = i1 + i + group_size
-                cols = W1[:, i:i + group_size] if end <= i2 else torch.cat([W1[:, i:], W[:, i2:end]], 1)
+                if end <= i2:
+                    cols = W1[:, i:i + group_size]
+                else:
+                    pending = Err1[:, :i].matmul(Hinv[i1:i1 + i, i2:end])  # [rows, end − i2]
+                    cols = torch.cat([W1[:, i:], W[:, i2:end] - pending], 1)
                 scale, zero = find_params(cols, bits, sym, float_offset)
                 scales.append(scale)
                 zeros.append(zero)
@@ -155,8 +181,9 @@ def gptq(model, calibration: torch.Tensor, bits: int, group_size: int | None = N
     def update(index, layer, stats):
         for name, hessian in stats.items():
             linear = layer.get_submodule(name)
-            Wq, codes, scales, zeros, g_idx, loss = _gptq(linear.weight.data, hessian.H, bits, group_size, sym,
-                                                          act_order, blocksize, percdamp, float_offset)
+            with _one_thread(linear.weight.device):
+                Wq, codes, scales, zeros, g_idx, loss = _gptq(linear.weight.data, hessian.H, bits, group_size, sym,
+                                                              act_order, blocksize, percdamp, float_offset)
             if pack:
                 set_module(layer, name, QuantLinear.from_codes(
                     codes, scales, zeros, bits, group_size, sym=sym, float_offset=float_offset, g_idx=g_idx,
