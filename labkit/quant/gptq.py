@@ -57,8 +57,11 @@ def _one_thread(device: torch.device):
 @torch.no_grad()
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
                          sym: bool = False, act_order: bool = False, blocksize: int = 128,
-                         percdamp: float = 0.01, float_offset: bool = False):
+                         percdamp: float = 0.01, float_offset: bool = False, keep_zeros: bool = False):
     """GPTQ on one weight matrix. Returns (Wq, codes, scales, zeros, g_idx).
+
+    keep_zeros: weights that are exactly 0 (pruned, e.g. by SparseGPT 2:4) stay exactly 0 (SparseGPT's
+    joint sparsify-and-quantize), and their columns' errors are compensated like any other.
 
     W: [out, in]; H: [in, in], the Hessian 2/n · X Xᵀ of the layer's inputs (walk.Hessian.H).
     Wq: [out, in] in W's dtype (the dequantized result); codes: [out, in] uint8;
@@ -66,11 +69,14 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
     group of each input column (with act-order, groups follow the processing order: g_idx is not sorted).
     """
     with _one_thread(W.device):
-        return _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset)[:5]
+        return _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset, keep_zeros)[:5]
 
 
-def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset):
+def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset, keep_zeros=False):
     check_bits(bits)
+    if keep_zeros and float_offset:
+        raise ValueError("keep_zeros=True needs an integer zero point (float_offset=False): only then is 0 exactly "
+                         "on the grid.")
     check_weight(W, "W")
     rows, columns = W.shape
     group_size = check_group_size(group_size)
@@ -82,6 +88,7 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
     dtype = W.dtype
     W = W.float().clone()
     H = H.to(W.device, torch.float32).clone()
+    pruned = W == 0 if keep_zeros else None  # [out, in]: positions that must stay exactly 0
 
     dead = torch.diag(H) == 0  # inputs that are always 0: any weight works there; quantize it as 0
     H[dead, dead] = 1
@@ -93,6 +100,8 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
     if act_order:  # "act-order": quantize columns with large activations first, while many remain to fix
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+        if pruned is not None:
+            pruned = pruned[:, perm]
 
     Q = torch.zeros_like(W)
     codes = torch.zeros(rows, columns, dtype=torch.uint8, device=W.device)
@@ -137,6 +146,8 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
                 scales.append(scale)
                 zeros.append(zero)
             c = quantize_codes(w[:, None], scale[:, None], zero[:, None], bits, float_offset)[:, 0]
+            if pruned is not None:  # the grid's exact zero is the integer zero point itself (0 ∈ [min, max])
+                c = torch.where(pruned[:, i1 + i], zero.round().clamp(0, 2**bits - 1).to(c.dtype), c)
             q = dequantize_codes(c, scale, zero, float_offset)  # Alg. 1: Q_{:,j} ← quant(W_{:,j})
             Q1[:, i] = q
             codes[:, i1 + i] = c
@@ -163,8 +174,11 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
 @torch.no_grad()
 def gptq(model, calibration: torch.Tensor, bits: int, group_size: int | None = None, sym: bool = False,
          act_order: bool = False, blocksize: int = 128, percdamp: float = 0.01, pack: bool = True,
-         float_offset: bool = False, true_sequential: bool = True, device=None, batch_size: int = 8) -> QuantReport:
+         float_offset: bool = False, true_sequential: bool = True, device=None, batch_size: int = 8,
+         keep_zeros: bool = False) -> QuantReport:
     """GPTQ on every decoder linear of `model`, in place, layer by layer (labkit.walk.calibration_walk).
+
+    keep_zeros: weights already 0 (a pruned model) stay 0, so e.g. a 2:4 pattern survives quantization.
 
     calibration: LongTensor [n_samples, seqlen] (labkit.data.calibration). pack=True installs QuantLinear
     modules; pack=False writes the dequantized weights back into the nn.Linear modules.
@@ -183,7 +197,8 @@ def gptq(model, calibration: torch.Tensor, bits: int, group_size: int | None = N
             linear = layer.get_submodule(name)
             with _one_thread(linear.weight.device):
                 Wq, codes, scales, zeros, g_idx, loss = _gptq(linear.weight.data, hessian.H, bits, group_size, sym,
-                                                              act_order, blocksize, percdamp, float_offset)
+                                                              act_order, blocksize, percdamp, float_offset,
+                                                              keep_zeros)
             if pack:
                 set_module(layer, name, QuantLinear.from_codes(
                     codes, scales, zeros, bits, group_size, sym=sym, float_offset=float_offset, g_idx=g_idx,
