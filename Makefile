@@ -27,6 +27,7 @@ test: $(VENV)/.installed  ## unit tests, the real-model integration test, and nb
 	$(PY) -m pytest
 
 book: $(VENV)/.installed  ## build the Jupyter Book from the stored outputs into book/_build/html (offline-readable)
+	$(PY) book/toc.py
 	$(VENV)/bin/jupyter-book build book
 	@echo "The book: file://$(abspath book/_build/html/index.html)"
 

@@ -26,9 +26,18 @@ class Built:
     log: str
 
 
+def _toc_module():
+    sys.path.insert(0, str(ROOT / "book"))
+    try:
+        import toc
+    finally:
+        sys.path.pop(0)
+    return toc
+
+
 def toc_files() -> list[str]:
-    """Every page of book/_toc.yml (root first), as written there: 'intro', 'notebooks/00_baseline', ..."""
-    toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
+    """Every page of the generated toc (root first): 'intro', 'notebooks/00_baseline', ... (book/toc.py)."""
+    toc = yaml.safe_load(_toc_module().toc_text(ROOT / "notebooks"))
     files = [toc["root"]]
     for part in toc.get("parts", []):
         files += [c["file"] for c in part.get("chapters", [])]
@@ -71,6 +80,7 @@ def build() -> Built:
         return Built(WORK / "_build" / "html", False, "jupyter-book is not installed: pip install -e '.[book]'")
     shutil.rmtree(WORK, ignore_errors=True)
     shutil.copytree(ROOT / "book", WORK, symlinks=False, ignore=shutil.ignore_patterns("_build", "__pycache__"))
+    _toc_module().write_toc(WORK, WORK / "notebooks")  # the toc of the lessons present
     done = subprocess.run([str(jb), "build", str(WORK), "--warningiserror", "--keep-going"],
                           capture_output=True, text=True, timeout=900)
     return Built(WORK / "_build" / "html", done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:])

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from bookbuild import ROOT, lesson_notebooks, lessons_in_book, require_npm_or_cached_mathjax, toc_files
 from bookbuild import build as _build
@@ -20,33 +21,35 @@ def build():
 SOURCE_SUFFIXES = (".md", ".ipynb", ".rst")
 
 
-def test_every_lesson_is_in_the_toc():
-    listed = set(toc_files())
+def test_every_lesson_is_in_the_toc_once_under_its_track():
+    listed = toc_files()
     lessons = lesson_notebooks()
     assert lessons, "no notebooks/NN_*.ipynb found"
-    missing = [f"notebooks/{p.stem}" for p in lessons if f"notebooks/{p.stem}" not in listed]
-    assert not missing, (f"lessons missing from book/_toc.yml: {missing}; uncomment their lines "
-                         "(the file's comments hold every lesson's entry under its track)")
+    for p in lessons:
+        assert listed.count(f"notebooks/{p.stem}") == 1, (p.stem, listed)
+    text = (BOOK / "_toc.yml").read_text()
+    captions = [part["caption"] for part in yaml.safe_load(text)["parts"]]
+    assert captions[0] == "Foundations" and captions[-1] == "Reference", captions
 
 
 def test_every_toc_entry_exists():
     files = toc_files()
-    assert len(files) == len(set(files)), f"book/_toc.yml lists a page twice: {files}"
+    assert len(files) == len(set(files)), f"the toc lists a page twice: {files}"
     missing = [f for f in files if not any((BOOK / f).with_suffix(s).exists() for s in SOURCE_SUFFIXES)]
-    assert not missing, f"book/_toc.yml lists pages that do not exist (Jupyter Book 1 would fail): {missing}"
+    assert not missing, f"the toc lists pages that do not exist (Jupyter Book 1 would fail): {missing}"
 
 
-def test_toc_comments_name_every_planned_lesson_under_a_track():
-    """The commented-out entries are the lead's paste-in lines: each names a lesson once, under a track."""
-    text = (BOOK / "_toc.yml").read_text()
-    entries = re.findall(r"^\s*#?\s*- file: notebooks/(\d\d_\w+)\s*$", text, flags=re.M)
-    numbers = [e[:2] for e in entries]
-    assert numbers == sorted(numbers) and len(numbers) == len(set(numbers)) == 13, entries
-    for p in lesson_notebooks():
-        assert p.stem in entries, f"{p.stem}: its _toc.yml line names another file ({entries})"
-    active = yaml.safe_load(text)
-    captions = [part["caption"] for part in active["parts"]]
-    assert captions[0] == "Foundations" and captions[-1] == "Reference", captions
+def test_a_lesson_without_a_track_is_an_error(tmp_path):
+    import sys
+    sys.path.insert(0, str(BOOK))
+    try:
+        import toc
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "00_baseline.ipynb").write_text("{}")
+    (tmp_path / "13_bonus.ipynb").write_text("{}")
+    with pytest.raises(ValueError, match=r"13_bonus.*belong to no track"):
+        toc.toc_text(tmp_path)
 
 
 def test_bibliography_has_every_cited_paper():
