@@ -235,3 +235,47 @@ def test_blockwise_distill_repairs_a_perturbed_block(teacher, data):
     with torch.no_grad():
         after = distill.hidden_mse(block(inputs, **kwargs), teacher.model.layers[1](inputs, **kwargs)).item()
     assert after < 0.5 * curve[0]
+
+
+def test_layer_states_are_the_layer_boundaries(teacher, data):
+    states, kwargs = distill.layer_states(teacher, data, batch_size=3)
+    assert len(states) == 3 and all(s.shape == (8, 24, 64) for s in states)
+    for index in (0, 1):
+        inputs, _ = distill.layer_inputs(teacher, data, index)
+        torch.testing.assert_close(states[index], inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(states[2], teacher.model.layers[1](states[1], **kwargs))
+        last = teacher.model.norm(states[2])  # the model's last hidden state is states[L] after the final norm
+        torch.testing.assert_close(teacher.lm_head(last), teacher(data).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_block_influence_is_one_minus_cosine(teacher, data):
+    bi = distill.block_influence(teacher, data)
+    states, _ = distill.layer_states(teacher, data)
+    assert len(bi) == 2
+    cos = torch.nn.functional.cosine_similarity(states[1], states[2], dim=-1).mean().item()
+    assert bi[1] == pytest.approx(1 - cos, abs=1e-6)
+    identity = copy.deepcopy(teacher)
+    with torch.no_grad():  # a layer whose attention and MLP add nothing leaves the stream unchanged: BI = 0
+        identity.model.layers[1].self_attn.o_proj.weight.zero_()
+        identity.model.layers[1].mlp.down_proj.weight.zero_()
+    assert distill.block_influence(identity, data)[1] == pytest.approx(0, abs=1e-6)
+
+
+def test_blockwise_distill_replaces_a_span(teacher, data):
+    """A student layer learns to do what two teacher layers did (the targets come from layer_states)."""
+    states, kwargs = distill.layer_states(teacher, data)
+    block = copy.deepcopy(teacher.model.layers[0])
+    with torch.no_grad():
+        before = distill.hidden_mse(block(states[0], **kwargs), states[2]).item()
+    curve = distill.blockwise_distill(block, None, states[0], steps=10, lr=2e-3, batch_size=4, layer_kwargs=kwargs,
+                                      targets=states[2], progress=False)
+    with torch.no_grad():
+        after = distill.hidden_mse(block(states[0], **kwargs), states[2]).item()
+    assert curve[0] == pytest.approx(before, rel=0.5) and after < 0.7 * before
+    with pytest.raises(ValueError, match="exactly one of teacher_layer"):
+        distill.blockwise_distill(block, teacher.model.layers[1], states[0], steps=1, targets=states[2], progress=False)
+    with pytest.raises(ValueError, match="exactly one of teacher_layer"):
+        distill.blockwise_distill(block, None, states[0], steps=1, progress=False)
+    with pytest.raises(ValueError, match="must have the inputs' shape"):
+        distill.blockwise_distill(block, None, states[0], steps=1, targets=states[2][:2], progress=False)

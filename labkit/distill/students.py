@@ -62,6 +62,23 @@ def drop_layers(model, keep: list[int] | None = None):
     return student
 
 
+@torch.no_grad()
+def block_influence(model, tokens: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """ShortGPT's Block Influence of each decoder layer (Men et al., 2024, eq. 1):
+
+        BI_i = 1 − mean over tokens of cos(x_i, x_{i+1}),   x_i the input of layer i (a hidden state)
+
+    A layer that barely turns the residual stream (BI near 0) changes little and is the first to
+    drop. tokens: [n, seqlen]. Returns one value per layer; keep the largest:
+    keep = sorted(sorted(range(L), key=bi.__getitem__)[L - n_keep:]).
+    """
+    from .trainer import layer_states
+
+    states, _ = layer_states(model, tokens, batch_size)
+    return [1 - torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
+            for a, b in zip(states[:-1], states[1:])]
+
+
 SMALL_LLAMA = dict(  # a small student: about 0.35 M parameters besides the embedding
     hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     head_dim=32, vocab_size=256, max_position_embeddings=2048, tie_word_embeddings=True,
@@ -136,5 +153,5 @@ def describe_student(student, teacher=None) -> StudentSummary:
     return summary
 
 
-__all__ = ["drop_layers", "fresh_student", "describe_student", "StudentSummary", "check_vocab", "vocab_size",
+__all__ = ["drop_layers", "block_influence", "fresh_student", "describe_student", "StudentSummary", "check_vocab", "vocab_size",
            "SMALL_LLAMA"]

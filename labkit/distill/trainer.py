@@ -275,32 +275,88 @@ def layer_inputs(model, tokens: torch.Tensor, index: int, batch_size: int = 8) -
     return torch.cat([hidden for hidden, _ in seen]), kwargs
 
 
+@torch.no_grad()
+def layer_states(model, tokens: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], dict]:
+    """Every decoder layer's input, and the last layer's output, from one forward pass per batch:
+    (states, kwargs) with states[i] [n, seqlen, hidden] the input of layer i for i < L and states[L]
+    the last layer's output (before the final norm); kwargs as in layer_inputs.
+
+    states[j] is what the teacher's layers 0..j-1 make of the tokens, so the span of layers i..j-1
+    maps states[i] to states[j]: the targets of a student layer that replaces that span.
+    """
+    check_tokens(tokens, model.config.vocab_size, "tokens")
+    layers = model.model.layers
+    n_layers = len(layers)
+    states: list[list[torch.Tensor]] = [[] for _ in range(n_layers + 1)]
+    seen_kwargs: list[dict] = []
+
+    def first(module, args, kwargs):
+        states[0].append(args[0] if args else kwargs["hidden_states"])
+        seen_kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    def after(index):
+        def hook(module, args, output):
+            states[index + 1].append(_hidden(output))
+            if index == n_layers - 1:
+                raise _Stop  # the final norm and the output layer are not needed
+        return hook
+
+    hooks = [layers[0].register_forward_pre_hook(first, with_kwargs=True)]
+    hooks += [layer.register_forward_hook(after(i)) for i, layer in enumerate(layers)]
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            try:
+                model(tokens[start:start + batch_size].to(_device(model)), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kwargs = seen_kwargs[0]
+    cos, _ = kwargs["position_embeddings"]
+    if cos.shape[0] != 1:
+        raise ValueError("the model passes per-window position embeddings; layer_states needs shared ones.")
+    return [torch.cat(chunks) for chunks in states], kwargs
+
+
 def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # transformers 5 layers return a tensor
 
 
-def blockwise_distill(student_layer: nn.Module, teacher_layer: nn.Module, inputs: torch.Tensor, steps: int,
+def blockwise_distill(student_layer: nn.Module, teacher_layer: nn.Module | None, inputs: torch.Tensor, steps: int,
                       lr: float = 1e-4, batch_size: int = 4, layer_kwargs: dict | None = None,
                       grad_accum: int = 1, max_grad_norm: float | None = 1.0, seed: int = 0,
-                      weight_decay: float = 0.0, progress: bool = True) -> list[float]:
+                      weight_decay: float = 0.0, progress: bool = True,
+                      targets: torch.Tensor | None = None) -> list[float]:
     """Train one block to reproduce another block's outputs on the same inputs (hidden_mse).
 
     inputs: [n, seqlen, hidden], the block's inputs in the full model (layer_inputs gives them,
     with the layer_kwargs a decoder layer needs). Local distillation needs no backward pass
     through the rest of the model, so it repairs one compressed block at a time at the memory
     cost of a single layer. Returns the loss per step; the teacher block is never changed.
+    targets: [n, seqlen, hidden], the outputs to reproduce, instead of teacher_layer (pass None):
+    e.g. states[j] of layer_states for a student layer that replaces the teacher's layers i..j-1.
     """
     _check_training(steps, lr, batch_size, grad_accum, max_grad_norm)
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 or not inputs.is_floating_point():
         got = f"{tuple(inputs.shape)} {inputs.dtype}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise ValueError(f"inputs must be float hidden states [n, seqlen, hidden]; got {got}. "
                          f"Get a decoder layer's inputs with labkit.distill.layer_inputs(model, tokens, index).")
+    if (teacher_layer is None) == (targets is None):
+        raise ValueError("give exactly one of teacher_layer (its outputs are the targets) and targets "
+                         "(precomputed outputs [n, seqlen, hidden]).")
     kwargs = layer_kwargs or {}
     device = _device(student_layer)
-    teacher_layer.eval()
-    with torch.no_grad():  # the targets, computed once
-        targets = torch.cat([_hidden(teacher_layer(chunk.to(device), **kwargs))
-                             for chunk in inputs.split(batch_size)])  # [n, seqlen, hidden]
+    if targets is not None:
+        if not isinstance(targets, torch.Tensor) or targets.shape != inputs.shape:
+            got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"targets {got} must have the inputs' shape {tuple(inputs.shape)}.")
+        targets = targets.to(device)
+    else:
+        teacher_layer.eval()
+        with torch.no_grad():  # the targets, computed once
+            targets = torch.cat([_hidden(teacher_layer(chunk.to(device), **kwargs))
+                                 for chunk in inputs.split(batch_size)])  # [n, seqlen, hidden]
     pairs = torch.stack([inputs.to(device), targets])  # [2, n, seqlen, hidden]
     stream = batches(pairs.transpose(0, 1), batch_size, torch.Generator().manual_seed(seed))
 
@@ -314,4 +370,4 @@ def blockwise_distill(student_layer: nn.Module, teacher_layer: nn.Module, inputs
                       "blockwise distill", progress)
 
 
-__all__ = ["distill", "finetune", "blockwise_distill", "layer_inputs", "sample", "batches", "check_tokens"]
+__all__ = ["distill", "finetune", "blockwise_distill", "layer_inputs", "layer_states", "sample", "batches", "check_tokens"]
