@@ -49,7 +49,10 @@ def test_every_reference_states_value_tolerance_and_origin():
     for key, per_profile in results.references().items():
         for profile, ref in per_profile.items():
             assert profile in ("cpu", "gpu"), key
-            assert ref["value"] > 0 and 0 < ref["rtol"] <= 0.05 and ref["origin"], key
+            # CPU references are this code's own numbers: tight. A published GPU number may be the
+            # perplexity of a broken model (plain SVD's 20061) that only its order of magnitude checks.
+            limit = 0.05 if profile == "cpu" else 0.5
+            assert ref["value"] > 0 and 0 < ref["rtol"] <= limit and ref["origin"], key
 
 
 def test_update_mode_writes_measured_cpu_reference(tmp_path, monkeypatch):
