@@ -264,3 +264,20 @@ def test_sparse_plus_lowrank_model(model, tiny, tokens):
         lowrank.decompose(torch.randn(4, 4), 2, 1.0)
     with pytest.raises(ValueError, match="rank=5 for a 4 x 4 matrix"):
         lowrank.decompose(torch.randn(4, 4), 5, 0.1)
+
+
+def test_greedy_ranks_floor_and_absolute_costs():
+    shapes = {"steep": (4, 4), "flat": (4, 4)}  # break-even 2 each, 8 parameters per rank
+    spectra = {"steep": torch.tensor([10.0, 0.1, 0.1, 0.1]), "flat": torch.tensor([1.0, 1.0, 1.0, 1.0])}
+    assert lowrank.greedy_ranks(spectra, shapes, 0.75) == {"steep": 1, "flat": 2}  # steep's 2nd σ is cheap
+    floored = lowrank.greedy_ranks(spectra, shapes, 0.75, min_ranks={"steep": 2})
+    assert floored == {"steep": 2, "flat": 1}  # steep may not go below 2: flat pays
+    # relative: steep's σ_2 holds 0.01% of its energy, flat's 25%; absolute: 0.01 against 1.0, same order
+    assert lowrank.greedy_ranks(spectra, shapes, 0.75, relative=False) == {"steep": 1, "flat": 2}
+    spectra["steep"] = torch.tensor([100.0, 5.0, 0.1, 0.1])  # σ_2² = 25: relatively small, absolutely large
+    assert lowrank.greedy_ranks(spectra, shapes, 0.75) == {"steep": 1, "flat": 2}
+    assert lowrank.greedy_ranks(spectra, shapes, 0.75, relative=False) == {"steep": 2, "flat": 1}
+    with pytest.raises(ValueError, match="min_ranks"):
+        lowrank.greedy_ranks(spectra, shapes, 0.75, min_ranks={"nope": 1})
+    with pytest.raises(ValueError, match="no allocation"):
+        lowrank.greedy_ranks(spectra, shapes, 0.55, min_ranks={"steep": 2, "flat": 2})
