@@ -24,29 +24,8 @@ import time
 
 import torch
 
-from ..walk import Hessian, calibration_walk
+from ..walk import Hessian, calibration_walk, inverse_hessian_cholesky
 from .masks import PruneReport, check_divisible, check_sparsity, lowest_mask, n_pruned, report, weight_linears
-
-
-def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = percdamp · mean(diag H), and the dead inputs.
-
-    H: [in_features, in_features] -> (Hinv [in_features, in_features] upper triangular, dead [in_features] bool)
-    A dead input (never nonzero on the calibration set, diag 0) gets H_jj = 1 so H stays invertible;
-    its weights are zeroed, as they cannot change the layer's output on that data.
-    """
-    H = H.clone().float()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    damp = percdamp * torch.mean(torch.diag(H))  # H⁻¹ = (X Xᵀ + λI)⁻¹ in Algorithm 1
-    H.diagonal().add_(damp)
-    try:
-        L = torch.linalg.cholesky(H)
-    except torch.linalg.LinAlgError as err:
-        raise ValueError(f"the layer's Hessian is not positive definite even with percdamp={percdamp}; "
-                         f"use a larger percdamp (e.g. 0.1) or more calibration tokens.") from err
-    Hinv = torch.cholesky_inverse(L)  # (H + λI)⁻¹
-    return torch.linalg.cholesky(Hinv, upper=True), dead
 
 
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float | None, pattern: str = "unstructured",

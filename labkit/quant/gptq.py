@@ -108,15 +108,9 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
     Losses = torch.zeros_like(W)
     scales, zeros = [], []
 
-    damp = percdamp * torch.mean(torch.diag(H))  # dampening λ (sec. 4, step 3)
-    H.diagonal().add_(damp)
-    try:
-        L = torch.linalg.cholesky(H)
-    except torch.linalg.LinAlgError as err:
-        raise ValueError(f"H + λI is not positive definite (percdamp={percdamp}): use more calibration data or "
-                         f"a larger percdamp (e.g. 0.1).") from err
-    # Alg. 1: H⁻¹ ← Cholesky(H⁻¹)ᵀ, the upper factor; its row j holds what eq. 2 needs at column j (sec. 4, step 3)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    # H + λI with λ = percdamp · mean(diag H) (sec. 4, step 3), then Alg. 1: H⁻¹ ← Cholesky(H⁻¹)ᵀ, the upper
+    # factor; its row j holds what eq. 2 needs at column j
+    Hinv, _ = walk.inverse_hessian_cholesky(H, percdamp)
 
     for i1 in range(0, columns, blocksize):  # Alg. 1: for i = 0, B, 2B, ... (step 2: lazy batches)
         i2 = min(i1 + blocksize, columns)
