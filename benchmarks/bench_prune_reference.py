@@ -175,7 +175,7 @@ def run(P, test_ids, calib, method, pattern, which):
     if P.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    sparsity = prune.sparsity_report(model).sparsity
+    sparsity = prune.sparsity_report(model).overall
     ppl = evaluate.perplexity(model, test_ids, P.seqlen, P.eval_windows, progress=False)
     del model
     return ppl, seconds, sparsity
@@ -216,6 +216,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="wanda,sparsegpt", help="wanda, sparsegpt, or both")
     parser.add_argument("--patterns", default="unstructured,2:4", help="unstructured (50%%), 2:4, or both")
+    parser.add_argument("--reversed", action="store_true",
+                        help="feed the calibration samples in reverse order: the same statistics up to round-off, "
+                             "to see how far round-off alone moves each implementation's perplexity")
     parser.add_argument("--smoke", action="store_true", help="only compare one layer (seconds)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -229,7 +232,10 @@ def main(argv=None):
     del model
     test_ids = data.test_tokens(tokenizer)
     calib = data.calibration(tokenizer, P.calib_samples, P.seqlen, seed=0)
-    print(f"{P.name} profile: {P.model}, {P.calib_samples} calibration samples of {P.seqlen} tokens, "
+    if args.reversed:
+        calib = calib.flip(0)
+    print(f"{P.name} profile: {P.model}, {P.calib_samples} calibration samples of {P.seqlen} tokens"
+          f"{' (reversed order)' if args.reversed else ''}, "
           f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; {torch.get_num_threads()} threads")
     print(f"{'setting':<24} {'ppl labkit':>10} {'ppl ref':>9} {'diff':>7} {'labkit s':>9} {'ref s':>8} "
           f"{'sparsity':>9}  within 1%  as fast")

@@ -224,7 +224,7 @@ def test_svd_errors(model, calibration):
 
 
 def test_allocation_errors(tiny, calibration):
-    with pytest.raises(ValueError, match="budget=0.001 keeps 86 parameters, but even rank 1 in every linear needs"):
+    with pytest.raises(ValueError, match="budget=0.001 keeps 86 parameters, but even the lowest ranks allowed"):
         lowrank.allocate_ranks(tiny, None, 0.001)
     for budget in (0, 1, 1.2):
         with pytest.raises(ValueError, match=f"budget={budget}"):
@@ -281,3 +281,30 @@ def test_greedy_ranks_floor_and_absolute_costs():
         lowrank.greedy_ranks(spectra, shapes, 0.75, min_ranks={"nope": 1})
     with pytest.raises(ValueError, match="no allocation"):
         lowrank.greedy_ranks(spectra, shapes, 0.55, min_ranks={"steep": 2, "flat": 2})
+
+
+def test_allocate_by_sensitivity(model, calibration, tokens):
+    before = copy.deepcopy(model.state_dict())
+    alloc = lowrank.allocate_by_sensitivity(model, calibration, 0.7, tokens, ratios=(0.5, 0.8, 1.0))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is unchanged
+    assert set(alloc.ratios) == set(lowrank.TARGETS) and alloc.kept <= 0.7
+    assert len(alloc.sensitivity) == 3 * len(lowrank.TARGETS)
+    assert all(alloc.sensitivity[k, 1.0] == 0.0 for k in lowrank.TARGETS)
+    factored = {n for n in alloc.ranks}  # only kinds with a ratio below 1 are factored
+    assert all(any(n.endswith(k) for n in factored) == (r < 1) for k, r in alloc.ratios.items())
+    assert alloc.predicted == pytest.approx(sum(alloc.sensitivity[k, r] for k, r in alloc.ratios.items()))
+    total = sum(m.in_features * m.out_features for m in lowrank.factor_targets(model).values())
+    lowrank.svd(model, rank=alloc.ranks, activation_aware=True, calibration=calibration)
+    factored = sum(m.rank * (m.in_features + m.out_features) for m in lowrank.lowrank_linears(model).values())
+    whole = [k for k, r in alloc.ratios.items() if r == 1]  # kinds kept whole stay nn.Linear
+    dense = sum(m.in_features * m.out_features for m in lowrank.factor_targets(model, whole).values()) if whole else 0
+    assert (factored + dense) / total == pytest.approx(alloc.kept)
+
+
+def test_allocate_by_sensitivity_errors(model, calibration, tokens):
+    with pytest.raises(ValueError, match="even the smallest ratio"):
+        lowrank.allocate_by_sensitivity(model, calibration, 0.3, tokens, ratios=(0.8, 0.9))
+    with pytest.raises(ValueError, match="ratios"):
+        lowrank.allocate_by_sensitivity(model, calibration, 0.8, tokens, ratios=(0.0, 0.5))
+    with pytest.raises(ValueError, match="budget"):
+        lowrank.allocate_by_sensitivity(model, calibration, 1.5, tokens)

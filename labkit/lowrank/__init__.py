@@ -7,10 +7,12 @@
     lowrank.svd(model, rank=allocation.ranks, activation_aware=True, calibration=c)
     lowrank.sparse_plus_lowrank(model, param_ratio=0.7, density=0.01)          # LoSparse: B A + S
 
-svd.py (LowRankLinear, truncated_svd, whitened_svd), ranks.py (greedy global allocation),
+svd.py (LowRankLinear, truncated_svd, whitened_svd), ranks.py (greedy global allocation on spectra),
+sensitivity.py (one kept fraction per kind of linear, from measured loss increases),
 sparse_plus_lowrank.py (SparsePlusLowRankLinear). Each returns a report of ranks and parameters.
 """
 from .ranks import RankAllocation, allocate_ranks, break_even, check_budget, greedy_ranks, measure_spectra
+from .sensitivity import SensitivityAllocation, allocate_by_sensitivity, mean_loss
 from .sparse_plus_lowrank import (SparseLowRankReport, SparsePlusLowRankLinear, check_density, decompose,
                                   sparse_plus_lowrank)
 from .svd import (TARGETS, LayerRank, LowRankLinear, LowRankReport, check_choice, check_rank, discarded,
@@ -22,5 +24,6 @@ __all__ = [
     "rank_for_ratio", "rank_for_energy", "discarded", "factor_targets", "lowrank_linears", "TARGETS",
     "check_choice", "check_rank",
     "allocate_ranks", "greedy_ranks", "break_even", "measure_spectra", "RankAllocation", "check_budget",
+    "allocate_by_sensitivity", "SensitivityAllocation", "mean_loss",
     "decompose", "SparsePlusLowRankLinear", "sparse_plus_lowrank", "SparseLowRankReport", "check_density",
 ]
