@@ -49,6 +49,8 @@ import time
 import torch
 from torch import nn
 
+from reference_walk import catch_layer0_inputs  # this folder
+
 from labkit import data, evaluate, models, profiles, quant
 
 
@@ -191,25 +193,7 @@ def llama_sequential(model, calibration, dev, wbits, groupsize=-1, act_order=Fal
                      fp16_scales=False):
     """Quantize every decoder linear, layer by layer, each layer on the outputs of the quantized ones."""
     layers = model.model.layers
-    inps, cache = [], []
-
-    class Catcher(nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, inp, **kwargs):
-            inps.append(inp)
-            cache.append(kwargs)
-            raise ValueError
-
-    layers[0] = Catcher(layers[0])
-    for j in range(calibration.shape[0]):
-        try:
-            model(calibration[j:j + 1].to(dev), use_cache=False)
-        except ValueError:
-            pass
-    layers[0] = layers[0].module
+    inps, cache = catch_layer0_inputs(model, calibration, dev)
 
     for i in range(len(layers)):
         layer = layers[i].to(dev)

@@ -31,6 +31,8 @@ import time
 import torch
 from torch import nn
 
+from reference_walk import catch_layer0_inputs  # this folder
+
 from labkit import data, evaluate, models, profiles, prune
 
 
@@ -128,25 +130,7 @@ def reference_prune(model, calibration, dev, method, sparsity, prunen=0, prunem=
     """The authors' layer-by-layer driver: catch layer 0's inputs, then for every layer observe all of
     its linears in one pass, prune them, and pass the pruned layer's outputs on."""
     layers = model.model.layers
-    inps, kwargs = [], []
-
-    class Catcher(nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, inp, **kw):
-            inps.append(inp)
-            kwargs.append(kw)
-            raise ValueError
-
-    layers[0] = Catcher(layers[0])
-    for j in range(calibration.shape[0]):
-        try:
-            model(calibration[j:j + 1].to(dev), use_cache=False)
-        except ValueError:
-            pass
-    layers[0] = layers[0].module
+    inps, kwargs = catch_layer0_inputs(model, calibration, dev)
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         pruners = {n: (SparseGPT if method == "sparsegpt" else Wanda)(m) for n, m in linears.items()}
@@ -210,6 +194,11 @@ def smoke() -> None:
             differ = int(((mine == 0) != (linear.weight.data == 0)).sum())
             print(f"one layer, {Ref.__name__} {pattern}: masks differ in {differ} of {W.numel()} weights, "
                   f"largest weight difference {diff:.1e}")
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    for method in ("wanda", "sparsegpt"):
+        tiny = models.load("tiny-llama-random", device="cpu")[0]
+        reference_prune(tiny, calib, "cpu", method, 0.5, 2, 4)
+        print(f"tiny model, reference {method} 2:4 driver: sparsity {prune.sparsity_report(tiny).overall:.1%}")
 
 
 def main(argv=None):
