@@ -29,7 +29,8 @@ windows of 512 tokens; dense 36.5), and it leaves one down_proj at rank 1. Massi
 X Xᵀ, so a layer can look "explained" by one direction while the other tokens still need
 the rest: compare allocations on perplexity, not on the proxy. Floors at 50% or 75% of the
 uniform rank, and absolute instead of relative errors, do not repair it on that model
-(benchmarks/bench_rank_allocation.py measures every variant).
+(benchmarks/bench_rank_allocation.py measures every variant). sensitivity.py measures the damage
+end to end instead, and does beat uniform ranks there.
 """
 from __future__ import annotations
 
