@@ -226,13 +226,13 @@ def llama_sequential(model, calibration, dev, wbits, groupsize=-1, act_order=Fal
 
 # --- the comparison -----------------------------------------------------------------------------------
 
-def run(P, test_ids, calib, bits, group, act_order, which):
+def run(P, test_ids, calib, bits, group, act_order, which, fp16_scales=False):
     model, _ = models.load(P.model, device=P.device, dtype=P.dtype)
     start = time.perf_counter()
     if which == "labkit":
         quant.gptq(model, calib, bits, group, act_order=act_order)
     else:
-        llama_sequential(model, calib, P.device, bits, group or -1, act_order)
+        llama_sequential(model, calib, P.device, bits, group or -1, act_order, fp16_scales=fp16_scales)
     if P.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -279,6 +279,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default="w4,w4g,w3g", help="comma list of w4 (per channel), w4g, w3g (grouped)")
     parser.add_argument("--act-order", default="off,on", help="off, on, or off,on")
+    parser.add_argument("--fp16-scales", action="store_true",
+                        help="the reference rounds its scales to fp16 as labkit stores them (default: fp32, as the "
+                             "authors' code keeps them)")
     parser.add_argument("--smoke", action="store_true", help="only check agreement on the tiny random model (seconds)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -299,7 +302,8 @@ def main(argv=None):
     test_ids = data.test_tokens(tokenizer)
     calib = data.calibration(tokenizer, P.calib_samples, P.seqlen, seed=0)
     print(f"{P.name} profile: {P.model}, {P.calib_samples} calibration samples of {P.seqlen} tokens, "
-          f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; {torch.get_num_threads()} threads")
+          f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; {torch.get_num_threads()} threads; "
+          f"reference scales in {'fp16' if args.fp16_scales else 'fp32'}")
     print(f"{'setting':<22} {'ppl labkit':>10} {'ppl ref':>9} {'diff':>7} {'labkit s':>9} {'ref s':>8}  within 1%  as fast")
     all_ok = True
     for key in args.settings.split(","):
@@ -308,7 +312,7 @@ def main(argv=None):
             act = orders[order]
             name = f"W{bits} {'g%d' % gs if gs else 'per-channel'}{' act-order' if act else ''}"
             ppl_l, sec_l = run(P, test_ids, calib, bits, gs, act, "labkit")
-            ppl_r, sec_r = run(P, test_ids, calib, bits, gs, act, "reference")
+            ppl_r, sec_r = run(P, test_ids, calib, bits, gs, act, "reference", args.fp16_scales)
             diff = ppl_l / ppl_r - 1
             close, fast = diff <= 0.01, sec_l <= sec_r
             all_ok &= close and fast
