@@ -259,20 +259,8 @@ def layer_inputs(model, tokens: torch.Tensor, index: int, batch_size: int = 8) -
         seen.append((hidden, kwargs))
         raise _Stop
 
-    hook = layers[index].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for start in range(0, tokens.shape[0], batch_size):
-            try:
-                model(tokens[start:start + batch_size].to(_device(model)), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        hook.remove()
-    kwargs = seen[0][1]
-    cos, _ = kwargs["position_embeddings"]
-    if cos.shape[0] != 1:  # position ids per window would tie the kwargs to one batch
-        raise ValueError("the model passes per-window position embeddings; layer_inputs needs shared ones.")
-    return torch.cat([hidden for hidden, _ in seen]), kwargs
+    _forward_batches(model, tokens, batch_size, [layers[index].register_forward_pre_hook(catch, with_kwargs=True)])
+    return torch.cat([hidden for hidden, _ in seen]), _shared_kwargs(seen[0][1], "layer_inputs")
 
 
 @torch.no_grad()
@@ -303,6 +291,13 @@ def layer_states(model, tokens: torch.Tensor, batch_size: int = 8) -> tuple[list
 
     hooks = [layers[0].register_forward_pre_hook(first, with_kwargs=True)]
     hooks += [layer.register_forward_hook(after(i)) for i, layer in enumerate(layers)]
+    _forward_batches(model, tokens, batch_size, hooks)
+    return [torch.cat(chunks) for chunks in states], _shared_kwargs(seen_kwargs[0], "layer_states")
+
+
+def _forward_batches(model, tokens: torch.Tensor, batch_size: int, hooks: list) -> None:
+    """Run `tokens` through `model` batch by batch for the hooks to see (a hook may stop a pass by
+    raising _Stop); the hooks are removed afterwards, also on error."""
     try:
         for start in range(0, tokens.shape[0], batch_size):
             try:
@@ -312,11 +307,14 @@ def layer_states(model, tokens: torch.Tensor, batch_size: int = 8) -> tuple[list
     finally:
         for hook in hooks:
             hook.remove()
-    kwargs = seen_kwargs[0]
+
+
+def _shared_kwargs(kwargs: dict, caller: str) -> dict:
+    """The layer kwargs, if every window shares them (position ids per window would tie them to one batch)."""
     cos, _ = kwargs["position_embeddings"]
     if cos.shape[0] != 1:
-        raise ValueError("the model passes per-window position embeddings; layer_states needs shared ones.")
-    return [torch.cat(chunks) for chunks in states], kwargs
+        raise ValueError(f"the model passes per-window position embeddings; {caller} needs shared ones.")
+    return kwargs
 
 
 def _hidden(output) -> torch.Tensor:
