@@ -148,25 +148,44 @@ def calibration_walk(
                 raise ValueError(f"sequential names {unknown} are not linears of the layer; allowed: {list(linears)}.")
             stats = {name: s for name in group if (s := make_stats(name, linears[name])) is not None}
             if stats:
-                hooks = [linears[name].register_forward_hook(_feeder(stats[name])) for name in stats]
-                try:
-                    for hidden, kwargs in batches:
-                        layer(hidden, **kwargs)
-                finally:
-                    for hook in hooks:
-                        hook.remove()
+                _observe(layer, linears, stats, batches)
             results.append(update(index, layer, stats))
         batches = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in batches]  # next layer's inputs
         layer.to(home)
     return results
 
 
-def _feeder(stat):
-    def hook(module, inputs, output):
-        x = inputs[0]
-        stat.add(x.reshape(-1, x.shape[-1]))
+class _GroupSeen(Exception):
+    """Raised once every observed linear of a group has received its input for the current batch."""
 
-    return hook
+
+def _observe(layer: nn.Module, linears: dict, stats: dict, batches: list) -> None:
+    """Feed each observed linear's inputs to its statistic, batch by batch. The layer's forward stops as
+    soon as the last of them has received its input: what would follow (that linear itself and the rest
+    of the layer) is not needed here, so e.g. q/k/v's group costs only the input norm, not the layer."""
+    seen = set()
+
+    def feeder(name):
+        def hook(module, inputs):  # a pre-hook: the input, before the linear runs
+            x = inputs[0]
+            stats[name].add(x.reshape(-1, x.shape[-1]))
+            seen.add(name)
+            if len(seen) == len(stats):
+                raise _GroupSeen
+
+        return hook
+
+    hooks = [linears[name].register_forward_pre_hook(feeder(name)) for name in stats]
+    try:
+        for hidden, kwargs in batches:
+            seen.clear()
+            try:
+                layer(hidden, **kwargs)
+            except _GroupSeen:
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # --- statistics of a linear layer's inputs -------------------------------------------------------

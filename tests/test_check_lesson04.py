@@ -79,7 +79,7 @@ def test_pack_int4(capsys):
 
 
 def quantlinear_bytes(out_features, in_features, bits, group_size):
-    groups = 1 if group_size is None else math.ceil(in_features / group_size)
+    groups = 1 if group_size is None else in_features // group_size
     return (math.ceil(out_features * in_features * bits / 8) + out_features * groups * 2
             + math.ceil(out_features * groups * bits / 8))
 
@@ -89,21 +89,21 @@ def test_quantlinear_bytes(capsys):
     assert capsys.readouterr().out.startswith("✓ quantlinear_bytes")
 
     def fp32_scales(o, i, b, g):
-        groups = 1 if g is None else math.ceil(i / g)
+        groups = 1 if g is None else i // g
         return math.ceil(o * i * b / 8) + o * groups * 4 + math.ceil(o * groups * b / 8)
 
     assert not check.lesson04.quantlinear_bytes(fp32_scales)
     assert "fp32" in capsys.readouterr().out
 
-    def floor_groups(o, i, b, g):
-        return quantlinear_bytes(o, i, b, None if g is None else g) if g is None or i % g == 0 else \
-            math.ceil(o * i * b / 8) + o * (i // g) * 2 + math.ceil(o * (i // g) * b / 8)
+    def zeros_in_bytes(o, i, b, g):  # one byte per zero point, not packed
+        groups = 1 if g is None else i // g
+        return math.ceil(o * i * b / 8) + o * groups * 2 + o * groups
 
-    assert not check.lesson04.quantlinear_bytes(floor_groups)
-    assert "short last group" in capsys.readouterr().out
+    assert not check.lesson04.quantlinear_bytes(zeros_in_bytes)
+    assert "bytes of a 1536x576 layer at 4 bits, group_size=64 is 483840" in capsys.readouterr().out
 
     def no_zeros(o, i, b, g):
-        groups = 1 if g is None else math.ceil(i / g)
+        groups = 1 if g is None else i // g
         return math.ceil(o * i * b / 8) + o * groups * 2
 
     assert not check.lesson04.quantlinear_bytes(no_zeros)

@@ -150,18 +150,27 @@ def test_granularities_and_sym():
     assert torch.allclose(scale[:, 0].float(), (2 * w.abs().amax(1) / 15).half().float())
 
 
-def test_short_last_group():
-    # group_size need not divide in_features (SmolLM2: 576 = 4.5 × 128): ceil(in / gs) groups, the
-    # last one shorter, as in the GPTQ reference code and AutoGPTQ.
+def test_group_size_must_divide_in_features():
+    # SmolLM2's 576 inputs are 4.5 × 128: g128 would leave a short last group; labkit refuses it, by name
     w = torch.randn(4, 80, generator=torch.Generator().manual_seed(6))
-    codes, scale, zero = formats.quantize(w, 4, group_size=32)
-    assert scale.shape == (4, 3) and codes.shape == (4, 80)
-    last = formats.quantize(w[:, 64:], 4)  # the short group alone, per channel: same grid and codes
-    assert torch.equal(scale[:, 2:], last[1]) and torch.equal(codes[:, 64:], last[0])
-    w_hat = formats.dequantize(codes, scale, zero, 32)
-    assert torch.equal(w_hat[:, :64], formats.fake_quantize(w[:, :64], 4, 32))
+    with pytest.raises(ValueError, match=r"group_size=32 does not divide in_features=80.*such as 16"):
+        formats.quantize(w, 4, group_size=32)
+    with pytest.raises(ValueError, match="group_size=32 does not divide in_features=80"):
+        gptq_quantize_weight(w, torch.eye(80), 4, 32)
+    with pytest.raises(ValueError, match="group_size=32 does not divide in_features=80"):
+        QuantLinear.from_linear(nn.Linear(80, 4), 4, group_size=32)
+    codes, scale, zero = formats.quantize(w, 4, group_size=16)
     with pytest.raises(ValueError, match="pass the group_size"):
         formats.dequantize(codes, scale, zero)
+    # a whole model: refused before any layer changes. The tiny model's attention and MLP inputs are 64 wide,
+    # down_proj's 160: g64 fits every layer but the last one quantized
+    model = fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for quantize_model in (lambda: rtn(model, 4, 64), lambda: gptq(model, torch.zeros(1, 8, dtype=torch.long), 4, 64)):
+        with pytest.raises(ValueError, match="group_size=64 does not divide in_features=160"):
+            quantize_model()
+        assert not quant_linears(model)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def offset_grid(bits=4, out=8, in_features=128, block=32, seed=0):
@@ -209,7 +218,7 @@ def test_nf4_fp4_and_fp8():
 # --- GPTQ on one layer --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits,group_size,blocksize", [(4, None, 128), (3, None, 16), (4, 16, 32), (3, 32, 24),
-                                                       (4, 40, 128)])  # 40: a short last group
+                                                       (4, 24, 40)])  # groups that straddle lazy blocks
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn_on_layer_error(bits, group_size, blocksize, act_order):
     g = torch.Generator().manual_seed(3)
@@ -223,10 +232,9 @@ def test_gptq_beats_rtn_on_layer_error(bits, group_size, blocksize, act_order):
     assert layer_error(W, Wq, X) < 0.8 * rtn_error
     # the returned pieces describe Wq exactly, also with act-order's unsorted g_idx
     assert torch.equal(formats.dequantize(codes, scales, zeros, g_idx=g_idx), Wq)
-    n_groups = 1 if group_size is None else math.ceil(96 / group_size)
+    n_groups = 1 if group_size is None else 96 // group_size
     assert scales.shape == zeros.shape == (48, n_groups) and g_idx.shape == (96,)
-    sizes = torch.bincount(torch.arange(96) // (group_size or 96))  # columns per group; the last may be short
-    assert torch.equal(torch.bincount(g_idx.long(), minlength=n_groups), sizes)
+    assert (torch.bincount(g_idx.long(), minlength=n_groups) == 96 // n_groups).all()  # equal groups
     if act_order and group_size:
         assert not torch.equal(g_idx.long(), torch.arange(96) // group_size)  # groups follow diag(H) order
 
@@ -247,7 +255,7 @@ def test_gptq_dead_columns_and_act_order_helps():
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("kw", [dict(group_size=None), dict(group_size=16), dict(group_size=16, float_offset=True),
-                                dict(group_size=32, sym=True), dict(group_size=24)])
+                                dict(group_size=32, sym=True), dict(group_size=8)])
 def test_quantlinear_forward_equals_dense(bits, kw):
     torch.manual_seed(5)
     linear = nn.Linear(64, 24, bias=True)
@@ -336,7 +344,7 @@ def test_save_load_quantized(tmp_path, calibration):
 
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("bits,kw", [(4, dict(group_size=32, sym=True)), (3, dict(group_size=32, act_order=True)),
-                                     (2, dict(group_size=None)), (4, dict(group_size=64, act_order=True))])
+                                     (2, dict(group_size=None)), (4, dict(group_size=16, act_order=True))])
 def test_gptq_layout_roundtrip(tmp_path, calibration, fmt, bits, kw):
     model = fresh()
     gptq(model, calibration, bits, **kw)
@@ -390,6 +398,10 @@ def test_bad_inputs():
         formats.quantize(torch.randn(64), 4)
     with pytest.raises(ValueError, match="contradict"):
         formats.quantize(w, 4, sym=True, float_offset=True)
+    model = fresh()
+    model.model.layers[0].post_attention_layernorm.weight.data[3] = float("nan")  # NaN into the MLP's inputs
+    with pytest.raises(ValueError, match=r"activations entering layers.0.mlp.up_proj hold non-finite"):
+        gptq(model, torch.randint(0, 256, (2, 8)), 4)
     with pytest.raises(ValueError, match=r"H must be a finite \[64, 64\]"):
         gptq_quantize_weight(w, torch.eye(32), 4)
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):

@@ -99,3 +99,29 @@ def test_layers_return_to_their_device_and_errors(tiny):
         walk.calibration_walk(model, CALIB + 1000, lambda n, lin: None, lambda i, layer, s: None)
     with pytest.raises(ValueError, match=r"\['mlp.nope'\] are not linears"):
         walk.calibration_walk(model, CALIB, lambda n, lin: Keep(), lambda i, layer, s: None, sequential=[["mlp.nope"]])
+
+
+def test_observation_stops_once_the_group_has_its_inputs(tiny):
+    # q/k/v's inputs need only the input norm: nothing after them runs while they are observed,
+    # and each statistic still receives every batch exactly once
+    model, _ = tiny
+    calls = {"o_proj": 0, "down_proj": 0}
+    layer0 = model.model.layers[0]
+    hooks = [layer0.self_attn.o_proj.register_forward_hook(lambda *a: calls.__setitem__("o_proj", calls["o_proj"] + 1)),
+             layer0.mlp.down_proj.register_forward_hook(lambda *a: calls.__setitem__("down_proj", calls["down_proj"] + 1))]
+    counts = {}
+
+    def update(i, layer, stats):
+        if i == 0:
+            counts.update({name: (len(s.xs), dict(calls)) for name, s in stats.items()})
+
+    try:
+        walk.calibration_walk(model, CALIB, lambda n, lin: Keep(), update, batch_size=2,
+                              sequential=[["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                          ["self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert counts["self_attn.q_proj"] == (3, {"o_proj": 0, "down_proj": 0})  # 3 batches of 2, 2, 1 samples
+    # the second group stops before down_proj runs: o_proj ran once per batch, down_proj never
+    assert counts["mlp.down_proj"] == (3, {"o_proj": 3, "down_proj": 0})

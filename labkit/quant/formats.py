@@ -13,18 +13,16 @@ Float-offset grid (GGUF's Q4_1, "scale + min"):
     exactly, while the integer-zero grid of the same size does not (its levels are shifted).
 
 One scale (and zero) per tensor, per output channel (row of W), or per group of `group_size`
-consecutive input columns. As in the GPTQ reference code and AutoGPTQ, group_size need not divide
-in_features: there are ceil(in / group_size) groups and the last one is shorter (SmolLM2's hidden
-size 576 is 4.5 groups of 128). Scales (and float offsets) are rounded to fp16 *before* the codes are
-computed (`scale_dtype`), because that is how they are stored: what the fake-quantized weights show
-is then exactly what a packed layer reproduces.
+consecutive input columns. group_size must divide in_features, so every group is alike and W reshapes
+to [out, n_groups, group_size]. (SmolLM2's hidden size 576 is 4.5 × 128, so its CPU profile uses g64;
+the GPTQ reference code would accept g128 there, with a short last group.) Scales (and float offsets)
+are rounded to fp16 *before* the codes are computed (`scale_dtype`), because that is how they are
+stored: what the fake-quantized weights show is then exactly what a packed layer reproduces.
 
 Shapes: w: [out_features, in_features]; codes: the same, uint8; scale, zero: [out, n_groups]
-(n_groups = 1 per channel, ceil(in / group_size) per group; [1, 1] per tensor).
+(n_groups = 1 per channel, in / group_size per group; [1, 1] per tensor).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -48,18 +46,24 @@ def check_weight(w, what: str = "w") -> None:
                          f"represent them. Find where they came from before quantizing.")
 
 
-def check_group_size(group_size) -> int | None:
-    """Normalise group_size: None or -1 (AutoGPTQ's spelling) -> None, one group per row; else a positive int."""
+def check_group_size(group_size, in_features: int | None = None) -> int | None:
+    """Normalise group_size: None or -1 (AutoGPTQ's spelling) -> None, one group per row; else a positive int
+    that divides in_features (when given), so that every group holds the same number of input columns."""
     if group_size is None or group_size == -1:
         return None
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size={group_size!r}: use None (or -1) for one scale per output channel, or a "
                          f"positive integer number of input columns per group (e.g. 32, 64, 128).")
+    if in_features is not None and in_features % group_size:
+        some = [g for g in (16, 32, 64, 96, 128, 192, 256) if in_features % g == 0]
+        raise ValueError(f"group_size={group_size} does not divide in_features={in_features}: every group must hold "
+                         f"the same number of input columns. Use None (or -1) for one scale per output channel, "
+                         f"or a divisor of {in_features}{' such as ' + ', '.join(map(str, some)) if some else ''}.")
     return group_size
 
 
 def n_groups(in_features: int, group_size: int | None) -> int:
-    return 1 if group_size is None else math.ceil(in_features / group_size)
+    return 1 if group_size is None else in_features // check_group_size(group_size, in_features)
 
 
 def group_index(in_features: int, group_size: int | None, device=None) -> torch.Tensor:
@@ -119,6 +123,16 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return q.clamp(0, maxq).to(torch.uint8)
 
 
+def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                  float_offset: bool = False) -> torch.Tensor:
+    """x rounded to the nearest level of the grid (scale, zero), in fp32: dequantize_codes(quantize_codes(...))
+    in one step, without the uint8 round trip (GPTQ does this once per column)."""
+    maxq = 2**bits - 1
+    if float_offset:
+        return scale * torch.round((x - zero) / scale).clamp(0, maxq) + zero
+    return scale * ((torch.round(x / scale) + zero).clamp(0, maxq) - zero)
+
+
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                      float_offset: bool = False) -> torch.Tensor:
     """ŵ from codes (broadcasting scale and zero), in fp32. Same operation order as GGUF's (d·q) + m."""
@@ -134,7 +148,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None = None, sym: boo
     """Round-to-nearest quantization of a weight matrix. Returns (codes, scale, zero).
 
     w: [out, in]. group_size: None (or -1) = one scale per output channel; an int = one per group
-    of that many consecutive input columns (the last group is shorter if it does not divide in).
+    of that many consecutive input columns (it must divide in).
     per_tensor=True: one scale for the whole matrix.
     Returns codes [out, in] uint8 in [0, 2^bits); scale, zero [out, n_groups] fp32 ([1, 1] per
     tensor). With float_offset, `zero` holds the float offset (ŵ = scale·q + offset).
@@ -142,7 +156,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None = None, sym: boo
     check_bits(bits)
     check_weight(w)
     out_features, in_features = w.shape
-    group_size = check_group_size(group_size)
+    group_size = check_group_size(group_size, in_features)
     if sym and float_offset:
         raise ValueError("sym=True and float_offset=True contradict each other: a float-offset grid is "
                          "asymmetric by construction.")
@@ -153,14 +167,11 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None = None, sym: boo
     elif group_size is None:
         rows = w
     else:
-        # A short last group is padded with copies of its own last column: its min and max do not change.
-        pad = n_groups(in_features, group_size) * group_size - in_features
-        padded = torch.cat([w, w[:, -1:].expand(-1, pad)], 1) if pad else w
-        rows = padded.reshape(-1, group_size)  # [out * n_groups, group_size], groups of one row are adjacent
+        rows = w.reshape(-1, group_size)  # [out * n_groups, group_size], groups of one row are adjacent
     scale, zero = find_params(rows, bits, sym, float_offset, scale_dtype)
     codes = quantize_codes(rows, scale[:, None], zero[:, None], bits, float_offset)
     n_rows = 1 if per_tensor else out_features
-    codes = codes.reshape(out_features, -1)[:, :in_features]
+    codes = codes.reshape(out_features, in_features)
     return codes, scale.reshape(n_rows, -1), zero.reshape(n_rows, -1)
 
 
@@ -175,15 +186,13 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     out_features, in_features = codes.shape
     groups = scale.shape[1]
     if g_idx is None and groups > 1:
-        group_size = check_group_size(group_size)
+        group_size = check_group_size(group_size, in_features)
         if group_size is None or n_groups(in_features, group_size) != groups:
             raise ValueError(f"scale has {groups} groups per row for in_features={in_features}: pass the "
                              f"group_size it was made with (got {group_size}), or g_idx.")
-        if in_features % group_size == 0:  # fast path: broadcast over [out, n_groups, group_size]
-            q = codes.reshape(out_features, groups, group_size)
-            w = dequantize_codes(q, scale[..., None], zero[..., None], float_offset)
-            return w.reshape(out_features, in_features).to(dtype)
-        g_idx = group_index(in_features, group_size, codes.device)
+        q = codes.reshape(out_features, groups, group_size)  # broadcast over [out, n_groups, group_size]
+        w = dequantize_codes(q, scale[..., None], zero[..., None], float_offset)
+        return w.reshape(out_features, in_features).to(dtype)
     if g_idx is not None:
         w = dequantize_codes(codes, scale[:, g_idx.long()], zero[:, g_idx.long()], float_offset)
     else:  # one group per row, or per tensor: broadcast [out or 1, 1]

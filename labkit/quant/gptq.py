@@ -22,9 +22,9 @@ import time
 import torch
 
 from .. import walk
-from .formats import (check_bits, check_group_size, check_weight, dequantize_codes, find_params, group_index,
-                      quantize_codes)
-from .qlinear import QuantLinear, QuantReport, set_module
+from .formats import (check_bits, check_group_size, check_weight, find_params, group_index, quantize_codes,
+                      round_to_grid)
+from .qlinear import QuantLinear, QuantReport, check_model_settings, set_module
 
 # GPTQ's "true sequential" order inside a decoder layer: each group is quantized after the ones before
 # it, and is calibrated on the inputs that the already-quantized linears produce.
@@ -42,7 +42,8 @@ def _one_thread(device: torch.device):
     update of one block): splitting each across threads costs more in synchronisation than it gains,
     and when the cores are shared with other processes every split waits for a descheduled thread,
     which makes the loop many times slower. The few larger operations (Cholesky, the lazy batch
-    update) are small enough at these sizes that one thread loses little on them."""
+    update) are small enough at these sizes that one thread loses little on them, and one thread
+    everywhere gives the same bits whatever the number of cores."""
     if device.type != "cpu" or torch.get_num_threads() == 1:
         yield
         return
@@ -65,7 +66,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
 
     W: [out, in]; H: [in, in], the Hessian 2/n · X Xᵀ of the layer's inputs (walk.Hessian.H).
     Wq: [out, in] in W's dtype (the dequantized result); codes: [out, in] uint8;
-    scales, zeros: [out, n_groups] fp32 (1 per channel, else ceil(in / group_size)); g_idx: [in] int32, the
+    scales, zeros: [out, n_groups] fp32 (1 per channel, else in / group_size); g_idx: [in] int32, the
     group of each input column (with act-order, groups follow the processing order: g_idx is not sorted).
     """
     with _one_thread(W.device):
@@ -79,7 +80,7 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
                          "on the grid.")
     check_weight(W, "W")
     rows, columns = W.shape
-    group_size = check_group_size(group_size)
+    group_size = check_group_size(group_size, columns)
     if H.shape != (columns, columns) or not torch.isfinite(H).all():
         raise ValueError(f"H must be a finite [{columns}, {columns}] matrix (in_features of W); "
                          f"got {tuple(H.shape)}{'' if torch.isfinite(H).all() else ' with non-finite values'}.")
@@ -87,24 +88,24 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
         raise ValueError(f"blocksize={blocksize} must be positive and percdamp={percdamp} non-negative.")
     dtype = W.dtype
     W = W.float().clone()
-    H = H.to(W.device, torch.float32).clone()
+    H = H.to(W.device, torch.float32)
     pruned = W == 0 if keep_zeros else None  # [out, in]: positions that must stay exactly 0
 
-    dead = torch.diag(H) == 0  # inputs that are always 0: any weight works there; quantize it as 0
-    H[dead, dead] = 1
+    diag = torch.diag(H).clone()
+    dead = diag == 0  # inputs that are always 0: any weight works there; quantize it as 0
+    diag[dead] = 1  # (inverse_hessian_cholesky gives them H_jj = 1)
     W[:, dead] = 0
     if group_size is None:  # one grid per row, from the whole (original) row
         scale, zero = find_params(W, bits, sym, float_offset)
 
     perm = None
     if act_order:  # "act-order": quantize columns with large activations first, while many remain to fix
-        perm = torch.argsort(torch.diag(H), descending=True)
+        perm = torch.argsort(diag, descending=True)
         W, H = W[:, perm], H[perm][:, perm]
         if pruned is not None:
             pruned = pruned[:, perm]
 
     Q = torch.zeros_like(W)
-    codes = torch.zeros(rows, columns, dtype=torch.uint8, device=W.device)
     Losses = torch.zeros_like(W)
     scales, zeros = [], []
 
@@ -139,12 +140,10 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
                 scale, zero = find_params(cols, bits, sym, float_offset)
                 scales.append(scale)
                 zeros.append(zero)
-            c = quantize_codes(w[:, None], scale[:, None], zero[:, None], bits, float_offset)[:, 0]
-            if pruned is not None:  # the grid's exact zero is the integer zero point itself (0 ∈ [min, max])
-                c = torch.where(pruned[:, i1 + i], zero.round().clamp(0, 2**bits - 1).to(c.dtype), c)
-            q = dequantize_codes(c, scale, zero, float_offset)  # Alg. 1: Q_{:,j} ← quant(W_{:,j})
+            q = round_to_grid(w, scale, zero, bits, float_offset)  # Alg. 1: Q_{:,j} ← quant(W_{:,j})
+            if pruned is not None:  # the integer zero point is the grid's exact 0
+                q = torch.where(pruned[:, i1 + i], 0.0, q)
             Q1[:, i] = q
-            codes[:, i1 + i] = c
             Losses1[:, i] = (w - q) ** 2 / d**2
             err1 = (w - q) / d  # Alg. 1: E_{:,j−i} ← (W_{:,j} − Q_{:,j}) / [H⁻¹]_jj
             # Alg. 1: W_{:,j:(i+B)} −= E_{:,j−i} · H⁻¹_{j,j:(i+B)}  (eq. 2's update, inside the block)
@@ -158,11 +157,15 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
 
     if group_size is None:
         scales, zeros = [scale], [zero]
+    scales, zeros = torch.stack(scales, 1), torch.stack(zeros, 1)
     g_idx = group_index(columns, group_size, W.device)  # in processing order
+    # Q lies on the grid, so quantizing it again returns the codes it came from exactly (|Q / scale| ≤ 255:
+    # fp32 round-off is far below the 0.5 that would move a code); one vectorized pass instead of one per column
+    codes = quantize_codes(Q, scales[:, g_idx], zeros[:, g_idx], bits, float_offset)
     if perm is not None:  # undo the permutation: back to the original column order
         invperm = torch.argsort(perm)
         Q, codes, g_idx = Q[:, invperm], codes[:, invperm], g_idx[invperm]
-    return Q.to(dtype), codes, torch.stack(scales, 1), torch.stack(zeros, 1), g_idx, Losses.sum().item()
+    return Q.to(dtype), codes, scales, zeros, g_idx, Losses.sum().item()
 
 
 @torch.no_grad()
@@ -180,6 +183,7 @@ def gptq(model, calibration: torch.Tensor, bits: int, group_size: int | None = N
     already-quantized ones produce (the GPTQ code's default). Returns a QuantReport whose `errors`
     hold each linear's GPTQ loss estimate Σ_q (w_q − quant(w_q))² / (2 [H_F⁻¹]_qq), summed over rows.
     """
+    group_size = check_model_settings(model, bits, group_size)
     report = QuantReport("GPTQ", bits, group_size, sym, float_offset, act_order, packed=pack)
     start = time.perf_counter()
 
@@ -189,6 +193,10 @@ def gptq(model, calibration: torch.Tensor, bits: int, group_size: int | None = N
     def update(index, layer, stats):
         for name, hessian in stats.items():
             linear = layer.get_submodule(name)
+            if not torch.isfinite(hessian.xtx).all():
+                raise ValueError(f"the calibration activations entering layers.{index}.{name} hold non-finite values "
+                                 f"(NaN or inf): GPTQ needs finite inputs. Check the model in float first (its "
+                                 f"perplexity); layers before {index} are already quantized in place.")
             with _one_thread(linear.weight.device):
                 Wq, codes, scales, zeros, g_idx, loss = _gptq(linear.weight.data, hessian.H, bits, group_size, sym,
                                                               act_order, blocksize, percdamp, float_offset,

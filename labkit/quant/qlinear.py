@@ -2,7 +2,7 @@
 
 Stored (all buffers, so `.to(device)` and `state_dict()` carry them):
     qweight  uint8 [ceil(out·in·bits/8)]       codes of W, row-major, packed (labkit.quant.pack)
-    scales   fp16  [out, n_groups]               n_groups = ceil(in / group_size), 1 per channel
+    scales   fp16  [out, n_groups]               n_groups = in / group_size, 1 per channel
     qzeros   uint8 [ceil(out·n_groups·bits/8)]  integer zero points, packed like the codes
       or zeros fp16 [out, n_groups]              float offsets (float_offset=True, GGUF Q4_1-style)
     g_idx    int32 [in]                          group of each input column (act-order only)
@@ -21,7 +21,7 @@ from torch import nn
 from .formats import check_bits, check_group_size, dequantize, group_index, quantize
 from .formats import n_groups as groups_of
 from .pack import pack, packed_bytes, unpack
-from ..models import set_module  # noqa: F401  (re-exported: quant.qlinear.set_module)
+from ..models import decoder_layers, linear_layers, set_module  # noqa: F401  (set_module re-exported here)
 
 
 class QuantLinear(nn.Module):
@@ -30,7 +30,7 @@ class QuantLinear(nn.Module):
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         check_bits(bits)
-        group_size = check_group_size(group_size)
+        group_size = check_group_size(group_size, in_features)
         if act_order and group_size is None:
             act_order = False  # one group per row: the column order does not change any scale
         self.in_features, self.out_features = in_features, out_features
@@ -62,11 +62,11 @@ class QuantLinear(nn.Module):
                    group_size: int | None = None, *, sym: bool = False, float_offset: bool = False,
                    g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                    dtype: torch.dtype = torch.float32) -> QuantLinear:
-        """From codes [out, in] (uint8), scales and zeros [out, ceil(in / group_size)], optional g_idx [in].
+        """From codes [out, in] (uint8), scales and zeros [out, in / group_size], optional g_idx [in].
 
         g_idx equal to arange(in) // group_size (no act-order) is not stored."""
         out_features, in_features = codes.shape
-        group_size = check_group_size(group_size)
+        group_size = check_group_size(group_size, in_features)
         expected = (out_features, groups_of(in_features, group_size))
         if scales.shape != expected or zeros.shape != expected:
             raise ValueError(f"codes {tuple(codes.shape)} with group_size={group_size} need scales and zeros of shape "
@@ -144,6 +144,16 @@ class QuantLinear(nn.Module):
 
 
 # --- installing QuantLinears in a model ---------------------------------------------------------
+
+def check_model_settings(model: nn.Module, bits: int, group_size: int | None) -> int | None:
+    """Refuse bad settings before any layer changes: bits, and a group_size that must divide the in_features
+    of every decoder linear (576 and 1536 on SmolLM2: g128 fits the MLP's down_proj but not the attention)."""
+    check_bits(bits)
+    widths = sorted({m.in_features for layer in decoder_layers(model) for m in linear_layers(layer).values()})
+    for in_features in widths:
+        group_size = check_group_size(group_size, in_features)
+    return group_size
+
 
 def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -11,7 +11,7 @@ import torch
 
 from ..models import decoder_layers, linear_layers
 from .formats import dequantize, quantize
-from .qlinear import QuantLinear, QuantReport, set_module
+from .qlinear import QuantLinear, QuantReport, check_model_settings, set_module
 
 
 @torch.no_grad()
@@ -23,6 +23,7 @@ def rtn(model, bits: int, group_size: int | None = None, sym: bool = False, pack
     nn.Linear holding the fake-quantized float weights (same outputs, float storage).
     float_offset=True: GGUF Q4_1-style grid (scale + float minimum) instead of an integer zero point.
     """
+    group_size = check_model_settings(model, bits, group_size)
     report = QuantReport("RTN", bits, group_size, sym, float_offset, packed=pack)
     start = time.perf_counter()
     for index, layer in enumerate(decoder_layers(model)):
