@@ -55,7 +55,8 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
     (return_all=True: the list of every rank's result, by rank).
 
     backend: "gloo" (CPU tensors) or "nccl" (rank r uses cuda:r); default: nccl with several GPUs.
-    timeout: seconds for the whole run, start-up included; also the collectives' own timeout.
+    timeout: seconds for the whole run, start-up included. The collectives' own timeout is a few seconds
+        longer, so that a hang is reported here, naming the ranks that had not finished.
     threads_per_rank: torch threads in each rank (ranks share the machine's cores).
     Results cross the process boundary as plain data: tensors travel as NumPy arrays (copied, so
     a rank may exit as soon as it has reported) and come back as tensors.
@@ -75,18 +76,23 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
     reports = ctx.Queue()
     address = f"tcp://127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_rank_main, daemon=True, name=f"labkit-rank-{rank}",
-                         args=(fn, rank, world_size, args, address, backend, timeout, threads_per_rank,
-                               return_all or rank == 0, reports))
+                         args=(fn, rank, world_size, args, address, backend, timeout + COLLECTIVE_GRACE,
+                               threads_per_rank, return_all or rank == 0, reports))
              for rank in range(world_size)]
+    deadline = time.monotonic() + timeout  # before any rank starts: no rank's collective can outlast it
     for p in procs:
         p.start()
     try:
-        results = _collect(procs, reports, world_size, time.monotonic() + timeout, timeout)
+        results = _collect(procs, reports, world_size, deadline, timeout)
         return results if return_all else results[0]
     finally:
         _stop(procs)
         reports.close()
         reports.join_thread()
+
+
+# Seconds the collectives wait beyond the run's timeout: the launcher's own deadline comes first.
+COLLECTIVE_GRACE = 5.0
 
 
 def _check_importable(fn) -> None:
