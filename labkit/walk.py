@@ -25,7 +25,7 @@ from .models import check_llama, linear_layers
 
 
 class _Stop(Exception):
-    pass
+    """Ends a forward pass early, once what it was run for has been recorded."""
 
 
 class _Catcher(nn.Module):
@@ -155,10 +155,6 @@ def calibration_walk(
     return results
 
 
-class _GroupSeen(Exception):
-    """Raised once every observed linear of a group has received its input for the current batch."""
-
-
 def _observe(layer: nn.Module, linears: dict, stats: dict, batches: list) -> None:
     """Feed each observed linear's inputs to its statistic, batch by batch. The layer's forward stops as
     soon as the last of them has received its input: what would follow (that linear itself and the rest
@@ -170,8 +166,8 @@ def _observe(layer: nn.Module, linears: dict, stats: dict, batches: list) -> Non
             x = inputs[0]
             stats[name].add(x.reshape(-1, x.shape[-1]))
             seen.add(name)
-            if len(seen) == len(stats):
-                raise _GroupSeen
+            if len(seen) == len(stats):  # every observed linear of the group has this batch's input
+                raise _Stop
 
         return hook
 
@@ -181,7 +177,7 @@ def _observe(layer: nn.Module, linears: dict, stats: dict, batches: list) -> Non
             seen.clear()
             try:
                 layer(hidden, **kwargs)
-            except _GroupSeen:
+            except _Stop:
                 pass
     finally:
         for hook in hooks:
