@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 LABKIT_DATA_DIR ?= $(if $(wildcard ../shared/data/wikitext-2-raw),$(abspath ../shared/data),)
 export LABKIT_DATA_DIR
 
-.PHONY: course test book lab clean
+.PHONY: course test lint book lab clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ course: $(VENV)/.installed  ## execute every lesson in order (CPU profile here) 
 
 test: $(VENV)/.installed  ## unit tests, the real-model integration test, and nbval over every lesson
 	$(PY) -m pytest
+
+lint: $(VENV)/.installed  ## ruff: lint and format check (CI runs it before the tests)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 book: $(VENV)/.installed  ## build the Jupyter Book from the stored outputs into book/_build/html (offline-readable)
 	$(PY) book/toc.py

@@ -48,6 +48,7 @@ Pass criteria printed per setting (the issue's): labkit's mean perplexity within
 (or lower), and labkit's total quantization time at most the reference's. Timings on a shared machine
 are noisy: run it on a quiet one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,14 +56,13 @@ import math
 import time
 
 import torch
-from torch import nn
-
 from reference_walk import catch_layer0_inputs  # this folder
+from torch import nn
 
 from labkit import data, evaluate, models, profiles, quant
 
-
 # --- the reference (paper, Algorithm 1) -------------------------------------------------------------
+
 
 def quantize(x, scale, zero, maxq):
     q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
@@ -161,9 +161,9 @@ class GPTQ:
                     # the group's grid from its current (updated) weights: this block's part from W1,
                     # the part beyond the block from W plus this block's pending lazy update
                     end = min(i1 + i + groupsize, self.columns)
-                    group = W1[:, i:i + groupsize]
+                    group = W1[:, i : i + groupsize]
                     if end > i2:
-                        group = torch.cat([W1[:, i:], W[:, i2:end] - Err1[:, :i].matmul(Hinv[i1:i1 + i, i2:end])], 1)
+                        group = torch.cat([W1[:, i:], W[:, i2:end] - Err1[:, :i].matmul(Hinv[i1 : i1 + i, i2:end])], 1)
                     self.quantizer.find_params(group, weight=True)
                 q = quantize(w.unsqueeze(1), self.quantizer.scale, self.quantizer.zero, self.quantizer.maxq).flatten()
                 Q1[:, i] = q
@@ -197,8 +197,9 @@ def find_layers(module):
 
 
 @torch.no_grad()
-def llama_sequential(model, calibration, dev, wbits, groupsize=-1, act_order=False, sym=False, percdamp=0.01,
-                     fp16_scales=False):
+def llama_sequential(
+    model, calibration, dev, wbits, groupsize=-1, act_order=False, sym=False, percdamp=0.01, fp16_scales=False
+):
     """Quantize every decoder linear, layer by layer, each layer on the outputs of the quantized ones."""
     layers = model.model.layers
     inps, cache = catch_layer0_inputs(model, calibration, dev)
@@ -217,6 +218,7 @@ def llama_sequential(model, calibration, dev, wbits, groupsize=-1, act_order=Fal
             def add_batch(name):
                 def tmp(_, inp, out):
                     gptq[name].add_batch(inp[0].data, out.data)
+
                 return tmp
 
             handles = [subset[name].register_forward_hook(add_batch(name)) for name in subset]
@@ -233,6 +235,7 @@ def llama_sequential(model, calibration, dev, wbits, groupsize=-1, act_order=Fal
 
 
 # --- the comparison -----------------------------------------------------------------------------------
+
 
 def run(P, test_ids, calib, bits, group, act_order, which, fp16_scales=False):
     model, _ = models.load(P.model, device=P.device, dtype=P.dtype)
@@ -271,8 +274,10 @@ def smoke() -> None:
         ref.fasterquant(groupsize=gs or -1, actorder=act)
         ours = quant.gptq_quantize_weight(W, H, bits, gs, act_order=act)[0]
         same = torch.equal(ours, linear.weight.data)
-        print(f"one layer W{bits} {'g%d' % gs if gs else 'per-channel'}{' act-order' if act else ''}: "
-              f"labkit == reference: {same}")
+        print(
+            f"one layer W{bits} {'g%d' % gs if gs else 'per-channel'}{' act-order' if act else ''}: "
+            f"labkit == reference: {same}"
+        )
         assert same, "labkit and the reference disagree on the same layer and Hessian"
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     a = models.load("tiny-llama-random", device="cpu")[0]
@@ -287,11 +292,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default="w4,w4g,w3g", help="comma list of w4 (per channel), w4g, w3g (grouped)")
     parser.add_argument("--act-order", default="off,on", help="off, on, or off,on")
-    parser.add_argument("--fp16-scales", action="store_true",
-                        help="the reference rounds its scales to fp16 as labkit stores them (default: fp32, as the "
-                             "authors' code keeps them)")
-    parser.add_argument("--seeds", default="0", help="calibration seeds, e.g. 0,1,2: one draw of calibration samples "
-                        "each; the criteria are checked on the means")
+    parser.add_argument(
+        "--fp16-scales",
+        action="store_true",
+        help="the reference rounds its scales to fp16 as labkit stores them (default: fp32, as the "
+        "authors' code keeps them)",
+    )
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="calibration seeds, e.g. 0,1,2: one draw of calibration samples "
+        "each; the criteria are checked on the means",
+    )
     parser.add_argument("--smoke", action="store_true", help="only check agreement on the tiny random model (seconds)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -312,15 +324,21 @@ def main(argv=None):
         raise SystemExit(f"--seeds={args.seeds!r}: use comma-separated integers, e.g. 0,1,2.")
 
     torch.manual_seed(0)
-    model, tokenizer = models.load(P.model, device=P.device, dtype=P.dtype)  # fills the pristine copy; later loads copy it
+    model, tokenizer = models.load(
+        P.model, device=P.device, dtype=P.dtype
+    )  # fills the pristine copy; later loads copy it
     del model
     test_ids = data.test_tokens(tokenizer)
     calibs = {seed: data.calibration(tokenizer, P.calib_samples, P.seqlen, seed=seed) for seed in seeds}
-    print(f"{P.name} profile: {P.model}, {P.calib_samples} calibration samples of {P.seqlen} tokens (seeds {seeds}), "
-          f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; {torch.get_num_threads()} threads; "
-          f"reference scales in {'fp16' if args.fp16_scales else 'fp32'}")
-    print(f"{'setting':<22} {'seed':>6} {'ppl labkit':>10} {'ppl ref':>9} {'diff':>7} {'labkit s':>9} {'ref s':>8}  "
-          f"within 1%  as fast")
+    print(
+        f"{P.name} profile: {P.model}, {P.calib_samples} calibration samples of {P.seqlen} tokens (seeds {seeds}), "
+        f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; {torch.get_num_threads()} threads; "
+        f"reference scales in {'fp16' if args.fp16_scales else 'fp32'}"
+    )
+    print(
+        f"{'setting':<22} {'seed':>6} {'ppl labkit':>10} {'ppl ref':>9} {'diff':>7} {'labkit s':>9} {'ref s':>8}  "
+        f"within 1%  as fast"
+    )
     all_ok = True
     for key in args.settings.split(","):
         bits, gs = table[key]
@@ -333,16 +351,22 @@ def main(argv=None):
                 ppl_r, sec_r = run(P, test_ids, calibs[seed], bits, gs, act, "reference", args.fp16_scales)
                 runs.append((ppl_l, ppl_r, sec_l, sec_r))
                 if len(seeds) > 1:
-                    print(f"{name:<22} {seed:>6} {ppl_l:10.3f} {ppl_r:9.3f} {ppl_l / ppl_r - 1:+7.2%} {sec_l:9.1f} "
-                          f"{sec_r:8.1f}", flush=True)
+                    print(
+                        f"{name:<22} {seed:>6} {ppl_l:10.3f} {ppl_r:9.3f} {ppl_l / ppl_r - 1:+7.2%} {sec_l:9.1f} "
+                        f"{sec_r:8.1f}",
+                        flush=True,
+                    )
             ppl_l, ppl_r = (sum(r[i] for r in runs) / len(runs) for i in (0, 1))
             sec_l, sec_r = (sum(r[i] for r in runs) for i in (2, 3))
             diff = ppl_l / ppl_r - 1
             close, fast = diff <= 0.01, sec_l <= sec_r
             all_ok &= close and fast
             label = "mean" if len(seeds) > 1 else str(seeds[0])
-            print(f"{name:<22} {label:>6} {ppl_l:10.3f} {ppl_r:9.3f} {diff:+7.2%} {sec_l:9.1f} {sec_r:8.1f}  "
-                  f"{'yes' if close else 'NO':>9}  {'yes' if fast else 'NO':>7}", flush=True)
+            print(
+                f"{name:<22} {label:>6} {ppl_l:10.3f} {ppl_r:9.3f} {diff:+7.2%} {sec_l:9.1f} {sec_r:8.1f}  "
+                f"{'yes' if close else 'NO':>9}  {'yes' if fast else 'NO':>7}",
+                flush=True,
+            )
     print("all settings pass" if all_ok else "some settings do not pass (see above)")
 
 

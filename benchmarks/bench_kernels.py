@@ -24,6 +24,7 @@ random weights (no download; speed does not depend on the values), fp16. Timed a
 against the bandwidth limit: (weight bytes + KV-cache bytes read) / peak bandwidth. The paged step's
 logits are checked against transformers' for the same token and cache before it is timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,13 @@ import sys
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first kernel launch
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from labkit import kernels as K  # noqa: E402
-from labkit.kernels import llama as fused_llama  # noqa: E402
-from labkit.kernels import roofline  # noqa: E402
+from labkit import kernels as K
+from labkit.kernels import llama as fused_llama
+from labkit.kernels import roofline
 
 LLAMA_7B = dict(hidden=4096, heads=32, kv_heads=32, inter=11008, vocab=32000)
 
@@ -85,7 +86,7 @@ def compiled(fn, enabled):
         return None
     try:
         return torch.compile(fn, dynamic=False)
-    except Exception as err:  # noqa: BLE001 -- a missing compiler toolchain is not fatal here
+    except Exception as err:
         print(f"  (torch.compile unavailable: {err})")
         return None
 
@@ -98,28 +99,41 @@ def compare(report, name, nbytes, device, triton_fn, eager_fn, compile_fn=None):
         try:
             compile_fn()  # compile outside the timing
             report.add(name, "torch.compile", bench_ms(compile_fn, device), nbytes, eager)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             print(f"  (torch.compile failed for {name}: {type(err).__name__}: {str(err)[:120]})")
     report.add(name, "triton", bench_ms(triton_fn, device), nbytes, eager)
 
 
 # --- the elementwise kernels --------------------------------------------------------------------------
 
+
 def bench_elementwise(report, device, dtype, tokens, hidden, inter, heads, head_dim, use_compile):
     nb = torch.tensor([], dtype=dtype).element_size()
     x = torch.randn(tokens, hidden, dtype=dtype, device=device)
     r, w = torch.randn_like(x), torch.ones(hidden, dtype=dtype, device=device)
     comp = compiled(K.rms_norm_torch, use_compile)
-    compare(report, f"rms_norm + residual [{tokens}x{hidden}]", 4 * x.numel() * nb, device,
-            lambda: K.rms_norm(x, w, 1e-6, residual=r, backend="triton"),
-            lambda: K.rms_norm_torch(x, w, 1e-6, r), comp and (lambda: comp(x, w, 1e-6, r)))
+    compare(
+        report,
+        f"rms_norm + residual [{tokens}x{hidden}]",
+        4 * x.numel() * nb,
+        device,
+        lambda: K.rms_norm(x, w, 1e-6, residual=r, backend="triton"),
+        lambda: K.rms_norm_torch(x, w, 1e-6, r),
+        comp and (lambda: comp(x, w, 1e-6, r)),
+    )
 
     gate_up = torch.randn(tokens, 2 * inter, dtype=dtype, device=device)
     eager = lambda: K.swiglu_torch(gate_up[:, :inter], gate_up[:, inter:])  # noqa: E731
     comp = compiled(K.swiglu_torch, use_compile)
-    compare(report, f"silu_and_mul [{tokens}x{2 * inter}]", 3 * tokens * inter * nb, device,
-            lambda: K.silu_and_mul(gate_up, backend="triton"), eager,
-            comp and (lambda: comp(gate_up[:, :inter], gate_up[:, inter:])))
+    compare(
+        report,
+        f"silu_and_mul [{tokens}x{2 * inter}]",
+        3 * tokens * inter * nb,
+        device,
+        lambda: K.silu_and_mul(gate_up, backend="triton"),
+        eager,
+        comp and (lambda: comp(gate_up[:, :inter], gate_up[:, inter:])),
+    )
 
     seq = max(1, tokens // 8)
     q = torch.randn(8, heads, seq, head_dim, dtype=dtype, device=device)
@@ -127,12 +141,19 @@ def bench_elementwise(report, device, dtype, tokens, hidden, inter, heads, head_
     cos = torch.cat([ang.cos()] * 2, -1).to(dtype)
     sin = torch.cat([ang.sin()] * 2, -1).to(dtype)
     comp = compiled(K.rotary_torch, use_compile)
-    compare(report, f"rotary [8x{heads}x{seq}x{head_dim}]", (2 * q.numel() + 2 * cos.numel()) * nb, device,
-            lambda: K.rotary(q, cos, sin, backend="triton"), lambda: K.rotary_torch(q, cos, sin),
-            comp and (lambda: comp(q, cos, sin)))
+    compare(
+        report,
+        f"rotary [8x{heads}x{seq}x{head_dim}]",
+        (2 * q.numel() + 2 * cos.numel()) * nb,
+        device,
+        lambda: K.rotary(q, cos, sin, backend="triton"),
+        lambda: K.rotary_torch(q, cos, sin),
+        comp and (lambda: comp(q, cos, sin)),
+    )
 
 
 # --- W4A16 ---------------------------------------------------------------------------------------------
+
 
 def random_w4(out_features, in_features, group_size, dtype, device):
     codes = torch.randint(0, 16, (out_features, in_features), device=device, dtype=torch.uint8)
@@ -144,7 +165,7 @@ def random_w4(out_features, in_features, group_size, dtype, device):
 
 def bench_w4a16(report, device, dtype, shapes, rows_list, group_size, use_compile):
     nb = torch.tensor([], dtype=dtype).element_size()
-    for (n, k) in shapes:
+    for n, k in shapes:
         qweight, scales, zeros = random_w4(n, k, group_size, dtype, device)
         dense = K.w4a16_dequantize(qweight, scales, zeros, group_size, dtype)  # [n, k]
         comp = compiled(K.w4a16_matmul_torch, use_compile)
@@ -154,16 +175,21 @@ def bench_w4a16(report, device, dtype, shapes, rows_list, group_size, use_compil
             name = f"w4a16 [{m}x{k}] @ [{k}x{n}]ᵀ g{group_size}"
             dense_ms = bench_ms(lambda: F.linear(x, dense), device)
             report.add(name, f"dense {str(dtype)[6:]}", dense_ms, n * k * nb + (m * k + m * n) * nb)
-            compare(report, name, w4_bytes, device,
-                    lambda: K.w4a16_matmul(x, qweight, scales, zeros, group_size, backend="triton"),
-                    lambda: K.w4a16_matmul_torch(x, qweight, scales, zeros, group_size),
-                    # torch.compile at decode size only: one compilation per weight shape
-                    comp and m == rows_list[0] and (lambda: comp(x, qweight, scales, zeros, group_size)))
-            print(f"  -> triton W4A16 vs dense {str(dtype)[6:]} matmul: "
-                  f"{dense_ms / report.rows[-1]['ms']:.2f}x")
+            compare(
+                report,
+                name,
+                w4_bytes,
+                device,
+                lambda: K.w4a16_matmul(x, qweight, scales, zeros, group_size, backend="triton"),
+                lambda: K.w4a16_matmul_torch(x, qweight, scales, zeros, group_size),
+                # torch.compile at decode size only: one compilation per weight shape
+                comp and m == rows_list[0] and (lambda: comp(x, qweight, scales, zeros, group_size)),
+            )
+            print(f"  -> triton W4A16 vs dense {str(dtype)[6:]} matmul: {dense_ms / report.rows[-1]['ms']:.2f}x")
 
 
 # --- paged attention -------------------------------------------------------------------------------------
+
 
 def make_paged(batch, ctx, heads, kv_heads, head_dim, block_size, dtype, device):
     per_seq = math.ceil(ctx / block_size)
@@ -192,19 +218,34 @@ def bench_paged_attention(report, device, dtype, configs, block_size):
         if batch * ctx <= 64 * 1024:  # the reference loops over sequences in Python: keep it short
             ref_ms = bench_ms(lambda: K.paged_attention_decode_torch(q, k, v, tables, lens), device, rep_ms=50)
             report.add(name, "torch ref", ref_ms, nbytes)
-        report.add(name, "triton", bench_ms(lambda: K.paged_attention_decode(
-            q, k, v, tables, lens, backend="triton", check_values=False), device), nbytes, sdpa_ms)
+        report.add(
+            name,
+            "triton",
+            bench_ms(
+                lambda: K.paged_attention_decode(q, k, v, tables, lens, backend="triton", check_values=False), device
+            ),
+            nbytes,
+            sdpa_ms,
+        )
 
 
 # --- one decode step of a LLaMA-7B-shaped model ----------------------------------------------------------
+
 
 def build_model(cfg, layers, dtype, device, seed=0):
     """transformers' LlamaForCausalLM from a config, randomly initialised straight on `device` in `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["inter"], num_hidden_layers=layers,
-                         num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
-                         vocab_size=cfg["vocab"], max_position_embeddings=4096, rms_norm_eps=1e-6)
+    config = LlamaConfig(
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["inter"],
+        num_hidden_layers=layers,
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["kv_heads"],
+        vocab_size=cfg["vocab"],
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+    )
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in fp16: no fp32 copy of 7B weights on the way
@@ -247,11 +288,23 @@ def decode_weights(model):
     layers = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        layers.append(dict(qkv=_merge([attn.q_proj, attn.k_proj, attn.v_proj]), o=_weights(attn.o_proj),
-                           gate_up=_merge([mlp.gate_proj, mlp.up_proj]), down=_weights(mlp.down_proj),
-                           ln1=layer.input_layernorm.weight.data, ln2=layer.post_attention_layernorm.weight.data))
-    return dict(layers=layers, embed=model.model.embed_tokens.weight.data, norm=model.model.norm.weight.data,
-                lm_head=model.lm_head.weight.data, eps=model.config.rms_norm_eps)
+        layers.append(
+            dict(
+                qkv=_merge([attn.q_proj, attn.k_proj, attn.v_proj]),
+                o=_weights(attn.o_proj),
+                gate_up=_merge([mlp.gate_proj, mlp.up_proj]),
+                down=_weights(mlp.down_proj),
+                ln1=layer.input_layernorm.weight.data,
+                ln2=layer.post_attention_layernorm.weight.data,
+            )
+        )
+    return dict(
+        layers=layers,
+        embed=model.model.embed_tokens.weight.data,
+        norm=model.model.norm.weight.data,
+        lm_head=model.lm_head.weight.data,
+        eps=model.config.rms_norm_eps,
+    )
 
 
 def weight_bytes_read(parts, batch):
@@ -337,7 +390,9 @@ def paged_from(saved, batch, ctx, block_size, device):
         pools = []
         for t in (keys, values):
             pool = torch.zeros(batch * per_seq, block_size, kv_heads, head_dim, dtype=t.dtype, device=device)
-            pool.view(-1, kv_heads, head_dim)[slot_of[:, :ctx].reshape(-1)] = t.transpose(1, 2).reshape(-1, kv_heads, head_dim)
+            pool.view(-1, kv_heads, head_dim)[slot_of[:, :ctx].reshape(-1)] = t.transpose(1, 2).reshape(
+                -1, kv_heads, head_dim
+            )
             pools.append(pool)
         caches.append(tuple(pools))
     lens = torch.full((batch,), ctx + 1, dtype=torch.int32, device=device)
@@ -377,8 +432,13 @@ def bench_decode(report, device, dtype, layers, batch, ctx, cfg, group_size, blo
                 report.add(name, "transformers", baseline, nbytes)
                 fused_llama.fuse(model, backend=backend)  # fused RMSNorm + residual and SwiGLU
             fused_ref = hf_step().float()
-            report.add(name, "transformers+triton w4a16" if quant else "transformers+triton fused",
-                       bench_ms(hf_step, device, rep_ms=300), nbytes, baseline)
+            report.add(
+                name,
+                "transformers+triton w4a16" if quant else "transformers+triton fused",
+                bench_ms(hf_step, device, rep_ms=300),
+                nbytes,
+                baseline,
+            )
             note = "" if quant else f"; fused vs plain transformers: {(fused_ref - reference).abs().max().item():.3g}"
 
             def step():
@@ -387,11 +447,15 @@ def bench_decode(report, device, dtype, layers, batch, ctx, cfg, group_size, blo
             logits = step().float()
             scale = fused_ref.abs().max().item()
             diff = (logits - fused_ref).abs().max().item()
-            print(f"  -> logits of the paged step vs transformers' (same weights): max |diff| {diff:.3g}, "
-                  f"logits up to {scale:.3g}{note}")
+            print(
+                f"  -> logits of the paged step vs transformers' (same weights): max |diff| {diff:.3g}, "
+                f"logits up to {scale:.3g}{note}"
+            )
             if not diff <= 0.05 * scale + 1e-3:
-                raise AssertionError(f"{name}: the paged decode step disagrees with transformers "
-                                     f"(max |diff| {diff:.3g}, logits up to {scale:.3g})")
+                raise AssertionError(
+                    f"{name}: the paged decode step disagrees with transformers "
+                    f"(max |diff| {diff:.3g}, logits up to {scale:.3g})"
+                )
             ms = bench_ms(step, device, rep_ms=300)
             report.add(name, "triton paged", ms, nbytes, baseline)
             if cuda_graph and device.type == "cuda":
@@ -406,11 +470,14 @@ def bench_decode(report, device, dtype, layers, batch, ctx, cfg, group_size, blo
                         step()
                     report.add(name, "triton paged+graph", bench_ms(graph.replay, device, rep_ms=300), nbytes, baseline)
                     del graph
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     print(f"  (CUDA graph capture failed: {type(err).__name__}: {str(err)[:160]})")
         limit = f"{nbytes / (peak * 1e9) * 1e3:.3f} ms at {peak:.0f} GB/s" if peak else "n/a (no peak known)"
-        print(f"  -> reads {w_bytes / 1e9:.3f} GB of weights + {kv_bytes / 1e9:.3f} GB of KV cache per step; "
-              f"bandwidth limit {limit}", flush=True)
+        print(
+            f"  -> reads {w_bytes / 1e9:.3f} GB of weights + {kv_bytes / 1e9:.3f} GB of KV cache per step; "
+            f"bandwidth limit {limit}",
+            flush=True,
+        )
         del parts
     del model, cache, saved, caches
     if device.type == "cuda":
@@ -434,8 +501,10 @@ def main(argv=None):
             sys.exit("--smoke needs TRITON_INTERPRET=1 before the first kernel launch (the script sets it).")
     else:
         if not torch.cuda.is_available():
-            sys.exit("bench_kernels.py measures GPU memory bandwidth and needs a CUDA GPU (none found). "
-                     "Run it on a CUDA machine, or pass --smoke to check the script on CPU.")
+            sys.exit(
+                "bench_kernels.py measures GPU memory bandwidth and needs a CUDA GPU (none found). "
+                "Run it on a CUDA machine, or pass --smoke to check the script on CPU."
+            )
         device = torch.device("cuda")
         dtype = getattr(torch, args.dtype)
     if not K.triton_available():
@@ -444,8 +513,10 @@ def main(argv=None):
     gpu, copy = peak_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter smoke test)"
     peak = gpu.bandwidth_gbps if gpu else None
-    print(f"device: {name}; peak {peak or 'unknown'} GB/s (datasheet), device copy {copy:.0f} GB/s (measured); "
-          f"% peak below is of the {'datasheet peak' if peak else 'measured copy'}. torch {torch.__version__}")
+    print(
+        f"device: {name}; peak {peak or 'unknown'} GB/s (datasheet), device copy {copy:.0f} GB/s (measured); "
+        f"% peak below is of the {'datasheet peak' if peak else 'measured copy'}. torch {torch.__version__}"
+    )
     report = Report(peak, copy)
     use_compile = not args.no_compile and not args.smoke
     if use_compile:  # one compiled graph per shape: allow more than the default 8 recompilations
@@ -479,10 +550,12 @@ def main(argv=None):
     if layers * per_layer + head > 0.8 * free:
         layers = max(1, int((0.8 * free - head) // per_layer))
         print(f"  (decode model reduced to {layers} layers to fit in {free / 1e9:.1f} GB free)")
-    for batch, ctx in ([(1, 512), (16, 512)] if args.quick else [(1, 512), (1, 2048), (16, 512), (32, 1024)]):
+    for batch, ctx in [(1, 512), (16, 512)] if args.quick else [(1, 512), (1, 2048), (16, 512), (32, 1024)]:
         kv = 3 * layers * 2 * batch * (ctx + 1) * 4096 * 2  # transformers' cache, its copy, and the paged pools
         if layers * per_layer + head + kv > 0.8 * free:
-            print(f"  (skipping decode b{batch} ctx{ctx}: {(layers * per_layer + head + kv) / 1e9:.1f} GB does not fit)")
+            print(
+                f"  (skipping decode b{batch} ctx{ctx}: {(layers * per_layer + head + kv) / 1e9:.1f} GB does not fit)"
+            )
             continue
         bench_decode(report, device, dtype, layers, batch, ctx, LLAMA_7B, 128, 16, not args.no_graph, backend="auto")
     return report

@@ -23,20 +23,20 @@ Pass criteria printed per setting (the issue's): labkit's perplexity within 1% o
 (or lower), and, for SparseGPT, labkit's pruning time at most the reference's. Timings on a shared
 machine are noisy: run it on a quiet one.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
 import torch
-from torch import nn
-
 from reference_walk import catch_layer0_inputs  # this folder
+from torch import nn
 
 from labkit import data, evaluate, models, profiles, prune
 
-
 # --- the references -----------------------------------------------------------------------------------
+
 
 class SparseGPT:
     """One linear layer: H accumulated from its inputs, then Algorithm 1 of the SparseGPT paper."""
@@ -84,7 +84,7 @@ class SparseGPT:
                 w = W1[:, i]
                 d = Hinv1[i, i]
                 if prunen != 0 and i % prunem == 0:  # N:M: choose the group's pruned weights on reaching it
-                    tmp = W1[:, i:i + prunem] ** 2 / torch.diag(Hinv1)[i:i + prunem].reshape(1, -1) ** 2
+                    tmp = W1[:, i : i + prunem] ** 2 / torch.diag(Hinv1)[i : i + prunem].reshape(1, -1) ** 2
                     mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
                 q = w.clone()
                 q[mask1[:, i]] = 0
@@ -117,10 +117,10 @@ class Wanda:
         mask = torch.zeros_like(W_metric, dtype=torch.bool)
         if prunen != 0:
             for ii in range(0, W_metric.shape[1], prunem):
-                tmp = W_metric[:, ii:ii + prunem]
+                tmp = W_metric[:, ii : ii + prunem]
                 mask.scatter_(1, ii + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
         else:  # per output row (the paper's comparison group)
-            indices = torch.sort(W_metric, dim=-1, stable=True)[1][:, :int(W_metric.shape[1] * sparsity)]
+            indices = torch.sort(W_metric, dim=-1, stable=True)[1][:, : int(W_metric.shape[1] * sparsity)]
             mask.scatter_(1, indices, True)
         W[mask] = 0
 
@@ -134,8 +134,10 @@ def reference_prune(model, calibration, dev, method, sparsity, prunen=0, prunem=
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         pruners = {n: (SparseGPT if method == "sparsegpt" else Wanda)(m) for n, m in linears.items()}
-        handles = [m.register_forward_hook(lambda mod, inp, out, n=n: pruners[n].add_batch(inp[0].data))
-                   for n, m in linears.items()]
+        handles = [
+            m.register_forward_hook(lambda mod, inp, out, n=n: pruners[n].add_batch(inp[0].data))
+            for n, m in linears.items()
+        ]
         for j in range(len(inps)):
             layer(inps[j], **kwargs[j])
         for h in handles:
@@ -147,6 +149,7 @@ def reference_prune(model, calibration, dev, method, sparsity, prunen=0, prunem=
 
 
 # --- the comparison -----------------------------------------------------------------------------------
+
 
 def run(P, test_ids, calib, method, pattern, which):
     model, _ = models.load(P.model, device=P.device, dtype=P.dtype)
@@ -192,8 +195,10 @@ def smoke() -> None:
                 mine = W.masked_fill(prune.wanda_mask(W, norm, 0.5 if n == 0 else None, pattern), 0)  # True = pruned
             diff = (mine - linear.weight.data).abs().max().item()
             differ = int(((mine == 0) != (linear.weight.data == 0)).sum())
-            print(f"one layer, {Ref.__name__} {pattern}: masks differ in {differ} of {W.numel()} weights, "
-                  f"largest weight difference {diff:.1e}")
+            print(
+                f"one layer, {Ref.__name__} {pattern}: masks differ in {differ} of {W.numel()} weights, "
+                f"largest weight difference {diff:.1e}"
+            )
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     for method in ("wanda", "sparsegpt"):
         tiny = models.load("tiny-llama-random", device="cpu")[0]
@@ -205,16 +210,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="wanda,sparsegpt", help="wanda, sparsegpt, or both")
     parser.add_argument("--patterns", default="unstructured,2:4", help="unstructured (50%%), 2:4, or both")
-    parser.add_argument("--reversed", action="store_true",
-                        help="feed the calibration samples in reverse order: the same statistics up to round-off, "
-                             "to see how far round-off alone moves each implementation's perplexity")
+    parser.add_argument(
+        "--reversed",
+        action="store_true",
+        help="feed the calibration samples in reverse order: the same statistics up to round-off, "
+        "to see how far round-off alone moves each implementation's perplexity",
+    )
     parser.add_argument("--smoke", action="store_true", help="only compare one layer (seconds)")
     args = parser.parse_args(argv)
     if args.smoke:
         return smoke()
     methods, patterns = args.methods.split(","), args.patterns.split(",")
     if set(methods) - {"wanda", "sparsegpt"} or set(patterns) - {"unstructured", "2:4"}:
-        raise SystemExit(f"--methods {methods} / --patterns {patterns}: allowed are wanda, sparsegpt / unstructured, 2:4.")
+        raise SystemExit(
+            f"--methods {methods} / --patterns {patterns}: allowed are wanda, sparsegpt / unstructured, 2:4."
+        )
     torch.manual_seed(0)
     P = profiles.get()
     model, tokenizer = models.load(P.model, device=P.device, dtype=P.dtype)
@@ -223,11 +233,15 @@ def main(argv=None):
     calib = data.calibration(tokenizer, P.calib_samples, P.seqlen, seed=0)
     if args.reversed:
         calib = calib.flip(0)
-    print(f"{P.name} profile: {P.model}, {P.calib_samples} calibration samples of {P.seqlen} tokens"
-          f"{' (reversed order)' if args.reversed else ''}, "
-          f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; {torch.get_num_threads()} threads")
-    print(f"{'setting':<24} {'ppl labkit':>10} {'ppl ref':>9} {'diff':>7} {'labkit s':>9} {'ref s':>8} "
-          f"{'sparsity':>9}  within 1%  as fast")
+    print(
+        f"{P.name} profile: {P.model}, {P.calib_samples} calibration samples of {P.seqlen} tokens"
+        f"{' (reversed order)' if args.reversed else ''}, "
+        f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'setting':<24} {'ppl labkit':>10} {'ppl ref':>9} {'diff':>7} {'labkit s':>9} {'ref s':>8} "
+        f"{'sparsity':>9}  within 1%  as fast"
+    )
     all_ok = True
     for method in methods:
         for pattern in patterns:
@@ -237,9 +251,11 @@ def main(argv=None):
             close = diff <= 0.01
             fast = sec_l <= sec_r if method == "sparsegpt" else None
             all_ok &= close and fast is not False
-            print(f"{method + ' ' + pattern:<24} {ppl_l:>10.2f} {ppl_r:>9.2f} {100 * diff:>6.2f}% {sec_l:>9.1f} {sec_r:>8.1f} "
-                  f"{sp_l:>4.1%}/{sp_r:.1%}  {'yes' if close else 'NO':>9}  {'-' if fast is None else 'yes' if fast else 'NO'}",
-                  flush=True)
+            print(
+                f"{method + ' ' + pattern:<24} {ppl_l:>10.2f} {ppl_r:>9.2f} {100 * diff:>6.2f}% {sec_l:>9.1f} {sec_r:>8.1f} "
+                f"{sp_l:>4.1%}/{sp_r:.1%}  {'yes' if close else 'NO':>9}  {'-' if fast is None else 'yes' if fast else 'NO'}",
+                flush=True,
+            )
     print("all criteria met" if all_ok else "some criteria NOT met (see the table)")
 
 

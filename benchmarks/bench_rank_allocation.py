@@ -19,6 +19,7 @@ only the ranks differ. Allocations compared (labkit.lowrank.greedy_ranks on the 
 Lesson 08 shows the first two; this script checks whether the obvious repairs of the greedy proxy
 help, and whether measuring the damage end to end does. Perplexity on the profile's `sweep_windows` test windows, as in the lesson.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,13 @@ import torch
 
 from labkit import data, evaluate, lowrank, models, profiles
 
-
 ALLOCATIONS = ["uniform", "greedy", "greedy-floor-0.5", "greedy-floor-0.75", "greedy-absolute", "by-kind-measured"]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=0.8, help="fraction of the linears' parameters kept")
-    parser.add_argument("--allocations", default=",".join(ALLOCATIONS),
-                        help=f"comma list of {', '.join(ALLOCATIONS)}")
+    parser.add_argument("--allocations", default=",".join(ALLOCATIONS), help=f"comma list of {', '.join(ALLOCATIONS)}")
     args = parser.parse_args(argv)
     chosen = args.allocations.split(",")
     if set(chosen) - set(ALLOCATIONS):
@@ -60,8 +59,10 @@ def main(argv=None) -> None:
     }
     probe = data.calibration(tokenizer, 2, P.seqlen, seed=2)  # validation windows other than calib's
     total = sum(out * inp for out, inp in shapes.values())
-    print(f"{P.name} profile, {P.model}: SVD-LLM at budget {args.budget:g}; {P.calib_samples} x {P.seqlen} calibration "
-          f"tokens; perplexity on the first {P.sweep_windows} windows of {P.seqlen}")
+    print(
+        f"{P.name} profile, {P.model}: SVD-LLM at budget {args.budget:g}; {P.calib_samples} x {P.seqlen} calibration "
+        f"tokens; perplexity on the first {P.sweep_windows} windows of {P.seqlen}"
+    )
     print(f"{'allocation':<20} {'kept':>7} {'lowest rank / uniform':>22} {'perplexity':>11} {'seconds':>8}")
     for label in chosen:
         start = time.perf_counter()

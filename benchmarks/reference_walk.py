@@ -1,5 +1,6 @@
 """The layer-0 "catcher" of the authors' GPTQ / SparseGPT / Wanda drivers, shared by this folder's
 reference implementations (not by labkit, whose own walk is labkit.walk.calibration_walk)."""
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,7 @@ def catch_layer0_inputs(model, calibration: torch.Tensor, dev) -> tuple[list, li
     layers[0] = Catcher(layers[0])
     for j in range(calibration.shape[0]):
         try:
-            model(calibration[j:j + 1].to(dev), use_cache=False)
+            model(calibration[j : j + 1].to(dev), use_cache=False)
         except ValueError:
             pass
     layers[0] = layers[0].module

@@ -6,6 +6,7 @@
 Technique packages: labkit.prune, labkit.quant, labkit.distill, labkit.lowrank, labkit.kernels,
 labkit.serving (import them by name; labkit.kernels loads Triton only when a kernel first runs).
 """
-from . import data, evaluate, models, profiles, results, walk  # noqa: F401
+
+from . import data, evaluate, models, profiles, results, walk
 
 __version__ = "0.1.0"

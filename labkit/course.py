@@ -6,6 +6,7 @@
 Executed notebooks keep their outputs but not live widget views (tqdm bars, sliders): those need
 a running kernel, and a stored copy of them would render as an error in the book.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ def execute(path: Path, out_path: Path, timeout: int = 1800) -> float:
 
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     strip_widgets(nb)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out_path)

@@ -5,6 +5,7 @@ network); otherwise read the Hugging Face Hub through `datasets` ('wikitext',
 'wikitext-2-raw-v1'). The two copies differ slightly (the local raw test file dropped the
 blank lines), so every result records which source produced it.
 """
+
 from __future__ import annotations
 
 import functools

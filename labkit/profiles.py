@@ -7,6 +7,7 @@ gpu: LLaMA-7B in fp16 with the papers' protocol (seqlen 2048, the whole test spl
 The profile is chosen automatically (gpu when CUDA is available) and overridden by the
 environment variable LABKIT_PROFILE=cpu|gpu.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,10 +33,28 @@ PROFILES = {
     # Sized for CI (13 lessons on 2 cores, each in about two minutes): a perplexity over 16
     # windows x 512 tokens (8,192 test tokens) takes ~15 s, and a calibration walk over 8 samples
     # x 512 tokens (4,096 tokens, more than the widest linear's 1,536 inputs) ~15 s.
-    "cpu": Profile("cpu", "smollm2-135m", "cpu", torch.float32, seqlen=512, eval_windows=16,
-                   sweep_windows=8, calib_samples=8, new_tokens=32),
-    "gpu": Profile("gpu", "llama-7b", "cuda", torch.float16, seqlen=2048, eval_windows=None,
-                   sweep_windows=40, calib_samples=128, new_tokens=128),
+    "cpu": Profile(
+        "cpu",
+        "smollm2-135m",
+        "cpu",
+        torch.float32,
+        seqlen=512,
+        eval_windows=16,
+        sweep_windows=8,
+        calib_samples=8,
+        new_tokens=32,
+    ),
+    "gpu": Profile(
+        "gpu",
+        "llama-7b",
+        "cuda",
+        torch.float16,
+        seqlen=2048,
+        eval_windows=None,
+        sweep_windows=40,
+        calib_samples=128,
+        new_tokens=128,
+    ),
 }
 
 

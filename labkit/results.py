@@ -4,6 +4,7 @@ Rows live in $LABKIT_RESULTS_DIR/<profile>.json (default ~/.cache/labkit/results
 (lesson, method, setting): re-running a lesson replaces its rows. Reference numbers that the
 lessons check live in labkit/references.json, per profile, each with its tolerance and origin.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,12 +73,18 @@ def table(rows: list[Row]) -> str:
     head = ["lesson", "method", "setting", "params (M)", "weights", "runtime mem", "tok/s", "perplexity"]
     body = []
     for r in sorted(rows, key=lambda r: r.lesson):
-        body.append([
-            r.lesson, r.method, r.setting, f"{r.params / 1e6:.1f}", format_bytes(r.weight_bytes),
-            format_bytes(r.runtime_bytes) if r.runtime_bytes is not None else "-",
-            f"{r.tokens_per_s:.1f}" if r.tokens_per_s is not None else "-",
-            f"{r.perplexity:.2f}" if r.perplexity is not None else "-",
-        ])
+        body.append(
+            [
+                r.lesson,
+                r.method,
+                r.setting,
+                f"{r.params / 1e6:.1f}",
+                format_bytes(r.weight_bytes),
+                format_bytes(r.runtime_bytes) if r.runtime_bytes is not None else "-",
+                f"{r.tokens_per_s:.1f}" if r.tokens_per_s is not None else "-",
+                f"{r.perplexity:.2f}" if r.perplexity is not None else "-",
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
@@ -125,6 +132,7 @@ def pareto_front(rows: list[Row]) -> list[Row]:
 
 # --- reference numbers ---------------------------------------------------------------------------
 
+
 def references() -> dict:
     return json.loads(REFERENCES_FILE.read_text())
 
@@ -153,8 +161,10 @@ def check_reference(key: str, value: float, profile: str, data: str | None = Non
     target, rtol, origin = ref["value"], ref["rtol"], ref["origin"]
     ref_kind, run_kind = ref.get("data"), (data or "").split(":")[0] or None
     if ref_kind and run_kind and ref_kind != run_kind:
-        return (f"NOT CHECKED {key}: the {profile}-profile reference {target:g} was measured on the {ref_kind} "
-                f"copy of WikiText-2 and this run read the {run_kind} copy; measured {value:.4g}.")
+        return (
+            f"NOT CHECKED {key}: the {profile}-profile reference {target:g} was measured on the {ref_kind} "
+            f"copy of WikiText-2 and this run read the {run_kind} copy; measured {value:.4g}."
+        )
     if not math.isfinite(value) or abs(value - target) > rtol * abs(target):
         raise AssertionError(
             f"{key}: measured {value:.4g}, but the {profile}-profile reference is {target:.4g} "

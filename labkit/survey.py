@@ -9,6 +9,7 @@ sequence length 128 (LLM-Pruner's evaluation; hence the baseline's 12.62 rather 
 quantization rows are LLaMA-2-7B at the usual longer context (baseline 5.85). WM = weight memory,
 RM = runtime memory, both in GB; tokens/s of generation.
 """
+
 from __future__ import annotations
 
 SOURCE = "Chavan et al., IJCAI 2024 (arXiv 2402.01799), tables of the empirical section"

@@ -13,6 +13,7 @@ so a 7B model in fp16 (13.5 GB) can be compressed on a 16 GB GPU while it lives 
 Because each layer sees the outputs of the already-compressed layers before it, later layers
 correct for earlier layers' errors, as in the GPTQ and SparseGPT papers.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -58,8 +59,10 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> tuple[t
     try:
         L = torch.linalg.cholesky(H)
     except torch.linalg.LinAlgError as err:
-        raise ValueError(f"the layer's Hessian is not positive definite even with percdamp={percdamp}; "
-                         f"use a larger percdamp (e.g. 0.1) or more calibration tokens.") from err
+        raise ValueError(
+            f"the layer's Hessian is not positive definite even with percdamp={percdamp}; "
+            f"use a larger percdamp (e.g. 0.1) or more calibration tokens."
+        ) from err
     Hinv = torch.cholesky_inverse(L)  # (H + λI)⁻¹
     return torch.linalg.cholesky(Hinv, upper=True), dead
 
@@ -93,8 +96,11 @@ def capture_layer0_inputs(model, calibration: torch.Tensor, device, batch_size: 
 
 def check_calibration(calibration, model=None) -> None:
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
-        got = (f"{tuple(calibration.shape)} {calibration.dtype}" if isinstance(calibration, torch.Tensor)
-               else type(calibration).__name__)
+        got = (
+            f"{tuple(calibration.shape)} {calibration.dtype}"
+            if isinstance(calibration, torch.Tensor)
+            else type(calibration).__name__
+        )
         raise ValueError(
             f"calibration must be a LongTensor of token ids shaped [n_samples, seqlen]; got {got}. "
             f"Make one with labkit.data.calibration(tokenizer, n_samples, seqlen)."
@@ -185,6 +191,7 @@ def _observe(layer: nn.Module, linears: dict, stats: dict, batches: list) -> Non
 
 
 # --- statistics of a linear layer's inputs -------------------------------------------------------
+
 
 class Hessian:
     """H = 2/n · Σ x xᵀ over the n calibration tokens: the Hessian of the layer-wise squared error

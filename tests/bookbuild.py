@@ -5,6 +5,7 @@ build/book/ and built there with warnings as errors, so a test run never touches
 book/_build and always starts from a clean build. MathJax comes from the npm cache that
 book/_ext/offline.py keeps (fetched on first use).
 """
+
 import functools
 import os
 import shutil
@@ -81,6 +82,7 @@ def build() -> Built:
     shutil.rmtree(WORK, ignore_errors=True)
     shutil.copytree(ROOT / "book", WORK, symlinks=False, ignore=shutil.ignore_patterns("_build", "__pycache__"))
     _toc_module().write_toc(WORK, WORK / "notebooks")  # the toc of the lessons present
-    done = subprocess.run([str(jb), "build", str(WORK), "--warningiserror", "--keep-going"],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [str(jb), "build", str(WORK), "--warningiserror", "--keep-going"], capture_output=True, text=True, timeout=900
+    )
     return Built(WORK / "_build" / "html", done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:])

@@ -1,9 +1,9 @@
 """The Jupyter Book: its table of contents matches the lessons, and it builds offline from the
 stored notebook outputs (no execution), with every lesson page, a local MathJax, the glossary
 and the bibliography. tests/test_browser.py opens the same build in Chromium."""
+
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -41,6 +41,7 @@ def test_every_toc_entry_exists():
 
 def test_a_lesson_without_a_track_is_an_error(tmp_path):
     import sys
+
     sys.path.insert(0, str(BOOK))
     try:
         import toc
@@ -55,10 +56,24 @@ def test_a_lesson_without_a_track_is_an_error(tmp_path):
 def test_bibliography_has_every_cited_paper():
     bib = (BOOK / "references.bib").read_text()
     keys = set(re.findall(r"^@\w+\{([^,]+),", bib, flags=re.M))
-    wanted = {"frantar2023gptq", "frantar2023sparsegpt", "sun2024wanda", "an2024flap", "ma2023llmpruner",
-              "dettmers2022llmint8", "xiao2023smoothquant", "dettmers2023qlora", "hinton2015kd",
-              "agarwal2024gkd", "wang2025svdllm", "yuan2023asvd", "kwon2023vllm", "shoeybi2019megatron",
-              "zhu2024survey", "chavan2024faster"}
+    wanted = {
+        "frantar2023gptq",
+        "frantar2023sparsegpt",
+        "sun2024wanda",
+        "an2024flap",
+        "ma2023llmpruner",
+        "dettmers2022llmint8",
+        "xiao2023smoothquant",
+        "dettmers2023qlora",
+        "hinton2015kd",
+        "agarwal2024gkd",
+        "wang2025svdllm",
+        "yuan2023asvd",
+        "kwon2023vllm",
+        "shoeybi2019megatron",
+        "zhu2024survey",
+        "chavan2024faster",
+    }
     assert wanted <= keys, wanted - keys
     cited = set()
     for page in BOOK.glob("*.md"):
@@ -79,8 +94,13 @@ def test_book_builds_offline():
     for p in lessons_in_book():
         page = (html / "notebooks" / f"{p.stem}.html").read_text()
         # stored outputs were rendered (no execution at build time)
-        n_images = sum(1 for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "code"
-                       for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
+        n_images = sum(
+            1
+            for c in json.loads(p.read_text())["cells"]
+            if c["cell_type"] == "code"
+            for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})
+        )
         assert page.count('class="cell_output') > 0, f"{p.stem}: no cell outputs rendered"
         assert page.count("<img") >= n_images, f"{p.stem}: {n_images} stored figures, fewer <img> on the page"
         assert "colab.research.google.com/assets/" not in page, f"{p.stem}: the remote Colab badge (offline: broken)"

@@ -13,6 +13,7 @@ driver or browser download is needed: only Debian's `chromium` package, which .c
 installs. As root it needs --no-sandbox. Instead of --virtual-time-budget (the command-line
 way to let a redirect settle), the test waits for the redirect's target to load.
 """
+
 import base64
 import json
 import os
@@ -50,10 +51,23 @@ class Chromium:
         r_in, w_in = os.pipe()
         r_out, w_out = os.pipe()
         r_in, w_out = _dup_above(r_in, 10), _dup_above(w_out, 10)
-        args = [executable, "--headless", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-quic", "--disable-extensions", "--hide-scrollbars", "--mute-audio",
-                f"--user-data-dir={profile_dir}", "--remote-debugging-pipe", "about:blank"]
+        args = [
+            executable,
+            "--headless",
+            "--disable-gpu",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            "--disable-extensions",
+            "--hide-scrollbars",
+            "--mute-audio",
+            f"--user-data-dir={profile_dir}",
+            "--remote-debugging-pipe",
+            "about:blank",
+        ]
         if os.geteuid() == 0:
             args.insert(1, "--no-sandbox")
 
@@ -62,8 +76,14 @@ class Chromium:
             os.dup2(w_out, 4)
 
         # close_fds=False: Python's own descriptors are not inheritable (PEP 446); only 3 and 4 pass.
-        self.proc = subprocess.Popen(args, close_fds=False, preexec_fn=child_fds,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            args,
+            close_fds=False,
+            preexec_fn=child_fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for fd in (r_in, w_out):
             os.close(fd)
         self.to_browser, self.from_browser = w_in, r_out
@@ -74,7 +94,7 @@ class Chromium:
     def close(self):
         try:
             self.send("Browser.close", timeout=10)
-        except Exception:  # noqa: BLE001 - the browser may already be gone
+        except Exception:
             pass
         for fd in (self.to_browser, self.from_browser):
             os.close(fd)
@@ -179,7 +199,9 @@ def problems_in(events):
         elif method == "Network.loadingFailed" and not p.get("canceled"):
             why = " ".join(filter(None, [p.get("errorText"), p.get("blockedReason")]))
             found.append(f"request failed ({p.get('type')}, {why}): {urls.get(p['requestId'], '?')}")
-        elif method == "Network.requestWillBeSent" and not p["request"]["url"].startswith(("file:", "data:", "blob:", "about:")):
+        elif method == "Network.requestWillBeSent" and not p["request"]["url"].startswith(
+            ("file:", "data:", "blob:", "about:")
+        ):
             found.append(f"request leaves the site: {p['request']['url']}")
     return found
 
@@ -231,9 +253,14 @@ def open_page(browser, url, expect_url=None):
     try:
         for domain in ("Page", "Runtime", "Log", "Network"):
             browser.send(f"{domain}.enable", session=session)
-        browser.send("Network.setBlockedURLs", {"urls": ["http://*", "https://*", "ws://*", "wss://*"]}, session=session)
-        browser.send("Emulation.setDeviceMetricsOverride",
-                     {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=session)
+        browser.send(
+            "Network.setBlockedURLs", {"urls": ["http://*", "https://*", "ws://*", "wss://*"]}, session=session
+        )
+        browser.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
         nav = browser.send("Page.navigate", {"url": url}, session=session)
         if nav.get("errorText"):
             return None, [f"cannot open {url}: {nav['errorText']}"]
@@ -241,15 +268,20 @@ def open_page(browser, url, expect_url=None):
         if expect_url:  # a redirect page: wait until its target has loaded
             deadline = time.monotonic() + 15
             while True:
-                href = browser.send("Runtime.evaluate", {"expression": "location.href + ' ' + document.readyState"},
-                                    session=session)["result"]["value"]
+                href = browser.send(
+                    "Runtime.evaluate", {"expression": "location.href + ' ' + document.readyState"}, session=session
+                )["result"]["value"]
                 if href == f"{expect_url} complete":
                     break
                 if time.monotonic() > deadline:
                     return None, [f"{url} did not redirect to {expect_url} (at {href})"]
                 time.sleep(0.1)
-        result = browser.send("Runtime.evaluate", {"expression": PAGE_REPORT, "awaitPromise": True,
-                                                   "returnByValue": True}, session=session, timeout=60)
+        result = browser.send(
+            "Runtime.evaluate",
+            {"expression": PAGE_REPORT, "awaitPromise": True, "returnByValue": True},
+            session=session,
+            timeout=60,
+        )
         if "exceptionDetails" in result:
             return None, [f"page report failed: {result['exceptionDetails']}"]
         report = json.loads(result["result"]["value"])
@@ -298,7 +330,14 @@ def test_every_page_opens_offline_without_errors(site):
     assert reports["glossary"]["math"] > 0 and reports["glossary"]["mjx"] >= reports["glossary"]["math"]
     for p in lessons_in_book():
         report = reports[f"notebooks/{p.stem}"]
-        n_figures = sum(1 for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "code"
-                        for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
-        assert report["outputImages"] >= n_figures, f"{p.stem}: {n_figures} stored figures, {report['outputImages']} shown"
+        n_figures = sum(
+            1
+            for c in json.loads(p.read_text())["cells"]
+            if c["cell_type"] == "code"
+            for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})
+        )
+        assert report["outputImages"] >= n_figures, (
+            f"{p.stem}: {n_figures} stored figures, {report['outputImages']} shown"
+        )
         assert any(l.endswith("/intro.html") for l in report["links"]), f"{p.stem}: no navigation back to the start"

@@ -1,4 +1,5 @@
 """labkit.check's shared core: verdicts name what is wrong."""
+
 import torch
 
 from labkit import check
@@ -13,7 +14,8 @@ def test_tensor_like_names_shape_value_and_hint(capsys):
     assert not check.tensor_like(v, expected.abs(), expected, "the score", hints={"took |x|": expected.abs()})
     assert "took |x|" in v.problem
     v = check.Verdict("demo")
-    wrong = expected.clone(); wrong[1, 0] = 7
+    wrong = expected.clone()
+    wrong[1, 0] = 7
     assert not check.tensor_like(v, wrong, expected, "the score")
     assert "index (1, 0)" in v.problem and v.report() is False
     assert capsys.readouterr().out.startswith("✗ demo:")
@@ -23,8 +25,10 @@ def test_tensor_like_names_shape_value_and_hint(capsys):
 
 def test_call_reports_exceptions():
     v = check.Verdict("demo")
+
     def todo(x):
         raise NotImplementedError
+
     assert check.call(v, todo, 1) is None and "not written yet" in v.problem
     v = check.Verdict("demo")
     assert check.call(v, lambda x: x / 0, 1) is None and "ZeroDivisionError" in v.problem

@@ -1,4 +1,5 @@
 """Lesson 00's exercise checks: the right answer passes, typical mistakes get their own message."""
+
 import math
 
 import torch
@@ -58,7 +59,8 @@ def test_model_bytes(capsys):
     assert "4 bytes per parameter" in capsys.readouterr().out
 
     assert not check.lesson00.model_bytes(
-        lambda model: sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+        lambda model: sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    )
     assert "counted the tied embedding twice" in capsys.readouterr().out
 
 

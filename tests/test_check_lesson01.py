@@ -1,4 +1,5 @@
 """Lesson 01's exercise checks: the right answer passes, typical mistakes get their own message."""
+
 import math
 
 import torch

@@ -1,4 +1,5 @@
 """labkit.check.lesson03: the right answers pass, typical mistakes get their specific message."""
+
 import torch
 
 from labkit import check
@@ -22,6 +23,7 @@ def test_fluctuation_score(capsys):
 def test_fluctuation_score_not_written(capsys):
     def todo(x, W):
         raise NotImplementedError  # your code
+
     assert not check.lesson03.fluctuation_score(todo)
     assert "not written yet" in capsys.readouterr().out
 
@@ -34,9 +36,11 @@ def right_columns(g, n_heads, n_kv_heads, head_dim):
 def test_kv_group_columns(capsys):
     assert check.lesson03.kv_group_columns(right_columns)
     assert check.lesson03.kv_group_columns(lambda *a: right_columns(*a).tolist())  # a list is fine
+
     def interleaved(g, n_heads, n_kv_heads, head_dim):
         heads = torch.arange(g, n_heads, n_kv_heads)
         return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
     assert not check.lesson03.kv_group_columns(interleaved)
     assert "interleaved" in capsys.readouterr().out
     assert not check.lesson03.kv_group_columns(lambda g, n, k, d: torch.arange(g * (n // k), (g + 1) * (n // k)))

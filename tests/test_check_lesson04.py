@@ -1,4 +1,5 @@
 """Lesson 04's exercise checks: the right answer passes, typical mistakes get their own message."""
+
 import math
 
 import torch
@@ -80,8 +81,11 @@ def test_pack_int4(capsys):
 
 def quantlinear_bytes(out_features, in_features, bits, group_size):
     groups = 1 if group_size is None else in_features // group_size
-    return (math.ceil(out_features * in_features * bits / 8) + out_features * groups * 2
-            + math.ceil(out_features * groups * bits / 8))
+    return (
+        math.ceil(out_features * in_features * bits / 8)
+        + out_features * groups * 2
+        + math.ceil(out_features * groups * bits / 8)
+    )
 
 
 def test_quantlinear_bytes(capsys):

@@ -1,4 +1,5 @@
 """Lesson 05's exercise checks: the right answer passes, typical wrong answers get their own message."""
+
 import torch
 
 from labkit import check
@@ -31,21 +32,25 @@ def test_obq_update(capsys):
 
     def with_h(W, H, q, wq_hat):  # H where H⁻¹ belongs
         return W - ((W[:, q] - wq_hat) / H[q, q])[:, None] * H[q][None, :]
+
     assert not check.lesson05.obq_update(with_h)
     assert "used H where the update needs H⁻¹" in capsys.readouterr().out
 
     def flipped(W, H, q, wq_hat):
         return 2 * W - right_obq_update(W, H, q, wq_hat)
+
     assert not check.lesson05.obq_update(flipped)
     assert "sign" in capsys.readouterr().out
 
     def pruning(W, H, q, wq_hat):  # OBS pruning's update: w_q instead of the error
         return right_obq_update(W, H, q, torch.zeros_like(wq_hat))
+
     assert not check.lesson05.obq_update(pruning)
     assert "OBS pruning" in capsys.readouterr().out
 
     def todo(W, H, q, wq_hat):
         raise NotImplementedError  # your code
+
     assert not check.lesson05.obq_update(todo)
     assert "not written yet" in capsys.readouterr().out
 

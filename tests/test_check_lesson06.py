@@ -1,4 +1,5 @@
 """labkit.check.lesson06: the right answer passes; typical mistakes get their specific message."""
+
 import torch
 
 from labkit import check
@@ -16,29 +17,34 @@ def test_absmax_int8(capsys):
     def by_128(x):
         scale = x.abs().max() / 128
         return torch.round(x / scale).to(torch.int8), scale
+
     assert not check.lesson06.absmax_int8(by_128)
     assert "divide by 127" in capsys.readouterr().out
 
     def no_abs(x):
         scale = x.max() / 127
         return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
     assert not check.lesson06.absmax_int8(no_abs)
     assert "max(|x|)" in capsys.readouterr().out
 
     def truncates(x):
         scale = x.abs().max() / 127
         return (x / scale).to(torch.int8), scale  # .to(int8) truncates towards zero
+
     assert not check.lesson06.absmax_int8(truncates)
     assert "truncated" in capsys.readouterr().out
 
     def float_codes(x):
         q, scale = _absmax(x)
         return q.float(), scale
+
     assert not check.lesson06.absmax_int8(float_codes)
     assert "float tensor" in capsys.readouterr().out
 
     def todo(x):
         raise NotImplementedError
+
     assert not check.lesson06.absmax_int8(todo)
     assert "not written yet" in capsys.readouterr().out
 
@@ -46,7 +52,7 @@ def test_absmax_int8(capsys):
 def test_outlier_features(capsys):
     assert check.lesson06.outlier_features(lambda X, t: (X.abs() >= t).any(0))
     assert capsys.readouterr().out.startswith("✓ outlier_features")
-    assert not check.lesson06.outlier_features(lambda X, t: (X >= t).any(0))
+    assert not check.lesson06.outlier_features(lambda X, t: (t <= X).any(0))
     assert "not |x|" in capsys.readouterr().out
     assert not check.lesson06.outlier_features(lambda X, t: (X.abs() > t).any(0))
     assert "equal to the threshold" in capsys.readouterr().out

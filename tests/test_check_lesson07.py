@@ -1,4 +1,5 @@
 """Lesson 07's exercise checks: the right answer passes, typical mistakes get their own message."""
+
 import torch
 
 from labkit import check
@@ -30,7 +31,8 @@ def test_forward_kl(capsys):
     assert not check.lesson07.forward_kl(lambda s, t, tau: forward_kl(t, s, tau))
     assert "the reverse KL" in capsys.readouterr().out
     assert not check.lesson07.forward_kl(
-        lambda s, t, tau: tau**2 * kl(torch.softmax(t / tau, -1), torch.softmax(s, -1)).mean())
+        lambda s, t, tau: tau**2 * kl(torch.softmax(t / tau, -1), torch.softmax(s, -1)).mean()
+    )
     assert "softened only the teacher" in capsys.readouterr().out
 
 

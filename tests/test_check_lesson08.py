@@ -1,4 +1,5 @@
 """Lesson 08's exercise checks: the right answer passes, typical mistakes get their own message."""
+
 import torch
 
 from labkit import check

@@ -1,4 +1,5 @@
 """Lesson 09's exercise checks: the right answer passes, typical mistakes get their own message."""
+
 import math
 
 from labkit import check
@@ -17,7 +18,8 @@ def test_kv_bytes_per_token(capsys):
     assert "forgot the factor 2" in capsys.readouterr().out
 
     assert not check.lesson09.kv_bytes_per_token(
-        lambda config, b: 2 * config.num_hidden_layers * config.hidden_size * b)
+        lambda config, b: 2 * config.num_hidden_layers * config.hidden_size * b
+    )
     assert "used the query heads" in capsys.readouterr().out
 
 

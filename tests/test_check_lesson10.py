@@ -1,4 +1,5 @@
 """labkit.check.lesson10: right answers pass, typical wrong answers get their specific message."""
+
 import torch
 
 from labkit import check
@@ -55,6 +56,7 @@ def test_rms_norm(capsys):
 
     assert L.rms_norm(right)
     from labkit.kernels import rms_norm_torch
+
     assert L.rms_norm(rms_norm_torch)
     capsys.readouterr()
 
@@ -67,5 +69,7 @@ def test_rms_norm(capsys):
     assert "left out eps" in capsys.readouterr().out
     assert not L.rms_norm(lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     assert "weight" in capsys.readouterr().out
-    assert not L.rms_norm(lambda x, w, eps: (w.float() * x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)))
+    assert not L.rms_norm(
+        lambda x, w, eps: w.float() * x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    )
     assert "x's dtype" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """labkit.check.lesson11: right answers pass, typical wrong answers get their specific message."""
+
 import torch
 
 from labkit import check
@@ -11,8 +12,10 @@ def test_bubble_fraction(capsys):
     assert "relative to the busy time" in capsys.readouterr().out
     assert not check.lesson11.bubble_fraction(lambda p, m: m / (m + p - 1))
     assert "busy share" in capsys.readouterr().out
+
     def todo(p, m):
         raise NotImplementedError
+
     assert not check.lesson11.bubble_fraction(todo)
     assert "not written yet" in capsys.readouterr().out
 

@@ -1,4 +1,5 @@
 """Lesson 12's exercise checks: the right answer passes, typical mistakes get their own message."""
+
 from labkit import check
 
 

@@ -8,7 +8,9 @@ from labkit import data
 def local_copy(tmp_path, monkeypatch):
     (tmp_path / "wikitext-2-raw").mkdir()
     (tmp_path / "wikitext-2").mkdir()
-    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_bytes(b" = Title = \r\n Some text here .\r\n\r\n More text .\r\n")
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_bytes(
+        b" = Title = \r\n Some text here .\r\n\r\n More text .\r\n"
+    )
     (tmp_path / "wikitext-2" / "valid.txt").write_text(" = V = \n\n " + "valid words go here . " * 200 + "\n")
     monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path))
     data.wikitext2.cache_clear()

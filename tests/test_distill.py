@@ -1,4 +1,5 @@
 """labkit.distill: losses on hand-made logits, the training loops and students on the tiny random Llama."""
+
 import copy
 import math
 
@@ -133,6 +134,7 @@ def test_loss_errors():
 
 # --- students -------------------------------------------------------------------------------------------
 
+
 def test_drop_layers_keeps_the_model_runnable(teacher, data):
     student = distill.drop_layers(teacher)  # every other layer: [0]
     assert len(student.model.layers) == 1 and student.config.num_hidden_layers == 1
@@ -156,8 +158,9 @@ def test_drop_layers_errors(teacher):
 
 
 def test_fresh_student_shares_vocabulary(teacher):
-    student = distill.fresh_student({"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64},
-                                    teacher=teacher)
+    student = distill.fresh_student(
+        {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64}, teacher=teacher
+    )
     assert distill.vocab_size(student) == 256 and student.config.head_dim == 8
     with pytest.raises(ValueError, match="vocab_size=128, but the teacher's vocabulary has 256"):
         distill.fresh_student({"vocab_size": 128}, teacher=teacher)
@@ -167,6 +170,7 @@ def test_fresh_student_shares_vocabulary(teacher):
 
 
 # --- training loops ------------------------------------------------------------------------------------
+
 
 def test_distill_lowers_the_divergence_and_is_deterministic(teacher, data):
     student = distill.drop_layers(teacher, keep=[0])
@@ -178,16 +182,34 @@ def test_distill_lowers_the_divergence_and_is_deterministic(teacher, data):
     assert not student.training and not teacher.training
     for name, value in teacher.state_dict().items():  # the teacher never changes
         torch.testing.assert_close(value, teacher_state[name])
-    again = distill.distill(distill.drop_layers(teacher, keep=[0]), teacher, data, steps=8, lr=2e-3, batch_size=4,
-                            grad_accum=2, progress=False)
+    again = distill.distill(
+        distill.drop_layers(teacher, keep=[0]),
+        teacher,
+        data,
+        steps=8,
+        lr=2e-3,
+        batch_size=4,
+        grad_accum=2,
+        progress=False,
+    )
     assert again == curve
 
 
 def test_on_policy_distillation(teacher, data):
     student = distill.drop_layers(teacher, keep=[0])
     before = kl_on(student, teacher, data)
-    curve = distill.distill(student, teacher, data, steps=6, loss="jsd", temperature=1.0, lr=2e-3,
-                            on_policy=True, prompt_len=8, progress=False)
+    curve = distill.distill(
+        student,
+        teacher,
+        data,
+        steps=6,
+        loss="jsd",
+        temperature=1.0,
+        lr=2e-3,
+        on_policy=True,
+        prompt_len=8,
+        progress=False,
+    )
     assert len(curve) == 6 and kl_on(student, teacher, data) < before
     with pytest.raises(ValueError, match="alpha_ce > 0 with on_policy=True"):
         distill.distill(student, teacher, data, steps=1, on_policy=True, alpha_ce=0.5, progress=False)
@@ -230,8 +252,9 @@ def test_blockwise_distill_repairs_a_perturbed_block(teacher, data):
     with torch.no_grad():
         for p in block.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
-    curve = distill.blockwise_distill(block, teacher.model.layers[1], inputs, steps=8, lr=1e-3, batch_size=3,
-                                      layer_kwargs=kwargs, progress=False)
+    curve = distill.blockwise_distill(
+        block, teacher.model.layers[1], inputs, steps=8, lr=1e-3, batch_size=3, layer_kwargs=kwargs, progress=False
+    )
     with torch.no_grad():
         after = distill.hidden_mse(block(inputs, **kwargs), teacher.model.layers[1](inputs, **kwargs)).item()
     assert after < 0.5 * curve[0]
@@ -268,8 +291,9 @@ def test_blockwise_distill_replaces_a_span(teacher, data):
     block = copy.deepcopy(teacher.model.layers[0])
     with torch.no_grad():
         before = distill.hidden_mse(block(states[0], **kwargs), states[2]).item()
-    curve = distill.blockwise_distill(block, None, states[0], steps=10, lr=2e-3, batch_size=4, layer_kwargs=kwargs,
-                                      targets=states[2], progress=False)
+    curve = distill.blockwise_distill(
+        block, None, states[0], steps=10, lr=2e-3, batch_size=4, layer_kwargs=kwargs, targets=states[2], progress=False
+    )
     with torch.no_grad():
         after = distill.hidden_mse(block(states[0], **kwargs), states[2]).item()
     assert curve[0] == pytest.approx(before, rel=0.5) and after < 0.7 * before

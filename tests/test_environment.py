@@ -1,10 +1,11 @@
 """environment.yml and pyproject.toml list the same dependencies (no conda solver runs offline,
 so: parse the YAML, check every spec's syntax, and let pip resolve its pip section)."""
+
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 
@@ -39,6 +40,10 @@ def test_torch_is_not_pinned_tightly():
 def test_pip_can_resolve_the_environment(tmp_path):
     reqs = tmp_path / "requirements.txt"
     reqs.write_text("\n".join(environment_pip_section()))
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
-                           "-r", str(reqs)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q", "-r", str(reqs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -30,7 +30,8 @@ def test_max_windows_uses_a_prefix(tiny):
     model, _ = tiny
     ids = torch.randint(0, 256, (1, 128), generator=torch.Generator().manual_seed(1))
     assert evaluate.perplexity(model, ids, 32, max_windows=2, progress=False) == pytest.approx(
-        evaluate.perplexity(model, ids[:, :64], 32, progress=False), rel=1e-6)
+        evaluate.perplexity(model, ids[:, :64], 32, progress=False), rel=1e-6
+    )
 
 
 def test_perplexity_bad_seqlen(tiny):

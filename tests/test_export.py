@@ -1,4 +1,5 @@
 """labkit.export: pruned and low-rank models written as safetensors and read back exactly."""
+
 import pytest
 import torch
 
@@ -8,8 +9,13 @@ from labkit.prune import structured
 
 def _compress(model):
     # layer 0: one of two KV groups removed, with a compensation bias; MLP channels cut
-    structured.prune_layer(model.model.layers[0], keep_heads=[0, 1], keep_channels=range(50),
-                           attn_mean=torch.randn(64), mlp_mean=torch.randn(model.config.intermediate_size))
+    structured.prune_layer(
+        model.model.layers[0],
+        keep_heads=[0, 1],
+        keep_channels=range(50),
+        attn_mean=torch.randn(64),
+        mlp_mean=torch.randn(model.config.intermediate_size),
+    )
     # layer 1: one query head per group kept (KV heads stay)
     structured.prune_heads(model.model.layers[1].self_attn, [0, 2])
     lowrank.svd(model, rank=8)  # every decoder linear becomes a thin pair

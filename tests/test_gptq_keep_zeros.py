@@ -1,4 +1,5 @@
 """GPTQ after pruning: keep_zeros keeps the sparsity pattern exactly (SparseGPT's joint 2:4 + 4-bit)."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """GPTQ's lazy batch updates only regroup the same arithmetic: the result must not depend on blocksize,
 also when a quantization group straddles two blocks (its grid is found from fully updated weights)."""
+
 import math
 
 import pytest

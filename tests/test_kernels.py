@@ -9,33 +9,48 @@ Tolerances, and why:
   bf16: 2e-2 relative -- 8 mantissa bits; and Triton 3.9's interpreter truncates fp32 -> bf16
         instead of rounding (measured), so results can differ by up to 2 bf16 ulps on CPU.
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernel launch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed (`pip install triton`); the kernels are untested")
 
-from labkit import kernels  # noqa: E402
-from labkit.kernels import _triton  # noqa: E402
-from labkit.kernels.fused import (  # noqa: E402
-    rms_norm, rms_norm_torch, rotary, rotary_torch, silu_and_mul, swiglu, swiglu_torch, w4a16_dequantize,
-    w4a16_from_codes, w4a16_matmul, w4a16_matmul_torch, w4a16_unpack,
+from labkit import kernels
+from labkit.kernels import _triton
+from labkit.kernels.fused import (
+    rms_norm,
+    rms_norm_torch,
+    rotary,
+    rotary_torch,
+    silu_and_mul,
+    swiglu,
+    swiglu_torch,
+    w4a16_dequantize,
+    w4a16_from_codes,
+    w4a16_matmul,
+    w4a16_matmul_torch,
+    w4a16_unpack,
 )
-from labkit.kernels.paged_attention import paged_attention_decode, paged_attention_decode_torch  # noqa: E402
+from labkit.kernels.paged_attention import paged_attention_decode, paged_attention_decode_torch
 
 if _triton.interpreted():
     DEVICE = "cpu"
 elif torch.cuda.is_available():
     DEVICE = "cuda"
 else:
-    pytest.skip("TRITON_INTERPRET is off and there is no CUDA GPU: nowhere to run the Triton kernels",
-                allow_module_level=True)
+    pytest.skip(
+        "TRITON_INTERPRET is off and there is no CUDA GPU: nowhere to run the Triton kernels", allow_module_level=True
+    )
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
-       torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -55,6 +70,7 @@ def close(actual, expected, dtype, scale=1.0):
 
 
 # --- paged attention ---------------------------------------------------------------------------------
+
 
 def make_paged(context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, spare_blocks=3):
     """Random q and caches; each sequence's blocks are scattered (a random permutation of the pool),
@@ -90,8 +106,9 @@ def _case_id(c):
     return f"lens{c[0]}-h{c[1]}-kv{c[2]}-d{c[3]}-bs{c[4]}" if isinstance(c, tuple) else str(c)
 
 
-@pytest.mark.parametrize("case,dtype", [(c, dt) for c in PAGED_CASES for dt in DTYPES[:2]]
-                         + [(PAGED_CASES[2], DTYPES[2])], ids=_case_id)
+@pytest.mark.parametrize(
+    "case,dtype", [(c, dt) for c in PAGED_CASES for dt in DTYPES[:2]] + [(PAGED_CASES[2], DTYPES[2])], ids=_case_id
+)
 def test_paged_attention_matches_reference(case, dtype):
     lens, h, kv, d, bs = case
     q, k, v, tables, ctx = make_paged(lens, h, kv, d, bs, dtype)
@@ -164,6 +181,7 @@ def test_paged_attention_input_errors(monkeypatch):
 
 
 # --- RMSNorm, SwiGLU, rotary -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 64), (3, 7, 96), (5, 203), (2, 1000)])
@@ -243,11 +261,19 @@ def test_fused_input_errors(monkeypatch):
     with pytest.raises(ValueError, match="same shape and dtype"):
         swiglu(x, x[:, :16].contiguous(), backend="triton")
     with pytest.raises(ValueError, match="x must be .batch, num_heads, seq_len, head_dim. with an even head_dim"):
-        rotary(torch.randn(2, 3, 5, 7, device=DEVICE), torch.randn(5, 7, device=DEVICE),
-               torch.randn(5, 7, device=DEVICE), backend="triton")
+        rotary(
+            torch.randn(2, 3, 5, 7, device=DEVICE),
+            torch.randn(5, 7, device=DEVICE),
+            torch.randn(5, 7, device=DEVICE),
+            backend="triton",
+        )
     with pytest.raises(ValueError, match="cos and sin must be"):
-        rotary(torch.randn(2, 3, 5, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE),
-               torch.randn(4, 8, device=DEVICE), backend="triton")
+        rotary(
+            torch.randn(2, 3, 5, 8, device=DEVICE),
+            torch.randn(4, 8, device=DEVICE),
+            torch.randn(4, 8, device=DEVICE),
+            backend="triton",
+        )
     if DEVICE == "cpu":
         monkeypatch.setattr(_triton, "interpreted", lambda: False)
         with pytest.raises(ValueError, match="rms_norm: backend='triton' got tensors on cpu"):
@@ -255,6 +281,7 @@ def test_fused_input_errors(monkeypatch):
 
 
 # --- W4A16 -----------------------------------------------------------------------------------------------
+
 
 def make_w4(out_features, in_features, group_size, dtype, seed=4):
     g = torch.Generator().manual_seed(seed)
@@ -293,8 +320,10 @@ W4_CASES = [
 ]
 
 
-@pytest.mark.parametrize("x_shape,out_features,group_size,dtype",
-                         [(*c, dt) for c in W4_CASES for dt in DTYPES[:2]] + [(*W4_CASES[1], DTYPES[2])])
+@pytest.mark.parametrize(
+    "x_shape,out_features,group_size,dtype",
+    [(*c, dt) for c in W4_CASES for dt in DTYPES[:2]] + [(*W4_CASES[1], DTYPES[2])],
+)
 def test_w4a16_matmul_matches_reference(x_shape, out_features, group_size, dtype):
     _, qweight, scales, zeros = make_w4(out_features, x_shape[-1], group_size, dtype)
     x = torch.randn(x_shape, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
@@ -303,9 +332,15 @@ def test_w4a16_matmul_matches_reference(x_shape, out_features, group_size, dtype
     assert out.shape == (*x_shape[:-1], out_features) and out.dtype == dtype
     close(out, ref, dtype, ref.abs().max().item())
     # ... and the reference is x · Wᵀ with W dequantized in fp32
-    torch.testing.assert_close(ref.float(), x.float() @ w4a16_dequantize(qweight, scales, zeros, group_size).T,
-                               **({"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else
-                                  {"rtol": 2e-2, "atol": 2e-2 * ref.abs().max().item()}))
+    torch.testing.assert_close(
+        ref.float(),
+        x.float() @ w4a16_dequantize(qweight, scales, zeros, group_size).T,
+        **(
+            {"rtol": 1e-4, "atol": 1e-4}
+            if dtype == torch.float32
+            else {"rtol": 2e-2, "atol": 2e-2 * ref.abs().max().item()}
+        ),
+    )
 
 
 def test_w4a16_input_errors():
@@ -379,8 +414,13 @@ for name, arch, dtype in json.loads(sys.argv[1]):
 print(json.dumps(results))
 """
 
-KERNEL_NAMES = ["paged_attention._paged_attention_decode_kernel", "fused._w4a16_matmul_kernel",
-                "fused._rms_norm_kernel", "fused._swiglu_kernel", "fused._rotary_kernel"]
+KERNEL_NAMES = [
+    "paged_attention._paged_attention_decode_kernel",
+    "fused._w4a16_matmul_kernel",
+    "fused._rms_norm_kernel",
+    "fused._swiglu_kernel",
+    "fused._rotary_kernel",
+]
 
 
 def test_kernels_compile_for_gpu():
@@ -393,13 +433,16 @@ def test_kernels_compile_for_gpu():
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as err:
         pytest.skip(f"this triton has no ASTSource/GPUTarget API for an offline compile ({err})")
-    cases = [*[(k, 75, "fp16") for k in KERNEL_NAMES],  # T4 (Colab's free GPU): 64 KB shared memory per block
-             *[(k, 75, "fp32") for k in KERNEL_NAMES[:2]],
-             *[(k, 90, "bf16") for k in KERNEL_NAMES[:2]]]  # H100: the wgmma path, bf16
+    cases = [
+        *[(k, 75, "fp16") for k in KERNEL_NAMES],  # T4 (Colab's free GPU): 64 KB shared memory per block
+        *[(k, 75, "fp32") for k in KERNEL_NAMES[:2]],
+        *[(k, 90, "bf16") for k in KERNEL_NAMES[:2]],
+    ]  # H100: the wgmma path, bf16
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, json.dumps(cases)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, f"GPU compile failed:\n{run.stderr[-3000:]}"
     for name, arch, dtype, cubin_bytes, shared in json.loads(run.stdout.strip().splitlines()[-1]):
         assert cubin_bytes > 0

@@ -5,19 +5,20 @@ TRITON_INTERPRET=0 on a CUDA machine the same tests run compiled on the GPU in f
 Tolerances: fp32 1e-5 relative to the logits' magnitude (the same sums in another order); the fp16
 GPU run 2e-2 (fp16 activations through two layers, tl.dot's own accumulation order).
 """
+
 import copy
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed; the fused path is untested")
 
-from labkit import evaluate, models  # noqa: E402
-from labkit.kernels import _triton  # noqa: E402
-from labkit.kernels import llama as fused_llama  # noqa: E402
+from labkit import evaluate, models
+from labkit.kernels import _triton
+from labkit.kernels import llama as fused_llama
 
 if _triton.interpreted():
     DEVICE, DTYPE, TOL = "cpu", torch.float32, 1e-5

@@ -1,4 +1,5 @@
 """labkit.kernels.roofline: costs from shapes, traffic counted from eager code, the GPU table."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,14 @@ def test_gpu_table_and_roofline():
 
 
 def test_decoder_costs_decode_is_memory_bound_prefill_compute_bound():
-    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    cfg = transformers.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
     ridge = roofline.device_peak("A100-SXM4-80GB").ridge
     decode = roofline.decoder_layer_costs(cfg, tokens=1, context=2048)
     prefill = roofline.decoder_layer_costs(cfg, tokens=2048)
@@ -44,8 +51,9 @@ def test_decoder_costs_decode_is_memory_bound_prefill_compute_bound():
     assert decode["attention"].intensity == pytest.approx(1.0, rel=1e-3)  # MHA decode: 1 FLOP per fp16 byte
     for op in ("rms_norm + residual", "silu_and_mul"):
         assert prefill[op].intensity < 1
-    gqa = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3)
+    gqa = transformers.LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
+    )
     assert roofline.decoder_layer_costs(gqa, 1, 512)["attention"].intensity == pytest.approx(3.0, rel=1e-2)
     step = roofline.decode_step_cost(cfg, batch=1, context=2048)
     assert 14.0e9 < step.bytes < 14.5e9  # 6.7 G fp16 weights + 1 GiB of KV cache + the output layer
@@ -55,9 +63,17 @@ def test_count_traffic_of_eager_rms_norm():
     x, w = torch.empty(16, 4096, **META), torch.empty(4096, **META)
     ops = roofline.count_traffic(rms_norm_torch, x, w, 1e-6, x)
     names = [op.op for op in ops]
-    assert names == ["aten.add.Tensor", "aten._to_copy.default", "aten.pow.Tensor_Scalar", "aten.mean.dim",
-                     "aten.add.Tensor", "aten.rsqrt.default", "aten.mul.Tensor", "aten._to_copy.default",
-                     "aten.mul.Tensor"]
+    assert names == [
+        "aten.add.Tensor",
+        "aten._to_copy.default",
+        "aten.pow.Tensor_Scalar",
+        "aten.mean.dim",
+        "aten.add.Tensor",
+        "aten.rsqrt.default",
+        "aten.mul.Tensor",
+        "aten._to_copy.default",
+        "aten.mul.Tensor",
+    ]
     n = 16 * 4096
     assert ops[0].read == 2 * n * 2 and ops[0].written == n * 2  # fp16 add
     assert ops[1].written == 4 * n  # the fp32 upcast
@@ -74,8 +90,9 @@ def test_count_traffic_skips_views_and_counts_broadcasts_once():
     ops = roofline.count_traffic(w4a16_matmul_torch, torch.empty(1, 32, **META), q, s, s, 32)
     clones = [op for op in ops if op.op == "aten.clone.default"]  # repeat_interleave of the scales
     assert clones and all(op.read == 32 * 1 * 4 for op in clones)  # reads 32 fp32 scales, not 32 x 32
-    assert sum(op.total for op in roofline.count_traffic(F.linear, torch.empty(1, 32, **META),
-                                                          torch.empty(48, 32, **META))) == 2 * (32 + 48 * 32 + 48)
+    assert sum(
+        op.total for op in roofline.count_traffic(F.linear, torch.empty(1, 32, **META), torch.empty(48, 32, **META))
+    ) == 2 * (32 + 48 * 32 + 48)
 
 
 def test_count_traffic_on_real_tensors_and_timing():

@@ -1,4 +1,5 @@
 """labkit.lowrank: SVD, SVD-LLM whitening, rank allocation, low rank + sparse. Tiny Llama and small matrices."""
+
 import copy
 
 import pytest
@@ -54,6 +55,7 @@ def output_error(W, W_hat, X):
 
 # --- one matrix ----------------------------------------------------------------------------------
 
+
 def test_full_rank_svd_reproduces_the_layer():
     W, X = correlated_layer()
     A, B, s = lowrank.truncated_svd(W, 32)
@@ -100,6 +102,7 @@ def test_whitening_dampens_a_singular_hessian():
 
 
 # --- the model -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("aware", [False, True])
 def test_svd_at_full_rank_reproduces_the_model(model, tiny, calibration, tokens, aware):
@@ -163,6 +166,7 @@ def test_sequential_walk_runs(model, calibration, tokens):
 
 # --- rank allocation ----------------------------------------------------------------------------
 
+
 def test_greedy_ranks_on_hand_made_spectra():
     spectra = {"steep": torch.tensor([10.0, 1.0, 0.1, 0.01]), "flat": torch.tensor([1.0, 1.0, 1.0, 1.0])}
     shapes = {"steep": (4, 4), "flat": (4, 4)}  # 16 parameters each; one rank holds 8
@@ -189,7 +193,8 @@ def test_allocation_meets_the_budget(tiny, calibration, budget):
     assert report.params_after == allocation.params_after
     first = "layers.0.mlp.down_proj"  # layer 0 sees the same inputs in both walks: the same error
     assert report.layers[first].discarded == pytest.approx(
-        lowrank.discarded(allocation.spectra[first], allocation.ranks[first]), rel=1e-4)
+        lowrank.discarded(allocation.spectra[first], allocation.ranks[first]), rel=1e-4
+    )
 
 
 def test_allocation_from_weights_alone(tiny):
@@ -198,6 +203,7 @@ def test_allocation_from_weights_alone(tiny):
 
 
 # --- errors -----------------------------------------------------------------------------------------
+
 
 def test_svd_errors(model, calibration):
     with pytest.raises(ValueError, match="rank=0 for layers.0.self_attn.q_proj"):
@@ -233,6 +239,7 @@ def test_allocation_errors(tiny, calibration):
 
 # --- low rank + sparse ------------------------------------------------------------------------------
 
+
 def test_sparse_plus_lowrank_module():
     W, X = correlated_layer()
     linear = torch.nn.Linear(48, 32, bias=True)
@@ -247,8 +254,10 @@ def test_sparse_plus_lowrank_module():
     assert layer.stored_bytes() == 4 * (rank * (48 + 32) + 32 + k) + 4 * k  # values + int32 indices
     A, B, _ = lowrank.truncated_svd(W, rank)
     lowrank_only = ((W - B @ A) ** 2).sum()
-    errors = [((W - lowrank.SparsePlusLowRankLinear.from_linear(linear, rank, density, iters).weight) ** 2).sum()
-              for iters in (1, 2, 4)]
+    errors = [
+        ((W - lowrank.SparsePlusLowRankLinear.from_linear(linear, rank, density, iters).weight) ** 2).sum()
+        for iters in (1, 2, 4)
+    ]
     assert errors[0] < lowrank_only and errors[2] <= errors[1] * 1.0001 <= errors[0] * 1.0001
     # the sparse part holds exactly the largest residuals of W − B A after one step
     S = layer.sparse_weight()

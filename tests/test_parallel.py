@@ -4,6 +4,7 @@ The ranks are processes forked from labkit's fork server: the first launch of a 
 it (a few seconds: it imports torch and transformers once), later launches take well under a
 second. The worker functions below are module-level so that the ranks can import them.
 """
+
 import multiprocessing
 import os
 import time
@@ -56,8 +57,9 @@ def test_tensor_parallel_equals_single_process(setup):
 
 def test_pipeline_parallel_equals_single_process(setup):
     _, _, ids, logits, folder = setup
-    ranks = parallel.launch(parallel.pipeline_forward, 2, folder, ids, (1, 2, 4), None, False,
-                            return_all=True, timeout=120)
+    ranks = parallel.launch(
+        parallel.pipeline_forward, 2, folder, ids, (1, 2, 4), None, False, return_all=True, timeout=120
+    )
     assert [r["layers"] for r in ranks] == [[0], [1]]
     assert ranks[0]["logits"] == {}  # only the last stage has the output layer
     for m in (1, 2, 4):
@@ -73,7 +75,9 @@ def test_in_memory_sharding_keeps_the_right_slices():
     original = {k: v.clone() for k, v in model.model.layers[0].state_dict().items()}
     parallel.tensor_parallel(model, 1, 2)  # rank 1 of 2: query heads 2, 3 (16 features each), KV head 1
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    assert isinstance(attn.q_proj, parallel.ColumnParallelLinear) and isinstance(mlp.down_proj, parallel.RowParallelLinear)
+    assert isinstance(attn.q_proj, parallel.ColumnParallelLinear) and isinstance(
+        mlp.down_proj, parallel.RowParallelLinear
+    )
     assert torch.equal(attn.q_proj.weight, original["self_attn.q_proj.weight"][32:64])
     assert torch.equal(attn.k_proj.weight, original["self_attn.k_proj.weight"][16:32])
     assert torch.equal(attn.o_proj.weight, original["self_attn.o_proj.weight"][:, 32:64])
@@ -153,8 +157,11 @@ def test_truncated_file(setup, tmp_path):
     path = folder / "layer_001.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 100])
-    for call in (lambda: parallel.check_folder(folder), lambda: parallel.load_offloaded(folder),
-                 lambda: parallel.load_folder(folder)):
+    for call in (
+        lambda: parallel.check_folder(folder),
+        lambda: parallel.load_offloaded(folder),
+        lambda: parallel.load_folder(folder),
+    ):
         with pytest.raises(ValueError, match=r"layer_001.safetensors is truncated or damaged"):
             call()
     path.write_bytes(data[:5])
@@ -163,6 +170,7 @@ def test_truncated_file(setup, tmp_path):
 
 
 # --- the launcher: failures are reported by rank, and nothing is left running -------------------
+
 
 def _ok(rank, world_size):
     return {"rank": rank, "t": torch.arange(3)}
@@ -195,7 +203,9 @@ def test_launcher_reports_the_failing_rank():
     assert out["rank"] == 0 and torch.equal(out["t"], torch.arange(3))
     assert [r["rank"] for r in parallel.launch(_ok, 2, return_all=True)] == [0, 1]
     start = time.monotonic()
-    with pytest.raises(parallel.RankFailed, match=r"rank 1 of 2 failed:(.|\n)*ArithmeticError: rank 1 cannot divide") as err:
+    with pytest.raises(
+        parallel.RankFailed, match=r"rank 1 of 2 failed:(.|\n)*ArithmeticError: rank 1 cannot divide"
+    ) as err:
         parallel.launch(_fail_on_rank_1, 2, timeout=60)
     assert err.value.rank == 1 and time.monotonic() - start < 30  # not the collective's timeout
     with pytest.raises(parallel.RankFailed, match="rank 1 of 2 exited with code 3 without reporting") as err:

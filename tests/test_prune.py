@@ -1,4 +1,5 @@
 """labkit.prune: masks, magnitude, Wanda, SparseGPT, sparse storage. Fast: tiny random Llama and small matrices."""
+
 import copy
 
 import pytest
@@ -52,6 +53,7 @@ def check_nm(weight, n, m):
 
 # --- masks ----------------------------------------------------------------------------------------
 
+
 def test_parse_pattern():
     assert masks.parse_pattern("unstructured") is None
     assert masks.parse_pattern("2:4") == (2, 4)
@@ -70,6 +72,7 @@ def test_lowest_mask_exact_with_ties():
 
 # --- magnitude ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
 def test_magnitude_layer_exact_and_keeps_largest(model, sparsity):
     before = {name: lin.weight.clone() for name, lin in linears(model).items()}
@@ -80,7 +83,7 @@ def test_magnitude_layer_exact_and_keeps_largest(model, sparsity):
         pruned = W == 0
         assert int(pruned.sum()) == round(sparsity * W.numel()), name
         assert torch.equal(W[~pruned], W0[~pruned])  # kept weights untouched
-        if 0 < sparsity:
+        if sparsity > 0:
             assert W0[pruned].abs().max() <= W0[~pruned].abs().min()  # the smallest went
         assert rep.per_linear[name] == pytest.approx(round(sparsity * W.numel()) / W.numel())
     assert torch.equal(model.model.embed_tokens.weight, embed) and torch.equal(model.model.norm.weight, norm)
@@ -120,6 +123,7 @@ def test_magnitude_nm(model, pattern, n, m):
 
 # --- Wanda ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", None)])
 def test_wanda_uniform_activations_is_row_magnitude(pattern, sparsity):
     W = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
@@ -158,6 +162,7 @@ def test_wanda_model_exact_and_faithful(model, calibration, pattern, sparsity):
 
 
 # --- SparseGPT ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", None)])
 def test_sparsegpt_matches_naive_reference(pattern, sparsity):
@@ -219,6 +224,7 @@ def test_sparsegpt_model_exact(model, calibration, pattern, sparsity):
 
 # --- reports --------------------------------------------------------------------------------------
 
+
 def test_sparsity_report(model):
     rep = prune.sparsity_report(model)
     assert rep.overall == 0 and len(rep.per_linear) == 2 * 7
@@ -232,20 +238,25 @@ def test_sparsity_report(model):
 # --- storage --------------------------------------------------------------------------------------
 
 # 4 x 8, 2:4 sparse, with one all-zero group (row 3, columns 4..7): nnz = 14
-EXAMPLE = torch.tensor([
-    [1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 0.0, 4.0],
-    [0.0, 5.0, 6.0, 0.0, 7.0, 8.0, 0.0, 0.0],
-    [9.0, 1.5, 0.0, 0.0, 0.0, 0.0, 2.5, 3.5],
-    [0.0, 0.0, 4.5, 5.5, 0.0, 0.0, 0.0, 0.0],
-])
+EXAMPLE = torch.tensor(
+    [
+        [1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 0.0, 4.0],
+        [0.0, 5.0, 6.0, 0.0, 7.0, 8.0, 0.0, 0.0],
+        [9.0, 1.5, 0.0, 0.0, 0.0, 0.0, 2.5, 3.5],
+        [0.0, 0.0, 4.5, 5.5, 0.0, 0.0, 0.0, 0.0],
+    ]
+)
 
 
-@pytest.mark.parametrize("dtype,expected", [
-    # dense: 32 values. bitmask: 32 bits = 4 B + 14 values. csr: 14 · (value + 2 B int16 index) + 5 int32 row
-    # starts = 20 B. 2:4: 16 kept slots + 16 · 2 bits = 4 B.
-    (torch.float32, {"dense": 128, "bitmask": 4 + 56, "csr": 14 * 6 + 20, "2:4": 64 + 4}),
-    (torch.float16, {"dense": 64, "bitmask": 4 + 28, "csr": 14 * 4 + 20, "2:4": 32 + 4}),
-])
+@pytest.mark.parametrize(
+    "dtype,expected",
+    [
+        # dense: 32 values. bitmask: 32 bits = 4 B + 14 values. csr: 14 · (value + 2 B int16 index) + 5 int32 row
+        # starts = 20 B. 2:4: 16 kept slots + 16 · 2 bits = 4 B.
+        (torch.float32, {"dense": 128, "bitmask": 4 + 56, "csr": 14 * 6 + 20, "2:4": 64 + 4}),
+        (torch.float16, {"dense": 64, "bitmask": 4 + 28, "csr": 14 * 4 + 20, "2:4": 32 + 4}),
+    ],
+)
 def test_storage_bytes_hand_computed(dtype, expected):
     W = EXAMPLE.to(dtype)
     for format, nbytes in expected.items():
@@ -281,8 +292,9 @@ def test_to_sparse_model(model, format):
     with torch.no_grad():
         expected = model(ids).logits
     dense_bytes = evaluate.weight_bytes(model)
-    sparse_bytes = sum(prune.storage_bytes(lin.weight, format) - prune.dense_bytes(lin.weight)
-                       for lin in linears(model).values())
+    sparse_bytes = sum(
+        prune.storage_bytes(lin.weight, format) - prune.dense_bytes(lin.weight) for lin in linears(model).values()
+    )
     prune.to_sparse(model, format)
     assert all(isinstance(m, prune.SparseLinear) for m in linears(model).values())
     assert not isinstance(model.lm_head, prune.SparseLinear)
@@ -293,6 +305,7 @@ def test_to_sparse_model(model, format):
 
 
 # --- bad inputs -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, "0.5", True])
 def test_bad_sparsity(model, sparsity):
@@ -305,11 +318,17 @@ def test_missing_sparsity(model, calibration):
         prune.wanda(model, calibration)
 
 
-@pytest.mark.parametrize("pattern,message", [
-    ("4:4", "needs 1 <= N < M"), ("5:4", "needs 1 <= N < M"), ("0:4", "needs 1 <= N < M"),
-    ("2-4", "allowed are 'unstructured' or 'N:M'"), ("semi", "allowed are 'unstructured' or 'N:M'"),
-    ("2:4:8", "allowed are 'unstructured' or 'N:M'"),
-])
+@pytest.mark.parametrize(
+    "pattern,message",
+    [
+        ("4:4", "needs 1 <= N < M"),
+        ("5:4", "needs 1 <= N < M"),
+        ("0:4", "needs 1 <= N < M"),
+        ("2-4", "allowed are 'unstructured' or 'N:M'"),
+        ("semi", "allowed are 'unstructured' or 'N:M'"),
+        ("2:4:8", "allowed are 'unstructured' or 'N:M'"),
+    ],
+)
 def test_bad_pattern(model, pattern, message):
     with pytest.raises(ValueError, match=message):
         prune.magnitude(model, 0.5, pattern)

@@ -1,4 +1,5 @@
 """Structured pruning (labkit.prune.structured, flap, llm_pruner) on the tiny random Llama (GQA: 4 query / 2 KV heads)."""
+
 import copy
 
 import pytest
@@ -34,6 +35,7 @@ def logits(model, tokens):
 
 
 # --- the surgery ------------------------------------------------------------------------------------
+
 
 def test_head_and_channel_indices():
     assert prune.head_channels([1, 3], 2).tolist() == [2, 3, 6, 7]
@@ -110,8 +112,10 @@ def test_bias_compensation_lowers_the_mlp_output_error(model, calibration):
     """On the calibration inputs of one MLP, replacing removed channels by their mean beats dropping them."""
     mlp = model.model.layers[1].mlp
     seen = []
-    hooks = [mlp.register_forward_hook(lambda m, i, o: seen.append((i[0], o))),
-             mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))]
+    hooks = [
+        mlp.register_forward_hook(lambda m, i, o: seen.append((i[0], o))),
+        mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0])),
+    ]
     logits(model, calibration)
     for h in hooks:
         h.remove()
@@ -128,6 +132,7 @@ def test_bias_compensation_lowers_the_mlp_output_error(model, calibration):
 
 
 # --- FLaP ---------------------------------------------------------------------------------------------
+
 
 def test_fluctuation_score():
     W = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
@@ -177,6 +182,7 @@ def test_flap_allocation_is_global(tiny_pair):
 
 
 # --- LLM-Pruner ---------------------------------------------------------------------------------------
+
 
 def test_default_layers_match_the_paper():
     assert prune.default_layers(32) == list(range(4, 30))  # LLaMA-7B: layers 4-29
@@ -239,6 +245,7 @@ def test_lora_linear_merge_is_exact():
 
 
 # --- bad input --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5, True, "0.2", None])
 def test_bad_ratio(model, calibration, ratio):

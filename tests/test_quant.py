@@ -1,4 +1,5 @@
 """Fast tests of labkit.quant on small random matrices and the 2-layer random Llama."""
+
 import math
 
 import numpy as np
@@ -49,6 +50,7 @@ def layer_error(W, W_hat, X):  # ‖W X − Ŵ X‖², X as [tokens, in]
 
 
 # --- packing --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", [(0,), (1,), (7,), (3, 5), (2, 3, 7), (64, 33)])
@@ -113,6 +115,7 @@ def test_pack_int32_matches_autogptq(bits):
 
 
 # --- grids ------------------------------------------------------------------------------------------
+
 
 def on_grid(bits, out=6, n_groups=4, gs=8, seed=0):
     """W exactly on an asymmetric integer grid: each group holds codes 0 and maxq, fp16 scales."""
@@ -205,8 +208,12 @@ def test_nf4_fp4_and_fp8():
         assert torch.allclose(formats.dequantize_lut(*formats.quantize_lut(exact, grid, 64), grid), exact)
     # FP8: the plain-torch reference equals torch's float8 casts (exact: both round to nearest even),
     # over normal, subnormal and tie values; and both saturate at the largest finite value.
-    x = torch.cat([torch.randn(2000) * 10.0 ** torch.randint(-4, 4, (2000,)).float(),
-                   torch.tensor([0.0, 2.0**-9, 3 * 2.0**-10, 1.0625, 1.1875, 500.0, -1e6])])
+    x = torch.cat(
+        [
+            torch.randn(2000) * 10.0 ** torch.randint(-4, 4, (2000,)).float(),
+            torch.tensor([0.0, 2.0**-9, 3 * 2.0**-10, 1.0625, 1.1875, 500.0, -1e6]),
+        ]
+    )
     for fmt, maxval in (("e4m3", 448.0), ("e5m2", 57344.0)):
         assert torch.equal(formats.fp8_round_reference(x, fmt), formats.fp8_round(x, fmt))
         assert formats.fp8_round(torch.tensor([1e9]), fmt).item() == maxval
@@ -217,8 +224,10 @@ def test_nf4_fp4_and_fp8():
 
 # --- GPTQ on one layer --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bits,group_size,blocksize", [(4, None, 128), (3, None, 16), (4, 16, 32), (3, 32, 24),
-                                                       (4, 24, 40)])  # groups that straddle lazy blocks
+
+@pytest.mark.parametrize(
+    "bits,group_size,blocksize", [(4, None, 128), (3, None, 16), (4, 16, 32), (3, 32, 24), (4, 24, 40)]
+)  # groups that straddle lazy blocks
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn_on_layer_error(bits, group_size, blocksize, act_order):
     g = torch.Generator().manual_seed(3)
@@ -226,8 +235,9 @@ def test_gptq_beats_rtn_on_layer_error(bits, group_size, blocksize, act_order):
     X = correlated_inputs(96)
     hessian = walk.Hessian(96)
     hessian.add(X)
-    Wq, codes, scales, zeros, g_idx = gptq_quantize_weight(W, hessian.H, bits, group_size, act_order=act_order,
-                                                           blocksize=blocksize)
+    Wq, codes, scales, zeros, g_idx = gptq_quantize_weight(
+        W, hessian.H, bits, group_size, act_order=act_order, blocksize=blocksize
+    )
     rtn_error = layer_error(W, formats.fake_quantize(W, bits, group_size), X)
     assert layer_error(W, Wq, X) < 0.8 * rtn_error
     # the returned pieces describe Wq exactly, also with act-order's unsorted g_idx
@@ -253,9 +263,18 @@ def test_gptq_dead_columns_and_act_order_helps():
 
 # --- QuantLinear ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("kw", [dict(group_size=None), dict(group_size=16), dict(group_size=16, float_offset=True),
-                                dict(group_size=32, sym=True), dict(group_size=8)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(group_size=None),
+        dict(group_size=16),
+        dict(group_size=16, float_offset=True),
+        dict(group_size=32, sym=True),
+        dict(group_size=8),
+    ],
+)
 def test_quantlinear_forward_equals_dense(bits, kw):
     torch.manual_seed(5)
     linear = nn.Linear(64, 24, bias=True)
@@ -283,11 +302,13 @@ def test_quantlinear_act_order_and_stored_bytes():
 
 # --- whole model: RTN and GPTQ --------------------------------------------------------------------
 
+
 def test_rtn_model(tiny, calibration):
     model, _ = tiny
     dense_bytes = evaluate.weight_bytes(model)
-    linear_bytes = sum(p.numel() * 4 for layer in model.model.layers for p in
-                       (m.weight for m in models.linear_layers(layer).values()))
+    linear_bytes = sum(
+        p.numel() * 4 for layer in model.model.layers for p in (m.weight for m in models.linear_layers(layer).values())
+    )
     packed, fake = fresh(), fresh()
     report = rtn(packed, 4, group_size=32)
     rtn(fake, 4, group_size=32, pack=False)
@@ -310,6 +331,7 @@ def test_gptq_model(calibration, kw):
 
 
 # --- checkpoints --------------------------------------------------------------------------------
+
 
 def test_save_load_quantized(tmp_path, calibration):
     model = fresh()
@@ -343,8 +365,15 @@ def test_save_load_quantized(tmp_path, calibration):
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
-@pytest.mark.parametrize("bits,kw", [(4, dict(group_size=32, sym=True)), (3, dict(group_size=32, act_order=True)),
-                                     (2, dict(group_size=None)), (4, dict(group_size=16, act_order=True))])
+@pytest.mark.parametrize(
+    "bits,kw",
+    [
+        (4, dict(group_size=32, sym=True)),
+        (3, dict(group_size=32, act_order=True)),
+        (2, dict(group_size=None)),
+        (4, dict(group_size=16, act_order=True)),
+    ],
+)
 def test_gptq_layout_roundtrip(tmp_path, calibration, fmt, bits, kw):
     model = fresh()
     gptq(model, calibration, bits, **kw)
@@ -379,6 +408,7 @@ def test_gptq_layout_refuses_zero_point_zero(tmp_path):
 
 
 # --- bad inputs -----------------------------------------------------------------------------------
+
 
 def test_bad_inputs():
     w = torch.randn(8, 64)

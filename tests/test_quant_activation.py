@@ -1,4 +1,5 @@
 """Activation quantization and QLoRA storage: int8 arithmetic, LLM.int8(), SmoothQuant + W8A8, NF4 + DQ."""
+
 import copy
 import math
 
@@ -29,6 +30,7 @@ def _activations(tokens=16, features=32, outlier=5, size=60.0, seed=1):
 
 
 # --- int8 arithmetic ---------------------------------------------------------------------------
+
 
 def test_absmax_quantize_error_is_at_most_half_a_step():
     x = _activations()
@@ -73,6 +75,7 @@ def test_w8a8_and_w8a16_layers_match_float_within_int8_tolerance():
 
 # --- LLM.int8() -----------------------------------------------------------------------------------
 
+
 def test_llm_int8_handles_outlier_features_exactly():
     lin = _linear()
     q = Int8Linear.from_linear(lin, "llm.int8", threshold=6.0)
@@ -105,9 +108,19 @@ def test_llm_int8_on_tiny_model(tiny):
     report = quant.llm_int8(model, threshold=1.0, calibration=ids)
     assert report.layers == 14
     assert len(quant.int8.int8_linears(model)) == 14
-    assert set(report.outliers) == {f"layers.{i}.{n}" for i in range(2) for n in
-                                    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
+    assert set(report.outliers) == {
+        f"layers.{i}.{n}"
+        for i in range(2)
+        for n in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+    }
     assert any(v > 0 for v in report.outliers.values())  # threshold 1 on unit-scale activations: many
     assert (model(ids).logits - ref).abs().max() < 0.05
     linear_params = sum(m.weight_int8.numel() for m in quant.int8.int8_linears(model).values())
@@ -124,6 +137,7 @@ def test_int8_weight_bytes(tiny):
 
 
 # --- SmoothQuant ---------------------------------------------------------------------------------
+
 
 def test_smoothing_factors_migrate_the_range():
     act_max = torch.tensor([40.0, 1.0, 0.5, 8.0])
@@ -181,6 +195,7 @@ def test_smoothquant_and_w8a16_on_tiny_model(tiny):
 
 
 # --- NF4 ---------------------------------------------------------------------------------------
+
 
 def test_dynamic_map():
     m = dynamic_map()
@@ -242,6 +257,7 @@ def test_nf4_on_tiny_model(tiny):
 
 
 # --- bad input -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("threshold", [0, -1.0, float("nan"), float("inf"), "6"])
 def test_llm_int8_rejects_bad_threshold(tiny, threshold):

@@ -1,4 +1,5 @@
 """Integration tests on the real CPU-profile model, SmolLM2-135M (offline, from the GGUF package)."""
+
 import time
 
 import torch

@@ -6,9 +6,22 @@ from labkit import results
 
 
 def row(**kw):
-    base = dict(lesson="00_baseline", method="fp32", setting="-", profile="cpu", model="m", params=10,
-                weight_bytes=40, runtime_bytes=50, tokens_per_s=1.5, perplexity=20.0, seqlen=512,
-                eval_windows=32, data="local:x", device="cpu")
+    base = dict(
+        lesson="00_baseline",
+        method="fp32",
+        setting="-",
+        profile="cpu",
+        model="m",
+        params=10,
+        weight_bytes=40,
+        runtime_bytes=50,
+        tokens_per_s=1.5,
+        perplexity=20.0,
+        seqlen=512,
+        eval_windows=32,
+        data="local:x",
+        device="cpu",
+    )
     return results.Row(**{**base, **kw})
 
 

@@ -1,18 +1,24 @@
 """labkit.serving: block manager invariants, copy-on-write, the paged cache, memory waste, and the
 continuous-batching engine, whose greedy outputs must equal model.generate token for token."""
+
 import importlib.util
 import os
 import random
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # one test runs the engine on the Triton kernels (interpreted)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from labkit import models  # noqa: E402
-from labkit.kernels import _triton, paged_attention_decode_torch  # noqa: E402
-from labkit.serving import (  # noqa: E402
-    BlockManager, Engine, NoFreeBlocksError, PagedKVCache, kv_bytes_per_token, kv_memory_waste,
+from labkit import models
+from labkit.kernels import _triton, paged_attention_decode_torch
+from labkit.serving import (
+    BlockManager,
+    Engine,
+    NoFreeBlocksError,
+    PagedKVCache,
+    kv_bytes_per_token,
+    kv_memory_waste,
     synthetic_request_lengths,
 )
 
@@ -27,6 +33,7 @@ def one_thread():
 
 
 # --- BlockManager ----------------------------------------------------------------------------------------
+
 
 def test_allocate_append_free():
     bm = BlockManager(num_blocks=8, block_size=4)
@@ -134,12 +141,12 @@ def test_paged_cache_write_copy_and_attention():
     k, v = torch.randn(11, 2, 8), torch.randn(11, 2, 8)
     for t in range(11):
         slot, _ = bm.append_slot("x")
-        cache.write(0, torch.tensor([slot]), k[t:t + 1], v[t:t + 1])
+        cache.write(0, torch.tensor([slot]), k[t : t + 1], v[t : t + 1])
     q = torch.randn(1, 4, 8)
     table = torch.tensor([bm.block_table("x")], dtype=torch.int32)
     out = paged_attention_decode_torch(q, cache.k[0], cache.v[0], table, torch.tensor([11], dtype=torch.int32))
     keys, vals = k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1)
-    ref = torch.softmax(q[0][:, None] @ keys.transpose(1, 2) / 8 ** 0.5, -1) @ vals
+    ref = torch.softmax(q[0][:, None] @ keys.transpose(1, 2) / 8**0.5, -1) @ vals
     torch.testing.assert_close(out[0], ref[:, 0])
     bm.fork("x", "z")
     slot, (src, dst) = bm.append_slot("z")
@@ -153,6 +160,7 @@ def tiny():
 
 
 # --- memory waste ----------------------------------------------------------------------------------------
+
 
 def test_memory_waste_by_hand():
     r = kv_memory_waste([1, 16, 17], max_seq_len=32, block_size=16, bytes_per_token=10)
@@ -181,7 +189,7 @@ def hf_greedy(model, tok, prompt, max_new_tokens, **kwargs):
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_engine_equals_generate_with_continuous_batching(tiny):

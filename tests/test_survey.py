@@ -1,4 +1,5 @@
 """The survey's published table, and the arithmetic the capstone reads out of it."""
+
 from labkit import survey
 
 LLAMA_7B_PARAMS = 6_738_415_616  # huggyllama/llama-7b, counted from its config

@@ -66,8 +66,10 @@ def test_sequential_groups_see_inputs_after_earlier_changes(tiny):
         if "mlp.up_proj" in stats and i == 0:
             seen["up"] = stats["mlp.up_proj"].x
 
-    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-              ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]]
+    groups = [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    ]
     walk.calibration_walk(model, CALIB, lambda n, lin: Keep(), update, sequential=groups)
     layer0 = model.model.layers[0]
     h = model.model.embed_tokens(CALIB).reshape(-1, 64)  # residual stream with zero attention
@@ -107,8 +109,10 @@ def test_observation_stops_once_the_group_has_its_inputs(tiny):
     model, _ = tiny
     calls = {"o_proj": 0, "down_proj": 0}
     layer0 = model.model.layers[0]
-    hooks = [layer0.self_attn.o_proj.register_forward_hook(lambda *a: calls.__setitem__("o_proj", calls["o_proj"] + 1)),
-             layer0.mlp.down_proj.register_forward_hook(lambda *a: calls.__setitem__("down_proj", calls["down_proj"] + 1))]
+    hooks = [
+        layer0.self_attn.o_proj.register_forward_hook(lambda *a: calls.__setitem__("o_proj", calls["o_proj"] + 1)),
+        layer0.mlp.down_proj.register_forward_hook(lambda *a: calls.__setitem__("down_proj", calls["down_proj"] + 1)),
+    ]
     counts = {}
 
     def update(i, layer, stats):
@@ -116,9 +120,17 @@ def test_observation_stops_once_the_group_has_its_inputs(tiny):
             counts.update({name: (len(s.xs), dict(calls)) for name, s in stats.items()})
 
     try:
-        walk.calibration_walk(model, CALIB, lambda n, lin: Keep(), update, batch_size=2,
-                              sequential=[["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                                          ["self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]])
+        walk.calibration_walk(
+            model,
+            CALIB,
+            lambda n, lin: Keep(),
+            update,
+            batch_size=2,
+            sequential=[
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                ["self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+            ],
+        )
     finally:
         for h in hooks:
             h.remove()

@@ -20,6 +20,7 @@ Configuration (optional, in `sphinx: config:`): `offline_mathjax_version`,
 `offline_mathjax_sha512`, `offline_mathjax_cache` (default: $LABKIT_MATHJAX_CACHE, else
 $XDG_CACHE_HOME/labkit/mathjax or ~/.cache/labkit/mathjax).
 """
+
 from __future__ import annotations
 
 import base64
@@ -62,24 +63,29 @@ def mathjax_tarball(version: str, sha512: str, cache: Path) -> Path:
     tgz = cache / f"mathjax-{version}.tgz"
     if tgz.exists():
         if sha512 and sha512_b64(tgz) != sha512:
-            raise ExtensionError(f"{tgz} does not have the sha512 of mathjax@{version} ({sha512}); "
-                                 "delete it to fetch it again")
+            raise ExtensionError(
+                f"{tgz} does not have the sha512 of mathjax@{version} ({sha512}); delete it to fetch it again"
+            )
         return tgz
     npm = shutil.which("npm")
     if npm is None:
         raise ExtensionError(
             f"the book needs MathJax {version} for offline math, and `npm` is not installed to fetch it: "
             f"install Node.js/npm (Debian: apt-get install npm), or put the file that "
-            f"`npm pack mathjax@{version}` writes at {tgz}")
+            f"`npm pack mathjax@{version}` writes at {tgz}"
+        )
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         logger.info(f"[offline] fetching mathjax@{version} from the npm registry into {cache}")
-        done = subprocess.run([npm, "pack", f"mathjax@{version}", "--silent"], cwd=tmp,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [npm, "pack", f"mathjax@{version}", "--silent"], cwd=tmp, capture_output=True, text=True, timeout=300
+        )
         fetched = Path(tmp) / tgz.name
         if done.returncode != 0 or not fetched.exists():
-            raise ExtensionError(f"`npm pack mathjax@{version}` failed (exit {done.returncode}): "
-                                 f"{(done.stderr or done.stdout).strip()[-1000:]}")
+            raise ExtensionError(
+                f"`npm pack mathjax@{version}` failed (exit {done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()[-1000:]}"
+            )
         if sha512 and sha512_b64(fetched) != sha512:
             raise ExtensionError(f"the mathjax@{version} that npm fetched does not have the pinned sha512 {sha512}")
         os.replace(fetched, tgz)
@@ -87,8 +93,7 @@ def mathjax_tarball(version: str, sha512: str, cache: Path) -> Path:
 
 
 def mathjax_is_local(config) -> bool:
-    return bool(config.mathjax_path) and "://" not in config.mathjax_path \
-        and not config.mathjax_path.startswith("//")
+    return bool(config.mathjax_path) and "://" not in config.mathjax_path and not config.mathjax_path.startswith("//")
 
 
 def fetch_mathjax(app) -> None:
@@ -96,12 +101,15 @@ def fetch_mathjax(app) -> None:
     if app.builder.format != "html" or not mathjax_is_local(app.config):
         return
     if not app.config.mathjax_path.startswith("mathjax/"):
-        raise ExtensionError(f"mathjax_path={app.config.mathjax_path!r}: a local MathJax lives under "
-                             "'mathjax/' in _static (e.g. 'mathjax/tex-chtml.js'), or use a URL")
+        raise ExtensionError(
+            f"mathjax_path={app.config.mathjax_path!r}: a local MathJax lives under "
+            "'mathjax/' in _static (e.g. 'mathjax/tex-chtml.js'), or use a URL"
+        )
     version = app.config.offline_mathjax_version
     sha512 = app.config.offline_mathjax_sha512 or (MATHJAX_SHA512 if version == MATHJAX_VERSION else "")
-    app.offline_mathjax_tgz = mathjax_tarball(version, sha512,
-                                              Path(app.config.offline_mathjax_cache or default_cache()))
+    app.offline_mathjax_tgz = mathjax_tarball(
+        version, sha512, Path(app.config.offline_mathjax_cache or default_cache())
+    )
 
 
 def install_mathjax(app, exception) -> None:
@@ -112,8 +120,11 @@ def install_mathjax(app, exception) -> None:
     target = Path(app.outdir) / "_static" / "mathjax"
     shutil.rmtree(target, ignore_errors=True)
     with tarfile.open(tgz) as tar:
-        members = [m for m in tar.getmembers()
-                   if m.isfile() and (m.name.startswith("package/es5/") or m.name == "package/LICENSE")]
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.isfile() and (m.name.startswith("package/es5/") or m.name == "package/LICENSE")
+        ]
         for m in members:  # package/es5/tex-chtml.js -> mathjax/tex-chtml.js
             m.name = m.name.removeprefix("package/").removeprefix("es5/")
             if m.name.startswith("/") or ".." in m.name.split("/"):
@@ -124,8 +135,10 @@ def install_mathjax(app, exception) -> None:
             tar.extractall(target, members=members)
     script = target / app.config.mathjax_path.removeprefix("mathjax/")
     if not script.is_file():
-        raise ExtensionError(f"mathjax_path={app.config.mathjax_path!r} is not a file of mathjax@"
-                             f"{app.config.offline_mathjax_version} (looked for {script})")
+        raise ExtensionError(
+            f"mathjax_path={app.config.mathjax_path!r} is not a file of mathjax@"
+            f"{app.config.offline_mathjax_version} (looked for {script})"
+        )
     logger.info(f"[offline] MathJax {app.config.offline_mathjax_version} copied to {target}")
 
 
@@ -142,6 +155,7 @@ def dedupe_scripts(app, pagename, templatename, context, doctree) -> None:
 
 class LocalColabBadge(SphinxTransform):
     """Point Colab's badge image at the local copy (read time, before images are collected)."""
+
     default_priority = 400
 
     def apply(self, **kwargs) -> None:

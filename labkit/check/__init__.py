@@ -8,6 +8,7 @@ prints one line: "✓ ..." when right, or "✗ ..." saying what differs (a shape
 absolute value) rather than just False. It returns True or False so a worked solution can
 `assert` it (CI executes the worked solutions).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -45,8 +46,15 @@ def call(verdict: Verdict, fn, *args, **kwargs):
     return None
 
 
-def tensor_like(verdict: Verdict, got, expected: torch.Tensor, what: str, atol: float = 1e-5,
-                rtol: float = 1e-4, hints: dict | None = None) -> bool:
+def tensor_like(
+    verdict: Verdict,
+    got,
+    expected: torch.Tensor,
+    what: str,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    hints: dict | None = None,
+) -> bool:
     """Compare `got` with `expected`: type, shape, dtype class, then values.
 
     hints: {description: tensor} of known wrong answers; when `got` matches one of them the
@@ -64,12 +72,16 @@ def tensor_like(verdict: Verdict, got, expected: torch.Tensor, what: str, atol: 
     if torch.allclose(g, e, atol=atol, rtol=rtol):
         return True
     for description, wrong in (hints or {}).items():
-        if tuple(wrong.shape) == tuple(g.shape) and torch.allclose(g, wrong.detach().double().cpu(), atol=atol, rtol=rtol):
+        if tuple(wrong.shape) == tuple(g.shape) and torch.allclose(
+            g, wrong.detach().double().cpu(), atol=atol, rtol=rtol
+        ):
             return verdict.fail(f"{what} is wrong: it looks like you {description}.")
     bad = (g - e).abs() > atol + rtol * e.abs()
     index = tuple(int(i) for i in bad.nonzero()[0])
-    return verdict.fail(f"{what} differs at {int(bad.sum())} of {bad.numel()} entries; first at index {index}: "
-                        f"got {g[index].item():.6g}, expected {e[index].item():.6g}.")
+    return verdict.fail(
+        f"{what} differs at {int(bad.sum())} of {bad.numel()} entries; first at index {index}: "
+        f"got {g[index].item():.6g}, expected {e[index].item():.6g}."
+    )
 
 
 def number_like(verdict: Verdict, got, expected: float, what: str, rtol: float = 1e-3) -> bool:

@@ -5,6 +5,7 @@ losses, and the bytes a model's weights take.
     check.lesson00.perplexity(my_perplexity)
     check.lesson00.model_bytes(my_model_bytes)
 """
+
 from __future__ import annotations
 
 import math
@@ -33,25 +34,39 @@ def token_nll(fn) -> bool:
     expected = F.cross_entropy(logits[:-1], ids[1:], reduction="none")  # [seqlen - 1]
     got = call(v, fn, logits.clone(), ids.clone())
     if isinstance(got, torch.Tensor) and got.dim() == 0:
-        v.fail("you returned one number: return one loss per predicted token, a [seqlen - 1] tensor "
-               "(the perplexity exercise averages them).")
+        v.fail(
+            "you returned one number: return one loss per predicted token, a [seqlen - 1] tensor "
+            "(the perplexity exercise averages them)."
+        )
     if isinstance(got, torch.Tensor) and tuple(got.shape) == (seqlen,):
-        v.fail(f"you returned {seqlen} losses, one per position; the last position has no next token to predict, "
-               f"so there are {seqlen - 1}: compare logits[:-1] with ids[1:] (position t predicts token t+1).")
+        v.fail(
+            f"you returned {seqlen} losses, one per position; the last position has no next token to predict, "
+            f"so there are {seqlen - 1}: compare logits[:-1] with ids[1:] (position t predicts token t+1)."
+        )
     log_p = torch.log_softmax(logits, dim=-1)
     t = torch.arange(seqlen - 1)
-    tensor_like(v, got, expected, "the per-token NLL", hints={
-        "compared logits[t] with ids[t], the token the model was given, not the next one (use ids[1:])":
-            -log_p[t, ids[:-1]],
-        "compared logits[t + 1] with ids[t + 1]: the logits must come from the position before the token (use logits[:-1])":
-            -log_p[t + 1, ids[1:]],
-        "took the raw logit of the true token; it must be normalised first (log_softmax over the vocabulary)":
-            -logits[t, ids[1:]],
-        "forgot the minus sign: the negative log-likelihood is −log p, a positive number": log_p[t, ids[1:]],
-        "returned the probability 1 − p or −p instead of −log p": -log_p[t, ids[1:]].exp(),
-        "took the log-softmax over the positions (dim 0) instead of over the vocabulary (dim −1)":
-            -torch.log_softmax(logits, dim=0)[t, ids[1:]],
-    })
+    tensor_like(
+        v,
+        got,
+        expected,
+        "the per-token NLL",
+        hints={
+            "compared logits[t] with ids[t], the token the model was given, not the next one (use ids[1:])": -log_p[
+                t, ids[:-1]
+            ],
+            "compared logits[t + 1] with ids[t + 1]: the logits must come from the position before the token (use logits[:-1])": -log_p[
+                t + 1, ids[1:]
+            ],
+            "took the raw logit of the true token; it must be normalised first (log_softmax over the vocabulary)": -logits[
+                t, ids[1:]
+            ],
+            "forgot the minus sign: the negative log-likelihood is −log p, a positive number": log_p[t, ids[1:]],
+            "returned the probability 1 − p or −p instead of −log p": -log_p[t, ids[1:]].exp(),
+            "took the log-softmax over the positions (dim 0) instead of over the vocabulary (dim −1)": -torch.log_softmax(
+                logits, dim=0
+            )[t, ids[1:]],
+        },
+    )
     return v.report("These are the values F.cross_entropy(logits[:-1], ids[1:], reduction='none') gives.")
 
 
@@ -72,16 +87,32 @@ def perplexity(fn) -> bool:
             v.fail(f"you returned a tensor of shape {tuple(got.shape)}: the perplexity is one number over all windows.")
         else:
             got = got.item()
-    number_with_hints(v, got, expected, "the perplexity", rtol=1e-5, hints={
-        "averaged exp(NLL) (the mean of exp is not the exp of the mean: one hard token then dominates)":
-            nll.double().exp().mean().item(),
-        "averaged the windows' perplexities; perplexities do not average, NLLs do: exp(mean of all NLLs)":
-            nll.double().mean(1).exp().mean().item(),
-        "used exp(−mean NLL), which is 1 / perplexity (the NLL is already negated)": math.exp(-nll.double().mean().item()),
-        "used 2 ** mean; the NLL is in nats (natural log), so the base is e": 2 ** nll.double().mean().item(),
-        "took exp of the sum instead of the mean": math.exp(nll.double().sum().item()),
-        "returned the mean NLL itself (the cross-entropy); perplexity is its exponential": nll.double().mean().item(),
-    })
+    number_with_hints(
+        v,
+        got,
+        expected,
+        "the perplexity",
+        rtol=1e-5,
+        hints={
+            "averaged exp(NLL) (the mean of exp is not the exp of the mean: one hard token then dominates)": nll.double()
+            .exp()
+            .mean()
+            .item(),
+            "averaged the windows' perplexities; perplexities do not average, NLLs do: exp(mean of all NLLs)": nll.double()
+            .mean(1)
+            .exp()
+            .mean()
+            .item(),
+            "used exp(−mean NLL), which is 1 / perplexity (the NLL is already negated)": math.exp(
+                -nll.double().mean().item()
+            ),
+            "used 2 ** mean; the NLL is in nats (natural log), so the base is e": 2 ** nll.double().mean().item(),
+            "took exp of the sum instead of the mean": math.exp(nll.double().sum().item()),
+            "returned the mean NLL itself (the cross-entropy); perplexity is its exponential": nll.double()
+            .mean()
+            .item(),
+        },
+    )
     return v.report("exp(mean NLL over every predicted token): what evaluate.perplexity computes.")
 
 
@@ -103,22 +134,31 @@ def model_bytes(fn) -> bool:
     from ..evaluate import weight_bytes
 
     v = Verdict("model_bytes")
-    cases = [("a model with an fp16 embedding tied to its output layer, a bf16 linear and an fp32 norm", _Tied()),
-             ("an fp32 two-layer MLP", nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)))]
+    cases = [
+        ("a model with an fp16 embedding tied to its output layer, a bf16 linear and an fp32 norm", _Tied()),
+        ("an fp32 two-layer MLP", nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))),
+    ]
     for label, model in cases:
         expected = weight_bytes(model)
         params = list(model.parameters())  # tied tensors once
         count = sum(p.numel() for p in params)
         state = model.state_dict()  # tied tensors under each name
         got = call(v, fn, model)
-        if not number_with_hints(v, got, expected, f"the byte count of {label}", hints={
-            "assumed 4 bytes per parameter whatever its dtype (use p.element_size())": 4 * count,
-            "assumed 2 bytes per parameter whatever its dtype (use p.element_size())": 2 * count,
-            "returned the number of parameters; multiply each by its bytes per element": count,
-            "counted bits, not bytes": 8 * expected,
-            "counted the tied embedding twice: model.state_dict() lists it under both names, while "
-            "model.parameters() yields a shared tensor once":
-                sum(t.numel() * t.element_size() for t in state.values()),
-        }):
+        if not number_with_hints(
+            v,
+            got,
+            expected,
+            f"the byte count of {label}",
+            hints={
+                "assumed 4 bytes per parameter whatever its dtype (use p.element_size())": 4 * count,
+                "assumed 2 bytes per parameter whatever its dtype (use p.element_size())": 2 * count,
+                "returned the number of parameters; multiply each by its bytes per element": count,
+                "counted bits, not bytes": 8 * expected,
+                "counted the tied embedding twice: model.state_dict() lists it under both names, while "
+                "model.parameters() yields a shared tensor once": sum(
+                    t.numel() * t.element_size() for t in state.values()
+                ),
+            },
+        ):
             break
     return v.report("Each parameter at its dtype's size, shared tensors once.")

@@ -5,16 +5,16 @@ format stores.
     check.lesson01.nm_mask(my_nm_mask)
     check.lesson01.bitmask_bytes(my_bitmask_bytes)
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
+from ..prune import masks, sparse_storage
 from . import Verdict, call, tensor_like
 from ._numbers import number_with_hints
-from ..prune import masks
-from ..prune import sparse_storage
 
 
 def wanda_score(fn) -> bool:
@@ -32,19 +32,22 @@ def wanda_score(fn) -> bool:
         got = call(v, fn, W.clone(), X.clone())
         hints = {
             "forgot the absolute value: a large negative weight matters as much as a large positive one": W * norm,
-            "used the squared norm ‖X_j‖² instead of ‖X_j‖₂ (the mask would still be the same; the score is not)":
-                W.abs() * norm**2,
+            "used the squared norm ‖X_j‖² instead of ‖X_j‖₂ (the mask would still be the same; the score is not)": W.abs()
+            * norm**2,
             "used the mean |x| of each feature (an L1 average) instead of its L2 norm": W.abs() * X.abs().mean(0),
             "used the L1 norm Σ|x| instead of the L2 norm": W.abs() * X.abs().sum(0),
-            "used the root-mean-square (‖X_j‖₂ / √tokens): the same ranking, but Wanda's score is the plain norm":
-                W.abs() * norm / tokens**0.5,
-            "multiplied by the weights' own column norms ‖W_:j‖ instead of the activations' ‖X_j‖":
-                W.abs() * W.norm(dim=0),
+            "used the root-mean-square (‖X_j‖₂ / √tokens): the same ranking, but Wanda's score is the plain norm": W.abs()
+            * norm
+            / tokens**0.5,
+            "multiplied by the weights' own column norms ‖W_:j‖ instead of the activations' ‖X_j‖": W.abs()
+            * W.norm(dim=0),
             "used W² instead of |W|": W**2 * norm,
         }
         if tokens == in_f:
-            hints["took the norm over the wrong axis (over features, one per token): ‖X_j‖ is over the tokens, "
-                  "X.norm(dim=0) for X shaped [tokens, in]"] = W.abs() * X.norm(dim=1)[None, :]
+            hints[
+                "took the norm over the wrong axis (over features, one per token): ‖X_j‖ is over the tokens, "
+                "X.norm(dim=0) for X shaped [tokens, in]"
+            ] = W.abs() * X.norm(dim=1)[None, :]
         if not tensor_like(v, got, expected, f"the score for W {out_f}x{in_f}, X {tokens}x{in_f}", hints=hints):
             break
     return v.report("S = |W| · ‖X‖₂ per input feature, as labkit.prune.wanda_scores.")
@@ -60,14 +63,15 @@ def nm_mask(fn) -> bool:
         expected = masks.nm_mask(score, n, m)
         got = call(v, fn, score.clone(), n, m)
         hints = {
-            "inverted the mask: True must mean pruned (zeroed), and the n HIGHEST scores of each group are kept":
-                ~expected,
-            f"pruned the lowest {1 - n / m:.0%} of each whole row, not within each group of {m} consecutive inputs":
-                masks.row_mask(score, 1 - n / m),
+            "inverted the mask: True must mean pruned (zeroed), and the n HIGHEST scores of each group are kept": ~expected,
+            f"pruned the lowest {1 - n / m:.0%} of each whole row, not within each group of {m} consecutive inputs": masks.row_mask(
+                score, 1 - n / m
+            ),
         }
         if rows % m == 0:
-            hints[f"made the groups of {m} along the output dimension (down a column); they run along the "
-                  "inputs of a row"] = masks.nm_mask(score.T.contiguous(), n, m).T
+            hints[
+                f"made the groups of {m} along the output dimension (down a column); they run along the inputs of a row"
+            ] = masks.nm_mask(score.T.contiguous(), n, m).T
         if isinstance(got, torch.Tensor) and got.dtype != torch.bool and tuple(got.shape) == (rows, cols):
             v.fail(f"the mask has dtype {got.dtype}; return a bool tensor (True = pruned), e.g. `scores < threshold`.")
         if not tensor_like(v, got, expected, f"the {n}:{m} mask of a {rows}x{cols} score", atol=0, rtol=0, hints=hints):
@@ -102,8 +106,9 @@ def bitmask_bytes(fn) -> bool:
             "counted the values in bits, not bytes": math.ceil(numel / 8) + nnz * 8 * b,
         }
         if numel % 8:
-            hints[f"rounded the mask down: {numel} bits need ceil({numel} / 8) = {math.ceil(numel / 8)} bytes"] = \
+            hints[f"rounded the mask down: {numel} bits need ceil({numel} / 8) = {math.ceil(numel / 8)} bytes"] = (
                 numel // 8 + nnz * b
+            )
         if not number_with_hints(v, got, expected, f"the bitmask size of {label}", hints=hints):
             break
     return v.report("ceil(numel / 8) mask bytes + nnz · bytes per value, as labkit.prune.bitmask_bytes.")

@@ -5,6 +5,7 @@ of the remaining weights, and a layer's relative output error.
     check.lesson02.obs_update(my_obs_update)
     check.lesson02.output_error(my_output_error)
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,16 +32,25 @@ def obs_error(fn) -> bool:
     Hinv = torch.linalg.inv(H)
     expected = w**2 / (2 * Hinv.diagonal())
     got = call(v, fn, w.clone(), H.clone())
-    tensor_like(v, got, expected, "ΔE", atol=1e-8, rtol=1e-5, hints={
-        "divided by H_qq instead of [H⁻¹]_qq: 1 / H_qq equals [H⁻¹]_qq only when H is diagonal. Invert H first, "
-        "then take the diagonal": w**2 / (2 * H.diagonal()),
-        "computed the error of zeroing w_q with the other weights left as they are (½ w_q² H_qq, what magnitude "
-        "and Wanda minimise); OBS re-fits the others, which is why the denominator is [H⁻¹]_qq":
-            w**2 * H.diagonal() / 2,
-        "forgot the 1/2 (the ranking is the same, but the error ΔE is w_q² / (2 [H⁻¹]_qq))": w**2 / Hinv.diagonal(),
-        "forgot to square w_q": w.abs() / (2 * Hinv.diagonal()),
-        "multiplied by [H⁻¹]_qq instead of dividing": w**2 * Hinv.diagonal() / 2,
-    })
+    tensor_like(
+        v,
+        got,
+        expected,
+        "ΔE",
+        atol=1e-8,
+        rtol=1e-5,
+        hints={
+            "divided by H_qq instead of [H⁻¹]_qq: 1 / H_qq equals [H⁻¹]_qq only when H is diagonal. Invert H first, "
+            "then take the diagonal": w**2 / (2 * H.diagonal()),
+            "computed the error of zeroing w_q with the other weights left as they are (½ w_q² H_qq, what magnitude "
+            "and Wanda minimise); OBS re-fits the others, which is why the denominator is [H⁻¹]_qq": w**2
+            * H.diagonal()
+            / 2,
+            "forgot the 1/2 (the ranking is the same, but the error ΔE is w_q² / (2 [H⁻¹]_qq))": w**2 / Hinv.diagonal(),
+            "forgot to square w_q": w.abs() / (2 * Hinv.diagonal()),
+            "multiplied by [H⁻¹]_qq instead of dividing": w**2 * Hinv.diagonal() / 2,
+        },
+    )
     return v.report("The cheapest weight to remove is argmin ΔE (labkit.prune.obs uses w² / [H⁻¹]_qq, twice ΔE).")
 
 
@@ -55,14 +65,22 @@ def obs_update(fn) -> bool:
     got = call(v, fn, w.clone(), H.clone(), q)
     zeroed = w.clone()
     zeroed[q] = 0
-    tensor_like(v, got, expected, "the updated row", atol=1e-6, rtol=1e-5, hints={
-        "set w_q to zero but left the other weights unchanged: that is magnitude/Wanda pruning; OBS also moves "
-        "the others by δ": zeroed,
-        "flipped the sign of δ (w_q then doubles instead of vanishing)": w + w[q] / Hinv[q, q] * Hinv[:, q],
-        "used H where the update needs H⁻¹": w - w[q] / H[q, q] * H[:, q],
-        "used the column of H⁻¹ but divided by H_qq instead of [H⁻¹]_qq": w - w[q] / H[q, q] * Hinv[:, q],
-        "forgot to divide by [H⁻¹]_qq": w - w[q] * Hinv[:, q],
-    })
+    tensor_like(
+        v,
+        got,
+        expected,
+        "the updated row",
+        atol=1e-6,
+        rtol=1e-5,
+        hints={
+            "set w_q to zero but left the other weights unchanged: that is magnitude/Wanda pruning; OBS also moves "
+            "the others by δ": zeroed,
+            "flipped the sign of δ (w_q then doubles instead of vanishing)": w + w[q] / Hinv[q, q] * Hinv[:, q],
+            "used H where the update needs H⁻¹": w - w[q] / H[q, q] * H[:, q],
+            "used the column of H⁻¹ but divided by H_qq instead of [H⁻¹]_qq": w - w[q] / H[q, q] * Hinv[:, q],
+            "forgot to divide by [H⁻¹]_qq": w - w[q] * Hinv[:, q],
+        },
+    )
     if v.problem is None and abs(float(got[q])) > 1e-6 * max(1.0, abs(float(w[q]))):
         v.fail(f"entry q={q} should be exactly 0 after the update; it is {float(got[q]):.3g}.")
     return v.report("w_q is 0 and the other weights equal the least-squares re-fit without input q.")
@@ -79,15 +97,25 @@ def output_error(fn) -> bool:
     got = call(v, fn, W.clone(), W_hat.clone(), H.clone())
     if isinstance(got, torch.Tensor) and got.numel() == 1:
         got = got.item()
-    number_with_hints(v, got, expected, "the relative output error", rtol=1e-6, hints={
-        "compared the weights, ‖ΔW‖² / ‖W‖², instead of the outputs (the output error "
-        "weighs each input direction by H)": (dW.norm() ** 2 / W.norm() ** 2).item(),
-        "returned the absolute error tr(ΔW H ΔWᵀ) without dividing by tr(W H Wᵀ)": torch.trace(dW @ H @ dW.T).item(),
-        "took the square root (a relative norm); the exercise asks for the ratio of squared norms":
-            expected**0.5,
-        "divided by tr(Ŵ H Ŵᵀ), the pruned layer's output, instead of the original's":
-            (torch.trace(dW @ H @ dW.T) / torch.trace(W_hat @ H @ W_hat.T)).item(),
-        "used only the diagonal of H (as if the inputs were uncorrelated)":
-            ((dW**2 * H.diagonal()).sum() / (W**2 * H.diagonal()).sum()).item(),
-    })
+    number_with_hints(
+        v,
+        got,
+        expected,
+        "the relative output error",
+        rtol=1e-6,
+        hints={
+            "compared the weights, ‖ΔW‖² / ‖W‖², instead of the outputs (the output error "
+            "weighs each input direction by H)": (dW.norm() ** 2 / W.norm() ** 2).item(),
+            "returned the absolute error tr(ΔW H ΔWᵀ) without dividing by tr(W H Wᵀ)": torch.trace(
+                dW @ H @ dW.T
+            ).item(),
+            "took the square root (a relative norm); the exercise asks for the ratio of squared norms": expected**0.5,
+            "divided by tr(Ŵ H Ŵᵀ), the pruned layer's output, instead of the original's": (
+                torch.trace(dW @ H @ dW.T) / torch.trace(W_hat @ H @ W_hat.T)
+            ).item(),
+            "used only the diagonal of H (as if the inputs were uncorrelated)": (
+                (dW**2 * H.diagonal()).sum() / (W**2 * H.diagonal()).sum()
+            ).item(),
+        },
+    )
     return v.report("The same as labkit.prune.obs.output_error: what the layer comparison in section 2 prints.")

@@ -5,16 +5,17 @@ two 4-bit codes per byte, and the bytes a packed layer stores.
     check.lesson04.pack_int4(my_pack_int4)
     check.lesson04.quantlinear_bytes(my_quantlinear_bytes)
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-from . import Verdict, call, number_like, tensor_like
 from ..quant import formats
 from ..quant import pack as packing
 from ..quant.qlinear import QuantLinear
+from . import Verdict, call, number_like, tensor_like
 
 # Hand-made inputs: both signs, a zero, values that floor and round send to different codes.
 _VECTORS = [
@@ -49,14 +50,19 @@ def quantize_asym(fn) -> bool:
         s = (x.max().clamp(min=0) - x.min().clamp(max=0)) / maxq
         z = torch.round(-x.min().clamp(max=0) / s)
         hints = {
-            "used floor (truncation) instead of rounding to the nearest code": (torch.floor(x / s) + z).clamp(0, maxq).long(),
-            "forgot the zero point (codes must be shifted by zero = round(-min / scale) so that they are >= 0)":
-                torch.round(x / s).long(),
+            "used floor (truncation) instead of rounding to the nearest code": (torch.floor(x / s) + z)
+            .clamp(0, maxq)
+            .long(),
+            "forgot the zero point (codes must be shifted by zero = round(-min / scale) so that they are >= 0)": torch.round(
+                x / s
+            ).long(),
         }
         if not tensor_like(v, codes, expected_codes, f"codes for bits={bits}", atol=0, rtol=0, hints=hints):
             break
-        hints = {"forgot to subtract the zero point when dequantizing (x_hat = scale * (code - zero))":
-                 s * expected_codes.float()}
+        hints = {
+            "forgot to subtract the zero point when dequantizing (x_hat = scale * (code - zero))": s
+            * expected_codes.float()
+        }
         if not tensor_like(v, x_hat, expected, f"x_hat for bits={bits}", atol=1e-6, rtol=1e-5, hints=hints):
             break
     return v.report("Codes and dequantized values match labkit.quant.quantize / dequantize.")
@@ -75,20 +81,28 @@ def pack_int4(fn) -> bool:
             break
         expected = packing.pack(codes, 4)
         if isinstance(got, torch.Tensor) and n % 2 and got.shape == (n // 2,):
-            v.fail(f"for n={n} codes you returned {n // 2} bytes: the odd last code needs a byte of its own "
-                   f"(pad with a zero code); expected {math.ceil(n / 2)} bytes.")
+            v.fail(
+                f"for n={n} codes you returned {n // 2} bytes: the odd last code needs a byte of its own "
+                f"(pad with a zero code); expected {math.ceil(n / 2)} bytes."
+            )
             break
         even = codes[: n - n % 2].long()
         lo, hi = even[0::2], even[1::2]
-        wrong = {"put the first code of each pair in the high nibble (labkit's order is low nibble first)":
-                 torch.cat([lo * 16 + hi, codes[n - 1:].long() * 16 if n % 2 else lo[:0]]),
-                 "added the two codes without shifting the second one by 4 bits":
-                 torch.cat([lo + hi, codes[n - 1:].long() if n % 2 else lo[:0]])}
+        wrong = {
+            "put the first code of each pair in the high nibble (labkit's order is low nibble first)": torch.cat(
+                [lo * 16 + hi, codes[n - 1 :].long() * 16 if n % 2 else lo[:0]]
+            ),
+            "added the two codes without shifting the second one by 4 bits": torch.cat(
+                [lo + hi, codes[n - 1 :].long() if n % 2 else lo[:0]]
+            ),
+        }
         if not tensor_like(v, got, expected, f"packed bytes for n={n}", atol=0, rtol=0, hints=wrong):
             break
         if got.dtype != torch.uint8:
-            v.fail(f"the values are right but the dtype is {got.dtype}: return torch.uint8, one byte per pair "
-                   f"(with {got.dtype} each pair takes {got.element_size()} bytes and nothing is saved).")
+            v.fail(
+                f"the values are right but the dtype is {got.dtype}: return torch.uint8, one byte per pair "
+                f"(with {got.dtype} each pair takes {got.element_size()} bytes and nothing is saved)."
+            )
             break
     return v.report("Two codes per byte, low nibble first: the layout of labkit.quant.pack.pack(codes, 4).")
 
@@ -107,9 +121,14 @@ def quantlinear_bytes(fn) -> bool:
         codes = math.ceil(out_f * in_f * bits / 8)
         zeros = math.ceil(out_f * groups * bits / 8)
         wrong = {
-            "stored the scales in fp32 (4 bytes); labkit stores them in fp16 (2 bytes)": codes + out_f * groups * 4 + zeros,
-            "forgot the zero points (one `bits`-bit integer per group, packed like the codes)": codes + out_f * groups * 2,
-            "counted the codes in bits, not bytes (divide out * in * bits by 8)": out_f * in_f * bits + out_f * groups * 2 + zeros,
+            "stored the scales in fp32 (4 bytes); labkit stores them in fp16 (2 bytes)": codes
+            + out_f * groups * 4
+            + zeros,
+            "forgot the zero points (one `bits`-bit integer per group, packed like the codes)": codes
+            + out_f * groups * 2,
+            "counted the codes in bits, not bytes (divide out * in * bits by 8)": out_f * in_f * bits
+            + out_f * groups * 2
+            + zeros,
         }
         try:
             value = float(got)
@@ -120,7 +139,8 @@ def quantlinear_bytes(fn) -> bool:
                 if value == w:
                     v.fail(f"for a {out_f}x{in_f} layer at {bits} bits, group_size={gs}: you {description}.")
                     break
-        if not number_like(v, got, expected, f"bytes of a {out_f}x{in_f} layer at {bits} bits, group_size={gs}",
-                           rtol=0):
+        if not number_like(
+            v, got, expected, f"bytes of a {out_f}x{in_f} layer at {bits} bits, group_size={gs}", rtol=0
+        ):
             break
     return v.report("Matches QuantLinear.stored_bytes(), which labkit.evaluate.weight_bytes counts.")

@@ -1,6 +1,7 @@
 """Checks for lesson 05 (GPTQ): the Hessian from activations, the OBQ update after quantizing one
 column, and act-order's column permutation. Each runs the learner's function on small hand-made
 tensors and says in words what is wrong."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,9 @@ from . import Verdict, call, tensor_like
 def _activations(tokens: int = 40, features: int = 6) -> torch.Tensor:
     """X [tokens, features]: correlated features, one of them (index 2) an outlier."""
     g = torch.Generator().manual_seed(5)
-    X = torch.randn(tokens, features, generator=g) @ (torch.eye(features) + 0.5 * torch.randn(features, features, generator=g))
+    X = torch.randn(tokens, features, generator=g) @ (
+        torch.eye(features) + 0.5 * torch.randn(features, features, generator=g)
+    )
     X[:, 2] *= 10
     return X
 
@@ -25,12 +28,20 @@ def hessian(fn) -> bool:
     got = call(v, fn, X.clone())
     if isinstance(got, torch.Tensor) and tuple(got.shape) == (n, n):
         v.fail("H is [tokens, tokens]: you computed X Xᵀ; with X as [tokens, in] the Hessian is XᵀX, [in, in].")
-    tensor_like(v, got, expected, "H", hints={
-        "forgot the factor 2 (the derivative of a square)": X.T @ X / n,
-        "did not divide by the number of tokens n": 2 * X.T @ X,
-        "divided by the number of features instead of the number of tokens": 2 * X.T @ X / X.shape[1],
-        "took only the diagonal (the squared column norms) instead of the full matrix XᵀX": torch.diag(2 * (X**2).sum(0) / n),
-    })
+    tensor_like(
+        v,
+        got,
+        expected,
+        "H",
+        hints={
+            "forgot the factor 2 (the derivative of a square)": X.T @ X / n,
+            "did not divide by the number of tokens n": 2 * X.T @ X,
+            "divided by the number of features instead of the number of tokens": 2 * X.T @ X / X.shape[1],
+            "took only the diagonal (the squared column norms) instead of the full matrix XᵀX": torch.diag(
+                2 * (X**2).sum(0) / n
+            ),
+        },
+    )
     return v.report("H is symmetric and its diagonal is 2‖X_j‖²/n.")
 
 
@@ -53,14 +64,24 @@ def obq_update(fn) -> bool:
     err = (W[:, q] - wq_hat) / Hinv[q, q]  # [rows]
     expected = W - err[:, None] * Hinv[q][None, :]
     got = call(v, fn, W.clone(), H.clone(), q, wq_hat.clone())
-    tensor_like(v, got, expected, "the updated W", atol=1e-4, hints={
-        "used H where the update needs H⁻¹": W - ((W[:, q] - wq_hat) / H[q, q])[:, None] * H[q][None, :],
-        "flipped the sign of the update (it must subtract the error times H⁻¹[q, :])": W + err[:, None] * Hinv[q][None, :],
-        "forgot to divide the error by [H⁻¹]_qq": W - (W[:, q] - wq_hat)[:, None] * Hinv[q][None, :],
-        "used the weight w_q itself instead of the quantization error w_q − quant(w_q) (that is OBS pruning)":
-            W - (W[:, q] / Hinv[q, q])[:, None] * Hinv[q][None, :],
-        "quantized column q but left the other columns unchanged": torch.cat([W[:, :q], wq_hat[:, None], W[:, q + 1:]], 1),
-    })
+    tensor_like(
+        v,
+        got,
+        expected,
+        "the updated W",
+        atol=1e-4,
+        hints={
+            "used H where the update needs H⁻¹": W - ((W[:, q] - wq_hat) / H[q, q])[:, None] * H[q][None, :],
+            "flipped the sign of the update (it must subtract the error times H⁻¹[q, :])": W
+            + err[:, None] * Hinv[q][None, :],
+            "forgot to divide the error by [H⁻¹]_qq": W - (W[:, q] - wq_hat)[:, None] * Hinv[q][None, :],
+            "used the weight w_q itself instead of the quantization error w_q − quant(w_q) (that is OBS pruning)": W
+            - (W[:, q] / Hinv[q, q])[:, None] * Hinv[q][None, :],
+            "quantized column q but left the other columns unchanged": torch.cat(
+                [W[:, :q], wq_hat[:, None], W[:, q + 1 :]], 1
+            ),
+        },
+    )
     if v.problem is None and not torch.allclose(got[:, q], wq_hat, atol=1e-4):
         v.fail(f"column {q} should end exactly on its quantized value wq_hat.")
     return v.report("Column q lands on its grid value and the others absorb its error.")
@@ -72,14 +93,28 @@ def act_order(fn) -> bool:
     _, H = _layer(columns=8)
     expected = torch.argsort(torch.diag(H), descending=True)
     got = call(v, fn, H.clone())
-    if isinstance(got, torch.Tensor) and not got.dtype.is_floating_point and got.shape == expected.shape \
-            and not torch.equal(got.sort().values, torch.arange(8, dtype=got.dtype)):
+    if (
+        isinstance(got, torch.Tensor)
+        and not got.dtype.is_floating_point
+        and got.shape == expected.shape
+        and not torch.equal(got.sort().values, torch.arange(8, dtype=got.dtype))
+    ):
         v.fail("the result is not a permutation of 0..in−1 (each column must appear exactly once).")
-    tensor_like(v, got, expected, "the column order", atol=0, rtol=0, hints={
-        "sorted in increasing order: act-order quantizes the columns with the *largest* activations first":
-            torch.argsort(torch.diag(H)),
-        "sorted by the row sums of H instead of its diagonal": torch.argsort(H.sum(1), descending=True),
-        "returned the sorted diagonal values' ranks (the inverse permutation)":
-            torch.argsort(torch.argsort(torch.diag(H), descending=True)),
-    })
+    tensor_like(
+        v,
+        got,
+        expected,
+        "the column order",
+        atol=0,
+        rtol=0,
+        hints={
+            "sorted in increasing order: act-order quantizes the columns with the *largest* activations first": torch.argsort(
+                torch.diag(H)
+            ),
+            "sorted by the row sums of H instead of its diagonal": torch.argsort(H.sum(1), descending=True),
+            "returned the sorted diagonal values' ranks (the inverse permutation)": torch.argsort(
+                torch.argsort(torch.diag(H), descending=True)
+            ),
+        },
+    )
     return v.report("Largest diag(H) first.")

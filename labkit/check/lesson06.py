@@ -1,5 +1,6 @@
 """Checks for lesson 06 (activation quantization): absmax int8, LLM.int8()'s outlier features,
 SmoothQuant's smoothing factor. Each runs the learner's function on small hand-made tensors."""
+
 from __future__ import annotations
 
 import torch
@@ -39,10 +40,20 @@ def absmax_int8(fn) -> bool:
         elif abs(value - 127 / absmax.item()) < 1e-6:
             v.problem = "scale is 127 / max|x|, the inverse: x ≈ scale · q needs scale = max|x| / 127."
     expected_q = torch.round(x / expected_scale).to(torch.int8)
-    tensor_like(v, q, expected_q, "q", atol=0, rtol=0, hints={
-        "truncated x / scale towards zero instead of rounding to nearest": torch.trunc(x / expected_scale).to(torch.int8),
-        "took floor(x / scale) instead of rounding to nearest": torch.floor(x / expected_scale).to(torch.int8),
-    })
+    tensor_like(
+        v,
+        q,
+        expected_q,
+        "q",
+        atol=0,
+        rtol=0,
+        hints={
+            "truncated x / scale towards zero instead of rounding to nearest": torch.trunc(x / expected_scale).to(
+                torch.int8
+            ),
+            "took floor(x / scale) instead of rounding to nearest": torch.floor(x / expected_scale).to(torch.int8),
+        },
+    )
     return v.report("Dequantized, scale · q is within scale / 2 of x.")
 
 
@@ -50,18 +61,26 @@ def outlier_features(fn) -> bool:
     """fn(X [tokens, features], threshold) -> bool [features]: True for each feature (column) where
     any token has |x| >= threshold (LLM.int8()'s outlier dimensions)."""
     v = Verdict("outlier_features")
-    X = torch.tensor([[0.5, -7.0, 1.0, 0.2, 6.0],
-                      [0.1, -0.3, 2.0, 0.1, 0.4],
-                      [-0.2, 0.8, -1.5, 9.5, 0.3]])  # 3 tokens, 5 features
+    X = torch.tensor(
+        [[0.5, -7.0, 1.0, 0.2, 6.0], [0.1, -0.3, 2.0, 0.1, 0.4], [-0.2, 0.8, -1.5, 9.5, 0.3]]
+    )  # 3 tokens, 5 features
     got = call(v, fn, X.clone(), 6.0)
     if v.problem is not None:
         return v.report()
     expected = (X.abs() >= 6.0).any(0)  # features 1, 3, 4
-    tensor_like(v, got, expected, "the outlier mask", atol=0, rtol=0, hints={
-        "compared x with the threshold, not |x| (the negative outlier -7.0 is missed)": (X >= 6.0).any(0),
-        "used |x| > threshold: a value equal to the threshold (6.0) counts as an outlier": (X.abs() > 6.0).any(0),
-        "required every token to exceed the threshold (all) instead of any token": (X.abs() >= 6.0).all(0),
-    })
+    tensor_like(
+        v,
+        got,
+        expected,
+        "the outlier mask",
+        atol=0,
+        rtol=0,
+        hints={
+            "compared x with the threshold, not |x| (the negative outlier -7.0 is missed)": (X >= 6.0).any(0),
+            "used |x| > threshold: a value equal to the threshold (6.0) counts as an outlier": (X.abs() > 6.0).any(0),
+            "required every token to exceed the threshold (all) instead of any token": (X.abs() >= 6.0).all(0),
+        },
+    )
     if v.problem and "shape (3,)" in v.problem:
         v.problem = "the mask has one entry per token (3); it should have one per feature (5): reduce over dim 0."
     return v.report("Features 1, 3 and 4 go through the 16-bit matmul.")
@@ -78,10 +97,17 @@ def smoothing_factor(fn) -> bool:
     if v.problem is not None:
         return v.report()
     expected = act_max**alpha / weight_max ** (1 - alpha)
-    tensor_like(v, got, expected, "s", hints={
-        "swapped the exponents (alpha belongs to the activations, 1 - alpha to the weights)":
-            act_max ** (1 - alpha) / weight_max**alpha,
-        "multiplied by max|W|^(1-alpha) instead of dividing": act_max**alpha * weight_max ** (1 - alpha),
-        "computed 1 / s (the activations are divided by s, the weights multiplied)": weight_max ** (1 - alpha) / act_max**alpha,
-    })
+    tensor_like(
+        v,
+        got,
+        expected,
+        "s",
+        hints={
+            "swapped the exponents (alpha belongs to the activations, 1 - alpha to the weights)": act_max ** (1 - alpha)
+            / weight_max**alpha,
+            "multiplied by max|W|^(1-alpha) instead of dividing": act_max**alpha * weight_max ** (1 - alpha),
+            "computed 1 / s (the activations are divided by s, the weights multiplied)": weight_max ** (1 - alpha)
+            / act_max**alpha,
+        },
+    )
     return v.report("After smoothing, max|X_j| / s_j and max|W_j| · s_j meet where alpha puts them.")

@@ -5,12 +5,13 @@ the generalized Jensen-Shannon divergence of GKD.
     check.lesson07.forward_kl(my_forward_kl)
     check.lesson07.jsd(my_jsd)
 """
+
 from __future__ import annotations
 
 import torch
 
-from . import Verdict, call, tensor_like
 from ..distill import losses
+from . import Verdict, call, tensor_like
 
 # Hand-made logits [tokens, vocab]: a peaked and a flat row, a vocabulary of 5.
 _STUDENT = torch.tensor([[2.0, 0.5, -1.0, 0.0, 0.3], [0.1, 0.2, 0.0, -0.1, 0.4], [3.0, -2.0, 1.0, 0.5, 0.0]])
@@ -29,13 +30,18 @@ def soft_targets(fn) -> bool:
         if v.problem:
             break
         expected = torch.softmax(_TEACHER / tau, -1)
-        hints = {"took the softmax over the tokens (dim 0) instead of over the vocabulary (the last dim)":
-                 torch.softmax(_TEACHER / tau, 0)}
+        hints = {
+            "took the softmax over the tokens (dim 0) instead of over the vocabulary (the last dim)": torch.softmax(
+                _TEACHER / tau, 0
+            )
+        }
         if tau != 1.0:  # at τ = 1 the scaling mistakes are invisible
-            hints["multiplied the logits by τ instead of dividing (that sharpens the distribution)"] = \
-                torch.softmax(_TEACHER * tau, -1)
-            hints["divided the probabilities by τ after the softmax (they no longer sum to 1)"] = \
+            hints["multiplied the logits by τ instead of dividing (that sharpens the distribution)"] = torch.softmax(
+                _TEACHER * tau, -1
+            )
+            hints["divided the probabilities by τ after the softmax (they no longer sum to 1)"] = (
                 torch.softmax(_TEACHER, -1) / tau
+            )
         if not tensor_like(v, got, expected, f"the soft targets at τ={tau:g}", atol=1e-6, hints=hints):
             break
     return v.report("softmax(z / τ): higher τ flattens the distribution and shows the small probabilities.")
@@ -55,12 +61,14 @@ def forward_kl(fn) -> bool:
             "computed KL(p_S ‖ p_T), the reverse KL: the forward KL takes the expectation under the teacher, "
             "Σ p_T (log p_T − log p_S)": tau**2 * _kl(p_s, p_t).mean(),
             "summed over the tokens instead of taking the mean": tau**2 * _kl(p_t, p_s).sum(),
-            "softened only the teacher: the student's logits must be divided by τ too":
-                tau**2 * _kl(p_t, torch.softmax(_STUDENT, -1)).mean(),
+            "softened only the teacher: the student's logits must be divided by τ too": tau**2
+            * _kl(p_t, torch.softmax(_STUDENT, -1)).mean(),
         }
         if tau != 1.0:
-            hints["forgot the τ² factor (Hinton et al. multiply by τ² so the gradient's size does not shrink "
-                  "as 1/τ² when τ grows)"] = _kl(p_t, p_s).mean()
+            hints[
+                "forgot the τ² factor (Hinton et al. multiply by τ² so the gradient's size does not shrink "
+                "as 1/τ² when τ grows)"
+            ] = _kl(p_t, p_s).mean()
             hints["multiplied by τ instead of τ²"] = tau * _kl(p_t, p_s).mean()
         if not tensor_like(v, got, expected, f"the loss at τ={tau:g}", atol=1e-6, hints=hints):
             break
@@ -80,11 +88,13 @@ def jsd(fn) -> bool:
         m = beta * p_t + (1 - beta) * p_s
         swapped = (1 - beta) * p_t + beta * p_s
         hints = {
-            "mixed m with the weights swapped: m = β · p_T + (1 − β) · p_S (β weights the teacher)":
-                (beta * _kl(p_t, swapped) + (1 - beta) * _kl(p_s, swapped)).mean(),
+            "mixed m with the weights swapped: m = β · p_T + (1 − β) · p_S (β weights the teacher)": (
+                beta * _kl(p_t, swapped) + (1 - beta) * _kl(p_s, swapped)
+            ).mean(),
             "added the two KL terms without the weights β and 1 − β": (_kl(p_t, m) + _kl(p_s, m)).mean(),
-            "used KL(m ‖ p) instead of KL(p ‖ m) in the two terms":
-                (beta * _kl(m, p_t) + (1 - beta) * _kl(m, p_s)).mean(),
+            "used KL(m ‖ p) instead of KL(p ‖ m) in the two terms": (
+                beta * _kl(m, p_t) + (1 - beta) * _kl(m, p_s)
+            ).mean(),
             "summed over the tokens instead of taking the mean": (beta * _kl(p_t, m) + (1 - beta) * _kl(p_s, m)).sum(),
         }
         if not tensor_like(v, got, expected, f"the divergence at β={beta:g}", atol=1e-6, hints=hints):
@@ -92,4 +102,4 @@ def jsd(fn) -> bool:
     return v.report("The generalized JSD of GKD: labkit.distill.jsd (β = 0.5 is the symmetric JSD, at most log 2).")
 
 
-__all__ = ["soft_targets", "forward_kl", "jsd"]
+__all__ = ["forward_kl", "jsd", "soft_targets"]

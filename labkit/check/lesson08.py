@@ -5,14 +5,15 @@ and the truncated-SVD reconstruction.
     check.lesson08.break_even_rank(my_break_even_rank)
     check.lesson08.rank_r_approximation(my_rank_r_approximation)
 """
+
 from __future__ import annotations
 
 import numbers
 
 import torch
 
-from . import Verdict, call, tensor_like
 from ..lowrank import break_even, truncated_svd
+from . import Verdict, call, tensor_like
 
 # (out_features, in_features, rank): SmolLM2-135M's shapes (q/o 576 x 576, k/v 192 x 576, gate/up 1536 x 576,
 # down 576 x 1536) and LLaMA-7B's 4096 x 4096 and 11008 x 4096.
@@ -31,7 +32,9 @@ def _whole_number(v: Verdict, got, what: str, hints: dict[str, float], expected:
     if isinstance(got, bool) or not isinstance(got, numbers.Real):
         return v.fail(f"{what} should be a number, got {type(got).__name__}.")
     if float(got) != int(got):
-        return v.fail(f"{what} is {got:g}, not a whole number: a count of parameters or of singular values is an integer.")
+        return v.fail(
+            f"{what} is {got:g}, not a whole number: a count of parameters or of singular values is an integer."
+        )
     if int(got) != expected:
         return v.fail(f"{what} is {int(got):,}; expected {expected:,}.")
     return True
@@ -43,11 +46,14 @@ def factored_params(fn) -> bool:
     for out_f, in_f, r in _SHAPES:
         got = call(v, fn, out_f, in_f, r)
         expected = r * (in_f + out_f)
-        hints = {"multiplied everything (rank · in · out): the two factors hold rank · in + out · rank weights":
-                 r * in_f * out_f,
-                 "counted only A (rank · in); B adds out · rank more": r * in_f,
-                 "counted only B (out · rank); A adds rank · in more": r * out_f,
-                 "added the dense matrix too; the factors replace it": r * (in_f + out_f) + in_f * out_f}
+        hints = {
+            "multiplied everything (rank · in · out): the two factors hold rank · in + out · rank weights": r
+            * in_f
+            * out_f,
+            "counted only A (rank · in); B adds out · rank more": r * in_f,
+            "counted only B (out · rank); A adds rank · in more": r * out_f,
+            "added the dense matrix too; the factors replace it": r * (in_f + out_f) + in_f * out_f,
+        }
         if not _whole_number(v, got, f"the parameters for a {out_f} x {in_f} matrix at rank {r}", hints, expected):
             break
     return v.report("rank · (in + out): a rank-r pair stores r weights per input and per output.")
@@ -60,15 +66,22 @@ def break_even_rank(fn) -> bool:
         got = call(v, fn, out_f, in_f)
         expected = break_even(out_f, in_f)
         exact = in_f * out_f / (in_f + out_f)
-        hints = {"took half the smaller dimension; that is right only for square matrices (in = out)":
-                 min(in_f, out_f) // 2,
-                 "rounded up: one rank more than in · out / (in + out) stores more weights than the dense matrix":
-                 -(-in_f * out_f // (in_f + out_f)) if in_f * out_f % (in_f + out_f) else -1,
-                 "took min(in, out), the full rank: at full rank the factors cost more than the dense matrix":
-                 min(in_f, out_f)}
+        hints = {
+            "took half the smaller dimension; that is right only for square matrices (in = out)": min(in_f, out_f) // 2,
+            "rounded up: one rank more than in · out / (in + out) stores more weights than the dense matrix": -(
+                -in_f * out_f // (in_f + out_f)
+            )
+            if in_f * out_f % (in_f + out_f)
+            else -1,
+            "took min(in, out), the full rank: at full rank the factors cost more than the dense matrix": min(
+                in_f, out_f
+            ),
+        }
         if isinstance(got, float) and abs(got - exact) < 1e-9 and got != int(got):
-            v.fail(f"the break-even rank for {out_f} x {in_f} is {got:g}: round down to a whole rank "
-                   f"(floor of in · out / (in + out)).")
+            v.fail(
+                f"the break-even rank for {out_f} x {in_f} is {got:g}: round down to a whole rank "
+                f"(floor of in · out / (in + out))."
+            )
             break
         if not _whole_number(v, got, f"the break-even rank for a {out_f} x {in_f} matrix", hints, expected):
             break
@@ -87,16 +100,19 @@ def rank_r_approximation(fn) -> bool:
         A, B, s = truncated_svd(W, r)
         expected = B @ A
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        hints = {"kept the r smallest singular values instead of the r largest (torch.linalg.svd sorts them "
-                 "in descending order: keep the first r)": U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:],
-                 "forgot the singular values: U_r V_rᵀ without Σ_r in between": U[:, :r] @ Vh[:r],
-                 "took the first r columns of Vh instead of its first r rows (Vh = Vᵀ: its rows are the right "
-                 "singular vectors)": U[:, :r] @ torch.diag(S[:r]) @ Vh[:, :r].T,
-                 "returned W itself, not its rank-r approximation": W}
-        if not tensor_like(v, got, expected, f"W_r for a {shape[0]} x {shape[1]} matrix at rank {r}", atol=1e-4,
-                           hints=hints):
+        hints = {
+            "kept the r smallest singular values instead of the r largest (torch.linalg.svd sorts them "
+            "in descending order: keep the first r)": U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:],
+            "forgot the singular values: U_r V_rᵀ without Σ_r in between": U[:, :r] @ Vh[:r],
+            "took the first r columns of Vh instead of its first r rows (Vh = Vᵀ: its rows are the right "
+            "singular vectors)": U[:, :r] @ torch.diag(S[:r]) @ Vh[:, :r].T,
+            "returned W itself, not its rank-r approximation": W,
+        }
+        if not tensor_like(
+            v, got, expected, f"W_r for a {shape[0]} x {shape[1]} matrix at rank {r}", atol=1e-4, hints=hints
+        ):
             break
     return v.report("U_r Σ_r V_rᵀ: its squared error is the sum of the discarded σ_i², the smallest possible.")
 
 
-__all__ = ["factored_params", "break_even_rank", "rank_r_approximation"]
+__all__ = ["break_even_rank", "factored_params", "rank_r_approximation"]

@@ -1,9 +1,10 @@
 """Checks for lesson 10 (fused kernels): count bytes, compute an arithmetic intensity, write RMSNorm.
 
-    check.lesson10.unfused_rmsnorm_residual_bytes(my_count)   # my_count(rows, hidden) -> bytes
-    check.lesson10.matmul_intensity(my_intensity)            # my_intensity(m, n, k, element_bytes)
-    check.lesson10.rms_norm(my_rms_norm)                      # my_rms_norm(x, weight, eps) -> y
+check.lesson10.unfused_rmsnorm_residual_bytes(my_count)   # my_count(rows, hidden) -> bytes
+check.lesson10.matmul_intensity(my_intensity)            # my_intensity(m, n, k, element_bytes)
+check.lesson10.rms_norm(my_rms_norm)                      # my_rms_norm(x, weight, eps) -> y
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,6 +27,7 @@ def _hint(v: Verdict, got, exact: float, wrong: dict, rtol: float, where: str) -
 
 
 # --- exercise 1: bytes moved by an unfused RMSNorm + residual -------------------------------------------
+
 
 def eager_rmsnorm_residual(x, residual, weight, eps):
     """The eager code of the exercise (fp32 throughout): seven PyTorch ops, seven kernels."""
@@ -56,8 +58,8 @@ def unfused_rmsnorm_residual_bytes(fn) -> bool:
             "counted only what the ops read (each op also writes its result)": 4 * (6 * n + 3 * rows + hidden),
             "counted only what the ops write (each op also reads its inputs)": 4 * (4 * n + 3 * rows),
             "left out the weight (the last multiply reads it: hidden values)": exact - 4 * hidden,
-            "counted one fused kernel (x, residual, weight read once; y, h written once), not the seven "
-            "eager ops": 4 * (4 * n + hidden),
+            "counted one fused kernel (x, residual, weight read once; y, h written once), not the seven eager ops": 4
+            * (4 * n + hidden),
         }
         _hint(v, got, exact, wrong, 0.01, f"for rows={rows}, hidden={hidden} you return")
         # Within 1%: the per-row statistics ([rows, 1] tensors) are a rounding error; the weight is not.
@@ -67,6 +69,7 @@ def unfused_rmsnorm_residual_bytes(fn) -> bool:
 
 
 # --- exercise 2: arithmetic intensity of a matmul -------------------------------------------------------
+
 
 def matmul_intensity(fn) -> bool:
     """fn(m, n, k, element_bytes) -> FLOP per byte of y [m, n] = x [m, k] · W[n, k]ᵀ, each tensor moved once."""
@@ -92,6 +95,7 @@ def matmul_intensity(fn) -> bool:
 
 # --- exercise 3: RMSNorm in torch ----------------------------------------------------------------------------
 
+
 def _reference(x, weight, eps):
     xf = x.float()
     return (weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
@@ -108,23 +112,29 @@ def rms_norm(fn) -> bool:
     xf = x.float()
     ms = xf.pow(2).mean(-1, keepdim=True)
     hints = {
-        "subtracted the mean (that is LayerNorm; RMSNorm does not centre x)":
-            weight * (xf - xf.mean(-1, keepdim=True)) * torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps),
+        "subtracted the mean (that is LayerNorm; RMSNorm does not centre x)": weight
+        * (xf - xf.mean(-1, keepdim=True))
+        * torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps),
         "left out eps (it keeps small rows from blowing up)": weight * xf * torch.rsqrt(ms),
         "added eps after the square root instead of inside it": weight * xf / (ms.sqrt() + eps),
         "forgot to multiply by the weight": xf * torch.rsqrt(ms + eps),
-        "summed the squares instead of averaging them": weight * xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps),
+        "summed the squares instead of averaging them": weight
+        * xf
+        * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps),
         "multiplied by the RMS instead of dividing by it": weight * xf * torch.sqrt(ms + eps),
-        "normalised over the wrong dimension (rows, not the hidden dimension)":
-            weight * xf * torch.rsqrt(xf.pow(2).mean(0, keepdim=True) + eps),
+        "normalised over the wrong dimension (rows, not the hidden dimension)": weight
+        * xf
+        * torch.rsqrt(xf.pow(2).mean(0, keepdim=True) + eps),
     }
     got = call(v, fn, x.clone(), weight.clone(), eps)
     if got is not None and tensor_like(v, got, _reference(x, weight, eps), "y", atol=1e-5, hints=hints):
         half = x.half()
         got16 = call(v, fn, half, weight.half(), eps)
         if got16 is not None and isinstance(got16, torch.Tensor) and got16.dtype != torch.float16:
-            v.fail(f"for an fp16 x the result is {got16.dtype}; return x's dtype (compute the statistics in "
-                   f"fp32, then cast back, as transformers' LlamaRMSNorm does).")
+            v.fail(
+                f"for an fp16 x the result is {got16.dtype}; return x's dtype (compute the statistics in "
+                f"fp32, then cast back, as transformers' LlamaRMSNorm does)."
+            )
         elif got16 is not None:
             tensor_like(v, got16, _reference(half, weight.half(), eps), "y for an fp16 x", atol=2e-3, rtol=2e-3)
     return v.report("Same formula as transformers' LlamaRMSNorm and labkit.kernels.rms_norm_torch.")

@@ -4,6 +4,7 @@ storage cost of a 2:4 sparse, low-bit layout.
     check.lesson12.pareto_front(my_pareto_front)
     check.lesson12.bits_per_weight_24(my_bits_per_weight_24)
 """
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,18 @@ import numbers
 from . import Verdict, call
 
 # (weight MiB, perplexity) points: a dominated point, a tie in memory, a tie in perplexity, unsorted input
-_POINTS = [(513.1, 36.47), (160.4, 38.34), (323.3, 81.53), (146.5, 329.61), (210.0, 30.47),
-           (159.1, 54.11), (171.4, 36.47), (160.4, 40.0), (432.2, 74.75), (150.4, 100.89)]
+_POINTS = [
+    (513.1, 36.47),
+    (160.4, 38.34),
+    (323.3, 81.53),
+    (146.5, 329.61),
+    (210.0, 30.47),
+    (159.1, 54.11),
+    (171.4, 36.47),
+    (160.4, 40.0),
+    (432.2, 74.75),
+    (150.4, 100.89),
+]
 
 
 def _front(points):
@@ -42,8 +53,7 @@ def pareto_front(fn) -> bool:
         if sorted(got) == expected and got != expected:
             v.fail("the right points, in the wrong order: sort the front by weight memory, smallest first.")
         elif got == [min(points, key=lambda p: p[1])] and len(expected) > 1:
-            v.fail("only the lowest perplexity: the front also keeps every smaller model that is the best "
-                   "at its size.")
+            v.fail("only the lowest perplexity: the front also keeps every smaller model that is the best at its size.")
         elif set(got) > set(expected):
             extra = sorted(set(got) - set(expected))[0]
             v.fail(f"{extra} is dominated: another point has no more weight memory and a lower perplexity.")
@@ -54,8 +64,9 @@ def pareto_front(fn) -> bool:
             v.fail(f"for {len(points)} points got {got}; expected {expected}.")
         if v.problem is not None:
             break
-    return v.report("Sort by memory, keep a point when its perplexity beats every smaller one: "
-                    "labkit.results.pareto_front.")
+    return v.report(
+        "Sort by memory, keep a point when its perplexity beats every smaller one: labkit.results.pareto_front."
+    )
 
 
 def bits_per_weight_24(fn) -> bool:
@@ -67,10 +78,11 @@ def bits_per_weight_24(fn) -> bool:
         if v.problem is not None:
             break
         expected = (value_bits + 2) / 2
-        hints = {"forgot the 2-bit positions of the kept values (without them the zeros cannot be placed)":
-                 value_bits / 2,
-                 "counted a position for all 4 weights; only the 2 kept ones need one": (2 * value_bits + 4 * 2) / 4,
-                 "kept all 4 values: 2:4 stores only 2 of every 4": value_bits + 2}
+        hints = {
+            "forgot the 2-bit positions of the kept values (without them the zeros cannot be placed)": value_bits / 2,
+            "counted a position for all 4 weights; only the 2 kept ones need one": (2 * value_bits + 4 * 2) / 4,
+            "kept all 4 values: 2:4 stores only 2 of every 4": value_bits + 2,
+        }
         if isinstance(got, bool) or not isinstance(got, numbers.Real):
             v.fail(f"return a number of bits, got {type(got).__name__}.")
             break

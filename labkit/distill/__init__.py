@@ -12,14 +12,54 @@ Agarwal et al., 2024), hidden_mse. Loops (trainer.py): distill (off- or on-polic
 blockwise_distill (one block against its teacher block, or against the span of teacher layers it
 replaces: layer_states gives every layer boundary in one pass). Students (students.py).
 """
-from .losses import LOSSES, check_beta, check_logits, check_temperature, forward_kl, hidden_mse, jsd, masked_mean, reverse_kl
-from .students import (SMALL_LLAMA, StudentSummary, block_influence, check_vocab, describe_student, drop_layers,
-                       fresh_student, vocab_size)
+
+from .losses import (
+    LOSSES,
+    check_beta,
+    check_logits,
+    check_temperature,
+    forward_kl,
+    hidden_mse,
+    jsd,
+    masked_mean,
+    reverse_kl,
+)
+from .students import (
+    SMALL_LLAMA,
+    StudentSummary,
+    block_influence,
+    check_vocab,
+    describe_student,
+    drop_layers,
+    fresh_student,
+    vocab_size,
+)
 from .trainer import batches, blockwise_distill, check_tokens, distill, finetune, layer_inputs, layer_states, sample
 
 __all__ = [
-    "forward_kl", "reverse_kl", "jsd", "hidden_mse", "LOSSES", "masked_mean",
-    "check_temperature", "check_beta", "check_logits",
-    "distill", "finetune", "blockwise_distill", "layer_inputs", "layer_states", "sample", "batches", "check_tokens",
-    "drop_layers", "block_influence", "fresh_student", "describe_student", "StudentSummary", "check_vocab", "vocab_size", "SMALL_LLAMA",
+    "LOSSES",
+    "SMALL_LLAMA",
+    "StudentSummary",
+    "batches",
+    "block_influence",
+    "blockwise_distill",
+    "check_beta",
+    "check_logits",
+    "check_temperature",
+    "check_tokens",
+    "check_vocab",
+    "describe_student",
+    "distill",
+    "drop_layers",
+    "finetune",
+    "forward_kl",
+    "fresh_student",
+    "hidden_mse",
+    "jsd",
+    "layer_inputs",
+    "layer_states",
+    "masked_mean",
+    "reverse_kl",
+    "sample",
+    "vocab_size",
 ]

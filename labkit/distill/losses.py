@@ -17,6 +17,7 @@ distributions shrinks as 1/τ², so Hinton et al. multiply by τ² to keep its s
 of τ (and comparable with a hard-label cross-entropy). All three divergences here are scaled
 by τ², so at τ = 1 they are the plain divergences.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,27 +29,35 @@ from torch.nn import functional as F
 
 def check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-        raise ValueError(f"temperature={temperature!r}: need a number > 0 (1.0 = the model's own distribution; "
-                         f"Hinton et al. soften with 2 to 20).")
+        raise ValueError(
+            f"temperature={temperature!r}: need a number > 0 (1.0 = the model's own distribution; "
+            f"Hinton et al. soften with 2 to 20)."
+        )
     return float(temperature)
 
 
 def check_beta(beta) -> float:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 < beta < 1:
-        raise ValueError(f"beta={beta!r}: the generalized JSD needs 0 < beta < 1 (its limits are the KLs: "
-                         f"use forward_kl for beta -> 0 and reverse_kl for beta -> 1).")
+        raise ValueError(
+            f"beta={beta!r}: the generalized JSD needs 0 < beta < 1 (its limits are the KLs: "
+            f"use forward_kl for beta -> 0 and reverse_kl for beta -> 1)."
+        )
     return float(beta)
 
 
 def check_logits(student: torch.Tensor, teacher: torch.Tensor) -> None:
     """Same vocabulary (last dim) and the same leading dims."""
     if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(f"vocabulary sizes differ: student logits have {student.shape[-1]} entries per token, "
-                         f"teacher logits {teacher.shape[-1]}. Distillation on logits needs the same tokenizer "
-                         f"and vocabulary for both models.")
+        raise ValueError(
+            f"vocabulary sizes differ: student logits have {student.shape[-1]} entries per token, "
+            f"teacher logits {teacher.shape[-1]}. Distillation on logits needs the same tokenizer "
+            f"and vocabulary for both models."
+        )
     if student.shape != teacher.shape:
-        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
-                         f"cover different tokens: run both models on the same token ids.")
+        raise ValueError(
+            f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
+            f"cover different tokens: run both models on the same token ids."
+        )
 
 
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -78,8 +87,12 @@ def _log_probs(student_logits, teacher_logits, temperature):
     return log_ps, log_pt, tau
 
 
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+def forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """τ² · KL(p_T ‖ p_S), the knowledge-distillation loss of Hinton et al. (2015), mean over tokens.
 
     student_logits, teacher_logits: [..., vocab]; mask: [...] or None. Returns a scalar.
@@ -89,15 +102,24 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return masked_mean(_kl(log_pt, log_ps), mask) * tau**2
 
 
-def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+def reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """τ² · KL(p_S ‖ p_T), mean over tokens (the expectation is under the student's own distribution)."""
     log_ps, log_pt, tau = _log_probs(student_logits, teacher_logits, temperature)
     return masked_mean(_kl(log_ps, log_pt), mask) * tau**2
 
 
-def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5, temperature: float = 1.0,
-        mask: torch.Tensor | None = None) -> torch.Tensor:
+def jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """τ² · generalized Jensen–Shannon divergence of GKD (Agarwal et al., 2024), mean over tokens.
 
         JSD(β) = β · KL(p_T ‖ m) + (1 − β) · KL(p_S ‖ m),     m = β · p_T + (1 − β) · p_S
@@ -117,20 +139,32 @@ def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float 
     return masked_mean(per_token, mask) * tau**2
 
 
-def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_mse(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over tokens of the mean squared error over features: mean_t (1/d) ‖h_S,t − h_T,t‖².
 
     student_hidden, teacher_hidden: [..., hidden]; mask: [...] or None. Returns a scalar.
     """
     if student_hidden.shape != teacher_hidden.shape:
-        raise ValueError(f"hidden states differ in shape: student {tuple(student_hidden.shape)}, teacher "
-                         f"{tuple(teacher_hidden.shape)}; block-wise distillation needs matching hidden sizes.")
+        raise ValueError(
+            f"hidden states differ in shape: student {tuple(student_hidden.shape)}, teacher "
+            f"{tuple(teacher_hidden.shape)}; block-wise distillation needs matching hidden sizes."
+        )
     per_token = ((student_hidden.float() - teacher_hidden.float()) ** 2).mean(-1)
     return masked_mean(per_token, mask)
 
 
 LOSSES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd}
 
-__all__ = ["forward_kl", "reverse_kl", "jsd", "hidden_mse", "LOSSES", "check_temperature", "check_beta",
-           "check_logits", "masked_mean"]
+__all__ = [
+    "LOSSES",
+    "check_beta",
+    "check_logits",
+    "check_temperature",
+    "forward_kl",
+    "hidden_mse",
+    "jsd",
+    "masked_mean",
+    "reverse_kl",
+]

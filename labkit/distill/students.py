@@ -1,13 +1,14 @@
 """Students: the smaller models a teacher is distilled into.
 
-    drop_layers(teacher, keep=[0, 2, 4])   a copy of the teacher with only some decoder layers
-                                           (depth pruning: the student starts from the teacher's
-                                           own weights, as in Sheared-LLaMA and Minitron)
-    fresh_student({"num_hidden_layers": 4}, teacher=teacher)
-                                           a small randomly initialised Llama sharing the
-                                           teacher's vocabulary
-    describe_student(student, teacher)     parameters and weight bytes, and their ratio
+drop_layers(teacher, keep=[0, 2, 4])   a copy of the teacher with only some decoder layers
+                                       (depth pruning: the student starts from the teacher's
+                                       own weights, as in Sheared-LLaMA and Minitron)
+fresh_student({"num_hidden_layers": 4}, teacher=teacher)
+                                       a small randomly initialised Llama sharing the
+                                       teacher's vocabulary
+describe_student(student, teacher)     parameters and weight bytes, and their ratio
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,9 +31,11 @@ def check_vocab(student, teacher) -> None:
     """Logit distillation compares distributions over the same tokens: the vocabularies must match."""
     s, t = vocab_size(student), vocab_size(teacher)
     if s != t:
-        raise ValueError(f"vocabulary mismatch: the student predicts {s:,} tokens and the teacher {t:,}. "
-                         f"Logit distillation needs the same tokenizer; build the student with "
-                         f"fresh_student(..., teacher=teacher) or drop_layers(teacher, ...).")
+        raise ValueError(
+            f"vocabulary mismatch: the student predicts {s:,} tokens and the teacher {t:,}. "
+            f"Logit distillation needs the same tokenizer; build the student with "
+            f"fresh_student(..., teacher=teacher) or drop_layers(teacher, ...)."
+        )
 
 
 def drop_layers(model, keep: list[int] | None = None):
@@ -47,10 +50,16 @@ def drop_layers(model, keep: list[int] | None = None):
     if keep is None:
         keep = list(range(0, n, 2))
     keep = list(keep)
-    if (not keep or any(isinstance(i, bool) or not isinstance(i, int) for i in keep)
-            or any(not 0 <= i < n for i in keep) or sorted(set(keep)) != keep):
-        raise ValueError(f"keep={keep!r}: need a non-empty, increasing list of distinct layer indices in [0, {n}) "
-                         f"(the model has {n} decoder layers), or None for every other layer.")
+    if (
+        not keep
+        or any(isinstance(i, bool) or not isinstance(i, int) for i in keep)
+        or any(not 0 <= i < n for i in keep)
+        or sorted(set(keep)) != keep
+    ):
+        raise ValueError(
+            f"keep={keep!r}: need a non-empty, increasing list of distinct layer indices in [0, {n}) "
+            f"(the model has {n} decoder layers), or None for every other layer."
+        )
     student = copy.deepcopy(model)
     student.model.layers = nn.ModuleList([student.model.layers[i] for i in keep])
     for new_index, layer in enumerate(student.model.layers):
@@ -75,17 +84,37 @@ def block_influence(model, tokens: torch.Tensor, batch_size: int = 8) -> list[fl
     from .trainer import layer_states
 
     states, _ = layer_states(model, tokens, batch_size)
-    return [1 - torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
-            for a, b in zip(states[:-1], states[1:])]
+    return [
+        1 - torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
+        for a, b in zip(states[:-1], states[1:])
+    ]
 
 
 SMALL_LLAMA = dict(  # a small student: about 0.35 M parameters besides the embedding
-    hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=32, vocab_size=256, max_position_embeddings=2048, tie_word_embeddings=True,
-    bos_token_id=None, eos_token_id=0, pad_token_id=0,
+    hidden_size=128,
+    intermediate_size=320,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=256,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    bos_token_id=None,
+    eos_token_id=0,
+    pad_token_id=0,
 )
-FROM_TEACHER = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",
-                "rope_parameters", "rms_norm_eps", "hidden_act", "tie_word_embeddings")
+FROM_TEACHER = (
+    "vocab_size",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "max_position_embeddings",
+    "rope_parameters",
+    "rms_norm_eps",
+    "hidden_act",
+    "tie_word_embeddings",
+)
 
 
 def fresh_student(config_overrides: dict | None = None, teacher=None, seed: int = 0, dtype=torch.float32):
@@ -103,15 +132,19 @@ def fresh_student(config_overrides: dict | None = None, teacher=None, seed: int 
         settings["vocab_size"] = vocab_size(teacher)
     overrides = dict(config_overrides or {})
     if teacher is not None and "vocab_size" in overrides and overrides["vocab_size"] != settings["vocab_size"]:
-        raise ValueError(f"config_overrides sets vocab_size={overrides['vocab_size']}, but the teacher's "
-                         f"vocabulary has {settings['vocab_size']:,} tokens; logit distillation needs the same one.")
+        raise ValueError(
+            f"config_overrides sets vocab_size={overrides['vocab_size']}, but the teacher's "
+            f"vocabulary has {settings['vocab_size']:,} tokens; logit distillation needs the same one."
+        )
     settings.update(overrides)
     hidden, heads = settings["hidden_size"], settings["num_attention_heads"]
     if "head_dim" not in overrides and ("hidden_size" in overrides or "num_attention_heads" in overrides):
         settings["head_dim"] = hidden // heads  # keep q_proj square unless told otherwise
     if heads % settings["num_key_value_heads"]:
-        raise ValueError(f"num_attention_heads={heads} must be a multiple of "
-                         f"num_key_value_heads={settings['num_key_value_heads']} (grouped-query attention).")
+        raise ValueError(
+            f"num_attention_heads={heads} must be a multiple of "
+            f"num_key_value_heads={settings['num_key_value_heads']} (grouped-query attention)."
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(LlamaConfig(**settings))
@@ -133,19 +166,24 @@ class StudentSummary:
         return self.parameters / self.teacher_parameters if self.teacher_parameters else None
 
     def __str__(self) -> str:
-        text = (f"{self.layers} layers, hidden {self.hidden_size}, MLP {self.intermediate_size}: "
-                f"{self.parameters / 1e6:.2f} M parameters, {self.weight_bytes / 2**20:.1f} MiB of weights")
+        text = (
+            f"{self.layers} layers, hidden {self.hidden_size}, MLP {self.intermediate_size}: "
+            f"{self.parameters / 1e6:.2f} M parameters, {self.weight_bytes / 2**20:.1f} MiB of weights"
+        )
         if self.teacher_parameters:
-            text += (f" ({100 * self.parameter_ratio:.0f}% of the teacher's {self.teacher_parameters / 1e6:.2f} M, "
-                     f"{100 * self.weight_bytes / self.teacher_weight_bytes:.0f}% of its bytes)")
+            text += (
+                f" ({100 * self.parameter_ratio:.0f}% of the teacher's {self.teacher_parameters / 1e6:.2f} M, "
+                f"{100 * self.weight_bytes / self.teacher_weight_bytes:.0f}% of its bytes)"
+            )
         return text
 
 
 def describe_student(student, teacher=None) -> StudentSummary:
     """Parameters (tied embedding counted once) and stored weight bytes, beside the teacher's."""
     c = student.config
-    summary = StudentSummary(len(student.model.layers), c.hidden_size, c.intermediate_size,
-                             parameter_count(student), weight_bytes(student))
+    summary = StudentSummary(
+        len(student.model.layers), c.hidden_size, c.intermediate_size, parameter_count(student), weight_bytes(student)
+    )
     if teacher is not None:
         check_vocab(student, teacher)
         summary.teacher_parameters = parameter_count(teacher)
@@ -153,5 +191,13 @@ def describe_student(student, teacher=None) -> StudentSummary:
     return summary
 
 
-__all__ = ["drop_layers", "block_influence", "fresh_student", "describe_student", "StudentSummary", "check_vocab", "vocab_size",
-           "SMALL_LLAMA"]
+__all__ = [
+    "SMALL_LLAMA",
+    "StudentSummary",
+    "block_influence",
+    "check_vocab",
+    "describe_student",
+    "drop_layers",
+    "fresh_student",
+    "vocab_size",
+]

@@ -18,6 +18,7 @@ whole distribution vs the one observed next token).
 Deterministic for a seed: batches are drawn and on-policy samples are generated with
 generators seeded from `seed`, and the global RNG is forked so the caller's is left alone.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,14 +34,16 @@ from tqdm.auto import tqdm
 from .losses import LOSSES, check_beta, check_temperature, hidden_mse
 from .students import check_vocab
 
-
 # --- data -----------------------------------------------------------------------------------------
+
 
 def check_tokens(data, vocab: int | None = None, name: str = "data") -> None:
     if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype != torch.long or data.shape[1] < 2:
         got = f"{tuple(data.shape)} {data.dtype}" if isinstance(data, torch.Tensor) else type(data).__name__
-        raise ValueError(f"{name} must be a LongTensor of token windows [n, seqlen] with seqlen >= 2; got {got}. "
-                         f"Make one with labkit.data.calibration(tokenizer, n, seqlen).")
+        raise ValueError(
+            f"{name} must be a LongTensor of token windows [n, seqlen] with seqlen >= 2; got {got}. "
+            f"Make one with labkit.data.calibration(tokenizer, n, seqlen)."
+        )
     if vocab is not None and data.numel() and (data.min() < 0 or data.max() >= vocab):
         raise ValueError(f"{name} holds token ids outside [0, {vocab}): was it made with another tokenizer?")
 
@@ -81,8 +84,18 @@ def _rng_devices(device: torch.device) -> list:
 
 # --- the loop -------------------------------------------------------------------------------------
 
-def _train(model: nn.Module, steps: int, micro_loss: Callable[[], torch.Tensor], lr: float, grad_accum: int,
-           max_grad_norm: float | None, weight_decay: float, desc: str, progress: bool) -> list[float]:
+
+def _train(
+    model: nn.Module,
+    steps: int,
+    micro_loss: Callable[[], torch.Tensor],
+    lr: float,
+    grad_accum: int,
+    max_grad_norm: float | None,
+    weight_decay: float,
+    desc: str,
+    progress: bool,
+) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad is False everywhere).")
@@ -110,9 +123,11 @@ def _train(model: nn.Module, steps: int, micro_loss: Callable[[], torch.Tensor],
 
 # --- on-policy samples ------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def sample(model, prompts: torch.Tensor, new_tokens: int, temperature: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    model, prompts: torch.Tensor, new_tokens: int, temperature: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Sample `new_tokens` tokens after each prompt from the model's own distribution (KV cache).
 
     prompts: [batch, prompt_len] -> [batch, prompt_len + new_tokens]. Seeded by `generator`
@@ -138,11 +153,26 @@ def sample(model, prompts: torch.Tensor, new_tokens: int, temperature: float = 1
 
 # --- distillation ------------------------------------------------------------------------------------
 
-def distill(student, teacher, data: torch.Tensor, steps: int, loss: str | Callable = "forward_kl",
-            temperature: float = 2.0, lr: float = 1e-4, batch_size: int = 4, grad_accum: int = 1,
-            max_grad_norm: float | None = 1.0, on_policy: bool = False, alpha_ce: float = 0.0, beta: float = 0.5,
-            prompt_len: int | None = None, seed: int = 0, weight_decay: float = 0.0,
-            progress: bool = True) -> list[float]:
+
+def distill(
+    student,
+    teacher,
+    data: torch.Tensor,
+    steps: int,
+    loss: str | Callable = "forward_kl",
+    temperature: float = 2.0,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = 1.0,
+    on_policy: bool = False,
+    alpha_ce: float = 0.0,
+    beta: float = 0.5,
+    prompt_len: int | None = None,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    progress: bool = True,
+) -> list[float]:
     """Train `student` in place to match `teacher`'s next-token distributions; returns the loss per step.
 
     data: LongTensor [n, seqlen] of token windows (e.g. labkit.data.calibration(tokenizer, n, seqlen)).
@@ -170,17 +200,22 @@ def distill(student, teacher, data: torch.Tensor, steps: int, loss: str | Callab
         if loss == "jsd":
             divergence = functools.partial(divergence, beta=check_beta(beta))
     else:
-        raise ValueError(f"loss={loss!r}: allowed are {list(LOSSES)} or a callable "
-                         f"loss(student_logits, teacher_logits, mask=mask).")
+        raise ValueError(
+            f"loss={loss!r}: allowed are {list(LOSSES)} or a callable loss(student_logits, teacher_logits, mask=mask)."
+        )
     seqlen = data.shape[1]
     if on_policy:
         if alpha_ce:
-            raise ValueError("alpha_ce > 0 with on_policy=True: the sequences are the student's own samples, "
-                             "so there is no data token to take a cross-entropy on. Use alpha_ce=0.")
+            raise ValueError(
+                "alpha_ce > 0 with on_policy=True: the sequences are the student's own samples, "
+                "so there is no data token to take a cross-entropy on. Use alpha_ce=0."
+            )
         prompt_len = seqlen // 2 if prompt_len is None else prompt_len
         if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or not 1 <= prompt_len < seqlen:
-            raise ValueError(f"prompt_len={prompt_len!r}: need an integer in [1, {seqlen}) "
-                             f"(the rest of each {seqlen}-token window is sampled by the student).")
+            raise ValueError(
+                f"prompt_len={prompt_len!r}: need an integer in [1, {seqlen}) "
+                f"(the rest of each {seqlen}-token window is sampled by the student)."
+            )
     device, teacher_device = _device(student), _device(teacher)
     teacher.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -193,7 +228,7 @@ def distill(student, teacher, data: torch.Tensor, steps: int, loss: str | Callab
         if on_policy:
             tokens = sample(student, tokens[:, :prompt_len], seqlen - prompt_len, generator=sampler)
             mask = torch.zeros(tokens.shape[0], seqlen - 1, dtype=torch.bool, device=device)
-            mask[:, prompt_len - 1:] = True  # positions that predict a sampled token
+            mask[:, prompt_len - 1 :] = True  # positions that predict a sampled token
         with torch.no_grad():
             teacher_logits = teacher(tokens.to(teacher_device), use_cache=False).logits[:, :-1].to(device)
         student_logits = student(tokens, use_cache=False).logits[:, :-1]  # [batch, seqlen - 1, vocab]
@@ -205,13 +240,31 @@ def distill(student, teacher, data: torch.Tensor, steps: int, loss: str | Callab
 
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
-        return _train(student, steps, micro_loss, lr, grad_accum, max_grad_norm, weight_decay,
-                      "distill (on-policy)" if on_policy else "distill", progress)
+        return _train(
+            student,
+            steps,
+            micro_loss,
+            lr,
+            grad_accum,
+            max_grad_norm,
+            weight_decay,
+            "distill (on-policy)" if on_policy else "distill",
+            progress,
+        )
 
 
-def finetune(student, data: torch.Tensor, steps: int, lr: float = 1e-4, batch_size: int = 4, grad_accum: int = 1,
-             max_grad_norm: float | None = 1.0, seed: int = 0, weight_decay: float = 0.0,
-             progress: bool = True) -> list[float]:
+def finetune(
+    student,
+    data: torch.Tensor,
+    steps: int,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = 1.0,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    progress: bool = True,
+) -> list[float]:
     """Plain next-token cross-entropy on the same token windows; returns the loss per step.
 
     data: LongTensor [n, seqlen]. With the same steps, batch_size, grad_accum and seed as a
@@ -234,6 +287,7 @@ def finetune(student, data: torch.Tensor, steps: int, lr: float = 1e-4, batch_si
 
 
 # --- block-wise (local) distillation -------------------------------------------------------------------
+
 
 class _Stop(Exception):
     pass
@@ -287,6 +341,7 @@ def layer_states(model, tokens: torch.Tensor, batch_size: int = 8) -> tuple[list
             states[index + 1].append(_hidden(output))
             if index == n_layers - 1:
                 raise _Stop  # the final norm and the output layer are not needed
+
         return hook
 
     hooks = [layers[0].register_forward_pre_hook(first, with_kwargs=True)]
@@ -301,7 +356,7 @@ def _forward_batches(model, tokens: torch.Tensor, batch_size: int, hooks: list) 
     try:
         for start in range(0, tokens.shape[0], batch_size):
             try:
-                model(tokens[start:start + batch_size].to(_device(model)), use_cache=False)
+                model(tokens[start : start + batch_size].to(_device(model)), use_cache=False)
             except _Stop:
                 pass
     finally:
@@ -321,11 +376,21 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # transformers 5 layers return a tensor
 
 
-def blockwise_distill(student_layer: nn.Module, teacher_layer: nn.Module | None, inputs: torch.Tensor, steps: int,
-                      lr: float = 1e-4, batch_size: int = 4, layer_kwargs: dict | None = None,
-                      grad_accum: int = 1, max_grad_norm: float | None = 1.0, seed: int = 0,
-                      weight_decay: float = 0.0, progress: bool = True,
-                      targets: torch.Tensor | None = None) -> list[float]:
+def blockwise_distill(
+    student_layer: nn.Module,
+    teacher_layer: nn.Module | None,
+    inputs: torch.Tensor,
+    steps: int,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    layer_kwargs: dict | None = None,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = 1.0,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    progress: bool = True,
+    targets: torch.Tensor | None = None,
+) -> list[float]:
     """Train one block to reproduce another block's outputs on the same inputs (hidden_mse).
 
     inputs: [n, seqlen, hidden], the block's inputs in the full model (layer_inputs gives them,
@@ -338,11 +403,15 @@ def blockwise_distill(student_layer: nn.Module, teacher_layer: nn.Module | None,
     _check_training(steps, lr, batch_size, grad_accum, max_grad_norm)
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 or not inputs.is_floating_point():
         got = f"{tuple(inputs.shape)} {inputs.dtype}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-        raise ValueError(f"inputs must be float hidden states [n, seqlen, hidden]; got {got}. "
-                         f"Get a decoder layer's inputs with labkit.distill.layer_inputs(model, tokens, index).")
+        raise ValueError(
+            f"inputs must be float hidden states [n, seqlen, hidden]; got {got}. "
+            f"Get a decoder layer's inputs with labkit.distill.layer_inputs(model, tokens, index)."
+        )
     if (teacher_layer is None) == (targets is None):
-        raise ValueError("give exactly one of teacher_layer (its outputs are the targets) and targets "
-                         "(precomputed outputs [n, seqlen, hidden]).")
+        raise ValueError(
+            "give exactly one of teacher_layer (its outputs are the targets) and targets "
+            "(precomputed outputs [n, seqlen, hidden])."
+        )
     kwargs = layer_kwargs or {}
     device = _device(student_layer)
     if targets is not None:
@@ -353,8 +422,9 @@ def blockwise_distill(student_layer: nn.Module, teacher_layer: nn.Module | None,
     else:
         teacher_layer.eval()
         with torch.no_grad():  # the targets, computed once
-            targets = torch.cat([_hidden(teacher_layer(chunk.to(device), **kwargs))
-                                 for chunk in inputs.split(batch_size)])  # [n, seqlen, hidden]
+            targets = torch.cat(
+                [_hidden(teacher_layer(chunk.to(device), **kwargs)) for chunk in inputs.split(batch_size)]
+            )  # [n, seqlen, hidden]
     pairs = torch.stack([inputs.to(device), targets])  # [2, n, seqlen, hidden]
     stream = batches(pairs.transpose(0, 1), batch_size, torch.Generator().manual_seed(seed))
 
@@ -364,8 +434,18 @@ def blockwise_distill(student_layer: nn.Module, teacher_layer: nn.Module | None,
 
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
-        return _train(student_layer, steps, micro_loss, lr, grad_accum, max_grad_norm, weight_decay,
-                      "blockwise distill", progress)
+        return _train(
+            student_layer, steps, micro_loss, lr, grad_accum, max_grad_norm, weight_decay, "blockwise distill", progress
+        )
 
 
-__all__ = ["distill", "finetune", "blockwise_distill", "layer_inputs", "layer_states", "sample", "batches", "check_tokens"]
+__all__ = [
+    "batches",
+    "blockwise_distill",
+    "check_tokens",
+    "distill",
+    "finetune",
+    "layer_inputs",
+    "layer_states",
+    "sample",
+]

@@ -10,10 +10,21 @@ set TRITON_INTERPRET=1 before the first kernel launch and pass backend="triton" 
 code in its interpreter (slow; for tests and for stepping through a kernel). Importing this package
 does not import triton.
 """
-from ._triton import available as triton_available  # noqa: F401
-from ._triton import interpreted as triton_interpreted  # noqa: F401
-from .fused import (  # noqa: F401
-    rms_norm, rms_norm_torch, rotary, rotary_torch, silu_and_mul, swiglu, swiglu_torch, w4a16_dequantize,
-    w4a16_from_codes, w4a16_matmul, w4a16_matmul_torch, w4a16_unpack,
+
+from ._triton import available as triton_available
+from ._triton import interpreted as triton_interpreted
+from .fused import (
+    rms_norm,
+    rms_norm_torch,
+    rotary,
+    rotary_torch,
+    silu_and_mul,
+    swiglu,
+    swiglu_torch,
+    w4a16_dequantize,
+    w4a16_from_codes,
+    w4a16_matmul,
+    w4a16_matmul_torch,
+    w4a16_unpack,
 )
-from .paged_attention import paged_attention_decode, paged_attention_decode_torch  # noqa: F401
+from .paged_attention import paged_attention_decode, paged_attention_decode_torch

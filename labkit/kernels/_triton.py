@@ -10,6 +10,7 @@ notebook can set the variable after `import labkit.kernels` but before the first
     interpreted()   do (or will) the kernels run in Triton's interpreter?
     resolve_backend(backend, where, *tensors)  "auto" | "triton" | "torch" -> "triton" | "torch"
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -112,9 +113,11 @@ def resolve_backend(backend: str, where: str, *tensors: torch.Tensor) -> str:
 def check_contiguous(where: str, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if not t.is_contiguous():
-            raise ValueError(f"{where}: {name} must be contiguous (got strides {tuple(t.stride())} for shape "
-                             f"{tuple(t.shape)}); call .contiguous() first. The kernels compute addresses "
-                             f"from the shape alone.")
+            raise ValueError(
+                f"{where}: {name} must be contiguous (got strides {tuple(t.stride())} for shape "
+                f"{tuple(t.shape)}); call .contiguous() first. The kernels compute addresses "
+                f"from the shape alone."
+            )
 
 
 def check_float(where: str, **tensors: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ CUDA tensors, torch otherwise; "triton" on CPU needs TRITON_INTERPRET=1 (Triton'
 Every kernel computes in fp32 and rounds where the unfused PyTorch code would, so that the two
 agree to the last bit or two of the output dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,6 +33,7 @@ def _rows(x: torch.Tensor) -> int:
 
 # --- RMSNorm (optionally fused with the residual add) -----------------------------------------------
 
+
 def rms_norm(x, weight, eps: float = 1e-6, residual=None, backend: str = "auto"):
     """y = x / sqrt(mean(x²) + eps) · weight, as transformers' LlamaRMSNorm (fp32 statistics).
 
@@ -48,8 +50,10 @@ def rms_norm(x, weight, eps: float = 1e-6, residual=None, backend: str = "auto")
     tensors = dict(x=x, weight=weight)
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"{where}: residual must match x ({tuple(x.shape)} {x.dtype}); got "
-                             f"{tuple(residual.shape)} {residual.dtype}.")
+            raise ValueError(
+                f"{where}: residual must match x ({tuple(x.shape)} {x.dtype}); got "
+                f"{tuple(residual.shape)} {residual.dtype}."
+            )
         tensors["residual"] = residual
     _triton.check_contiguous(where, **tensors)
     if _triton.resolve_backend(backend, where, *tensors.values()) == "torch":
@@ -100,13 +104,21 @@ def _rms_norm_triton(x, weight, eps, residual):
     rows, hidden = _rows(x), x.shape[-1]
     if rows:
         _rms_norm_kernel[(rows,)](
-            out, x, residual if residual is not None else x, h if h is not None else out, weight,
-            hidden, float(eps), HAS_RESIDUAL=residual is not None, BLOCK=max(16, next_power_of_2(hidden)),
+            out,
+            x,
+            residual if residual is not None else x,
+            h if h is not None else out,
+            weight,
+            hidden,
+            float(eps),
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=max(16, next_power_of_2(hidden)),
         )
     return (out, h) if residual is not None else out
 
 
 # --- SiLU(gate) * up ---------------------------------------------------------------------------------
+
 
 def silu_and_mul(gate_up, backend: str = "auto"):
     """SiLU(gate) · up for gate_up: [..., 2·d] = cat(gate, up) (vLLM's merged gate_up_proj layout).
@@ -115,8 +127,9 @@ def silu_and_mul(gate_up, backend: str = "auto"):
     where = "silu_and_mul"
     _triton.check_float(where, gate_up=gate_up)
     if gate_up.shape[-1] % 2:
-        raise ValueError(f"{where}: the last dimension of gate_up must be even (gate then up); got "
-                         f"{gate_up.shape[-1]}.")
+        raise ValueError(
+            f"{where}: the last dimension of gate_up must be even (gate then up); got {gate_up.shape[-1]}."
+        )
     _triton.check_contiguous(where, gate_up=gate_up)
     d = gate_up.shape[-1] // 2
     if _triton.resolve_backend(backend, where, gate_up) == "torch":
@@ -132,8 +145,10 @@ def swiglu(gate, up, backend: str = "auto"):
     where = "swiglu"
     _triton.check_float(where, gate=gate, up=up)
     if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"{where}: gate and up must have the same shape and dtype; got {tuple(gate.shape)} "
-                         f"{gate.dtype} and {tuple(up.shape)} {up.dtype}.")
+        raise ValueError(
+            f"{where}: gate and up must have the same shape and dtype; got {tuple(gate.shape)} "
+            f"{gate.dtype} and {tuple(up.shape)} {up.dtype}."
+        )
     _triton.check_contiguous(where, gate=gate, up=up)
     if _triton.resolve_backend(backend, where, gate, up) == "torch":
         return swiglu_torch(gate, up)
@@ -176,6 +191,7 @@ def _swiglu_launch(out, gate, up, up_offset, d, row_stride):
 
 # --- rotary position embedding -----------------------------------------------------------------------
 
+
 def rotary(x, cos, sin, backend: str = "auto"):
     """x · cos + rotate_half(x) · sin, with rotate_half(x) = cat(-x2, x1) (transformers'
     apply_rotary_pos_emb, Llama convention: the two halves of head_dim are the pairs).
@@ -188,12 +204,15 @@ def rotary(x, cos, sin, backend: str = "auto"):
     where = "rotary"
     _triton.check_float(where, x=x, cos=cos, sin=sin)
     if x.dim() != 4 or x.shape[-1] % 2:
-        raise ValueError(f"{where}: x must be [batch, num_heads, seq_len, head_dim] with an even head_dim; "
-                         f"got {tuple(x.shape)}.")
+        raise ValueError(
+            f"{where}: x must be [batch, num_heads, seq_len, head_dim] with an even head_dim; got {tuple(x.shape)}."
+        )
     batch, _, seq_len, head_dim = x.shape
     if cos.shape != sin.shape or cos.shape not in ((batch, seq_len, head_dim), (seq_len, head_dim)):
-        raise ValueError(f"{where}: cos and sin must be [batch={batch}, seq_len={seq_len}, head_dim={head_dim}] "
-                         f"or [seq_len, head_dim]; got {tuple(cos.shape)} and {tuple(sin.shape)}.")
+        raise ValueError(
+            f"{where}: cos and sin must be [batch={batch}, seq_len={seq_len}, head_dim={head_dim}] "
+            f"or [seq_len, head_dim]; got {tuple(cos.shape)} and {tuple(sin.shape)}."
+        )
     _triton.check_contiguous(where, x=x, cos=cos, sin=sin)
     if _triton.resolve_backend(backend, where, x, cos, sin) == "torch":
         return rotary_torch(x, cos, sin)
@@ -201,7 +220,13 @@ def rotary(x, cos, sin, backend: str = "auto"):
     rows = x.numel() // head_dim
     if rows:
         _rotary_kernel[(rows,)](
-            out, x, cos, sin, x.shape[1], seq_len, head_dim // 2,
+            out,
+            x,
+            cos,
+            sin,
+            x.shape[1],
+            seq_len,
+            head_dim // 2,
             cos.shape[-2] * head_dim if cos.dim() == 3 else 0,  # batch stride of cos/sin (0: shared)
             BLOCK=max(16, next_power_of_2(head_dim // 2)),
         )
@@ -262,6 +287,7 @@ def _rotary_kernel(
 #   W[n, k] = (code[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]
 # group_size must be even (both nibbles of a byte share a group) and divide in_features.
 
+
 def w4a16_from_codes(codes, scales, zeros, group_size: int):
     """Pack 4-bit codes into this module's layout: returns (qweight, scales, zeros).
 
@@ -269,11 +295,13 @@ def w4a16_from_codes(codes, scales, zeros, group_size: int):
     scales, zeros: [out_features, n_groups] (zeros integer or float; returned as scales' dtype)
     """
     if codes.dim() != 2 or codes.is_floating_point():
-        raise ValueError(f"w4a16_from_codes: codes must be a 2-D integer tensor [out, in]; got "
-                         f"{tuple(codes.shape)} {codes.dtype}.")
+        raise ValueError(
+            f"w4a16_from_codes: codes must be a 2-D integer tensor [out, in]; got {tuple(codes.shape)} {codes.dtype}."
+        )
     if codes.numel() and (codes.min().item() < 0 or codes.max().item() > 15):
-        raise ValueError(f"w4a16_from_codes: codes must lie in 0..15; got [{codes.min().item()}, "
-                         f"{codes.max().item()}].")
+        raise ValueError(
+            f"w4a16_from_codes: codes must lie in 0..15; got [{codes.min().item()}, {codes.max().item()}]."
+        )
     out_features, in_features = codes.shape
     if in_features % 2:
         raise ValueError(f"w4a16_from_codes: in_features={in_features} must be even (two codes per byte).")
@@ -300,16 +328,19 @@ def w4a16_dequantize(qweight, scales, zeros, group_size: int, dtype=torch.float3
 
 def _check_w4a16_weights(where, qweight, scales, zeros, group_size):
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
-        raise ValueError(f"{where}: qweight must be uint8 [out_features, in_features // 2]; got "
-                         f"{tuple(qweight.shape)} {qweight.dtype}. Pack codes with w4a16_from_codes.")
+        raise ValueError(
+            f"{where}: qweight must be uint8 [out_features, in_features // 2]; got "
+            f"{tuple(qweight.shape)} {qweight.dtype}. Pack codes with w4a16_from_codes."
+        )
     out_features, in_features = qweight.shape[0], 2 * qweight.shape[1]
     if group_size < 2 or group_size % 2 or in_features % group_size:
         raise ValueError(f"{where}: group_size={group_size} must be even and divide in_features={in_features}.")
     n_groups = in_features // group_size
     for name, t in (("scales", scales), ("zeros", zeros)):
         if t.shape != (out_features, n_groups):
-            raise ValueError(f"{where}: {name} must be [out_features={out_features}, n_groups={n_groups}]; "
-                             f"got {tuple(t.shape)}.")
+            raise ValueError(
+                f"{where}: {name} must be [out_features={out_features}, n_groups={n_groups}]; got {tuple(t.shape)}."
+            )
     _triton.check_float(where, scales=scales, zeros=zeros)
 
 
@@ -402,8 +433,20 @@ def _w4a16_matmul_triton(x, qweight, scales, zeros, group_size):
         block_n, block_kb = 64, 32
         grid = (_cdiv(M, block_m), _cdiv(N, block_n))
         _w4a16_matmul_kernel[grid](
-            out, x2, qweight, scales, zeros, M, N, K, K // group_size, group_size,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KB=block_kb,
-            FP32_MATH=_triton.compute_in_fp32(x.dtype), PRECISION=_triton.dot_precision(x.dtype),
+            out,
+            x2,
+            qweight,
+            scales,
+            zeros,
+            M,
+            N,
+            K,
+            K // group_size,
+            group_size,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_KB=block_kb,
+            FP32_MATH=_triton.compute_in_fp32(x.dtype),
+            PRECISION=_triton.dot_precision(x.dtype),
         )
     return out

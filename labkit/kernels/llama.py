@@ -15,6 +15,7 @@ inside the decoder layers becomes a W4A16Linear: 4-bit codes packed two per byte
 point per group, multiplied by kernels.w4a16_matmul (Triton on CUDA, dequantize-then-matmul in torch
 elsewhere). The embedding and the output layer stay as they are.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,8 +43,9 @@ class W4A16Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128, float_offset: bool = False,
-                    backend: str = "auto") -> W4A16Linear:
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int = 128, float_offset: bool = False, backend: str = "auto"
+    ) -> W4A16Linear:
         """Round-to-nearest 4-bit quantization of `linear` (labkit.quant.formats.quantize).
 
         Integer zero points (the usual asymmetric grid) are stored with fp16 scales. float_offset=True
@@ -73,8 +75,10 @@ class W4A16Linear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, 4 bits, g{self.group_size}, "
-                f"scales {str(self.scales.dtype)[6:]}, backend={self.backend!r}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, 4 bits, g{self.group_size}, "
+            f"scales {str(self.scales.dtype)[6:]}, backend={self.backend!r}"
+        )
 
 
 def fused_decoder_forward(layer, hidden_states, *args, backend: str = "auto", **kwargs):
@@ -90,8 +94,9 @@ def fused_decoder_forward(layer, hidden_states, *args, backend: str = "auto", **
     return h + mlp.down_proj(swiglu(mlp.gate_proj(t), mlp.up_proj(t), backend=backend))
 
 
-def fuse(model, w4a16: bool = False, group_size: int = 128, float_offset: bool = False, backend: str = "auto",
-         layers=None) -> dict:
+def fuse(
+    model, w4a16: bool = False, group_size: int = 128, float_offset: bool = False, backend: str = "auto", layers=None
+) -> dict:
     """Make `model`'s decoder layers (all, or the indices in `layers`) run the fused kernels, in place.
 
     w4a16: also replace each nn.Linear in those layers by a W4A16Linear (round-to-nearest, 4 bits,
@@ -110,8 +115,10 @@ def fuse(model, w4a16: bool = False, group_size: int = 128, float_offset: bool =
         if w4a16:
             for name, linear in linear_layers(layer).items():
                 if linear.in_features % group_size or group_size % 2:
-                    raise ValueError(f"fuse: group_size={group_size} must be even and divide {name}'s "
-                                     f"in_features={linear.in_features}.")
+                    raise ValueError(
+                        f"fuse: group_size={group_size} must be even and divide {name}'s "
+                        f"in_features={linear.in_features}."
+                    )
                 set_module(layer, name, W4A16Linear.from_linear(linear, group_size, float_offset, backend))
                 report["linears"] += 1
                 report["weights"] += linear.weight.numel()

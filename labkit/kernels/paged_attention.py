@@ -19,6 +19,7 @@ are negligible. The torch reference first gathers the blocks into a contiguous c
 read again) and materialises the scores; the kernel reads each K/V tile once, straight from its
 block, and keeps scores in registers.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,26 +40,33 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, check_values:
     if q.dim() != 3:
         raise ValueError(f"{where}: q must be [num_seqs, num_heads, head_dim]; got shape {tuple(q.shape)}.")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"{where}: k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, "
-                         f"head_dim]; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}.")
+        raise ValueError(
+            f"{where}: k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, "
+            f"head_dim]; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}."
+        )
     num_seqs, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim:
         raise ValueError(f"{where}: head_dim mismatch: q has {head_dim}, the KV cache has {cache_head_dim}.")
     if num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(f"{where}: num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads} "
-                         f"(grouped-query attention shares each KV head among a whole number of query heads).")
+        raise ValueError(
+            f"{where}: num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads} "
+            f"(grouped-query attention shares each KV head among a whole number of query heads)."
+        )
     _triton.check_float(where, q=q, k_cache=k_cache, v_cache=v_cache)
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"{where}: q, k_cache and v_cache must share a dtype; got {q.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}.")
+        raise ValueError(
+            f"{where}: q, k_cache and v_cache must share a dtype; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}."
+        )
     for name in ("block_tables", "context_lens"):
         if tensors[name].dtype != torch.int32:
-            raise ValueError(f"{where}: {name} must be int32 (as in vLLM); got {tensors[name].dtype}. "
-                             f"Use .to(torch.int32).")
+            raise ValueError(
+                f"{where}: {name} must be int32 (as in vLLM); got {tensors[name].dtype}. Use .to(torch.int32)."
+            )
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
-        raise ValueError(f"{where}: block_tables must be [num_seqs={num_seqs}, max_blocks_per_seq]; "
-                         f"got {tuple(block_tables.shape)}.")
+        raise ValueError(
+            f"{where}: block_tables must be [num_seqs={num_seqs}, max_blocks_per_seq]; got {tuple(block_tables.shape)}."
+        )
     if context_lens.shape != (num_seqs,):
         raise ValueError(f"{where}: context_lens must be [num_seqs={num_seqs}]; got {tuple(context_lens.shape)}.")
     devices = {t.device for t in tensors.values()}
@@ -71,22 +79,38 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, check_values:
     capacity = block_tables.shape[1] * block_size
     lens = context_lens.long()
     if lens.min().item() < 1:
-        raise ValueError(f"{where}: every context length must be >= 1 (the new token's own K/V is in the "
-                         f"cache); got min {lens.min().item()}.")
+        raise ValueError(
+            f"{where}: every context length must be >= 1 (the new token's own K/V is in the "
+            f"cache); got min {lens.min().item()}."
+        )
     if lens.max().item() > capacity:
-        raise ValueError(f"{where}: context length {lens.max().item()} exceeds the block table's capacity "
-                         f"{block_tables.shape[1]} blocks x {block_size} tokens = {capacity}.")
-    used = torch.arange(block_tables.shape[1], device=lens.device)[None, :] < ((lens + block_size - 1)
-                                                                              // block_size)[:, None]
+        raise ValueError(
+            f"{where}: context length {lens.max().item()} exceeds the block table's capacity "
+            f"{block_tables.shape[1]} blocks x {block_size} tokens = {capacity}."
+        )
+    used = (
+        torch.arange(block_tables.shape[1], device=lens.device)[None, :]
+        < ((lens + block_size - 1) // block_size)[:, None]
+    )
     bad = used & ((block_tables < 0) | (block_tables >= num_blocks))  # [num_seqs, max_blocks_per_seq]
     if bad.any():
         s, b = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{where}: block table entry {int(block_tables[s, b])} (sequence {s}, logical block "
-                         f"{b}) is outside [0, num_blocks={num_blocks}).")
+        raise ValueError(
+            f"{where}: block table entry {int(block_tables[s, b])} (sequence {s}, logical block "
+            f"{b}) is outside [0, num_blocks={num_blocks})."
+        )
 
 
-def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None,
-                           backend: str = "auto", check_values: bool = True) -> torch.Tensor:
+def paged_attention_decode(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    context_lens,
+    scale: float | None = None,
+    backend: str = "auto",
+    check_values: bool = True,
+) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV cache.
 
     q: [num_seqs, num_heads, head_dim]
@@ -202,11 +226,23 @@ def _paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_le
         return out
     grid = (num_seqs, num_kv_heads)
     _paged_attention_decode_kernel[grid](
-        out, q, k_cache, v_cache, block_tables, context_lens, scale,
-        num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1],
-        GROUP=group, BLOCK_G=max(16, _triton.next_power_of_2(group)),
+        out,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        scale,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        block_tables.shape[1],
+        GROUP=group,
+        BLOCK_G=max(16, _triton.next_power_of_2(group)),
         BLOCK_D=max(16, _triton.next_power_of_2(head_dim)),
         BLOCK_N=64 if q.element_size() <= 2 else 32,  # fp32 tiles: stay within 64 KB of shared memory (T4)
-        FP32_MATH=_triton.compute_in_fp32(q.dtype), PRECISION=_triton.dot_precision(q.dtype),
+        FP32_MATH=_triton.compute_in_fp32(q.dtype),
+        PRECISION=_triton.dot_precision(q.dtype),
     )
     return out

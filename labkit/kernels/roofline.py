@@ -20,6 +20,7 @@ dispatch mode and adds up every op's inputs and outputs, since each eager op is 
 reads its inputs from memory and writes its result back. Run it on `meta` tensors to count the
 traffic of LLaMA-7B-sized shapes without allocating or computing anything.
 """
+
 from __future__ import annotations
 
 import time
@@ -29,8 +30,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-
 # --- peak numbers ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class GPU:
@@ -48,11 +49,24 @@ class GPU:
 # "A100" before "A10", "L40S" before "L4"). FLOP/s: NVIDIA datasheets' dense fp16 tensor figures (half the "with
 # sparsity" number where only that is printed); None where the datasheet gives no such figure.
 GPUS = [
-    GPU("GH200", 4000, 989), GPU("H200", 4800, 989), GPU("H100 NVL", 3900, None), GPU("H100 PCIe", 2000, 756),
-    GPU("H100", 3350, 989), GPU("A100-SXM4-80GB", 2039, 312), GPU("A100 80GB PCIe", 1935, 312),
-    GPU("A100", 1555, 312), GPU("L40S", 864, None), GPU("L40", 864, None), GPU("L4", 300, 121),
-    GPU("A10G", 600, None), GPU("A10", 600, 125), GPU("T4", 320, 65), GPU("V100", 900, 125),
-    GPU("RTX 4090", 1008, 165), GPU("RTX 3090", 936, 71), GPU("A6000", 768, 155),
+    GPU("GH200", 4000, 989),
+    GPU("H200", 4800, 989),
+    GPU("H100 NVL", 3900, None),
+    GPU("H100 PCIe", 2000, 756),
+    GPU("H100", 3350, 989),
+    GPU("A100-SXM4-80GB", 2039, 312),
+    GPU("A100 80GB PCIe", 1935, 312),
+    GPU("A100", 1555, 312),
+    GPU("L40S", 864, None),
+    GPU("L40", 864, None),
+    GPU("L4", 300, 121),
+    GPU("A10G", 600, None),
+    GPU("A10", 600, 125),
+    GPU("T4", 320, 65),
+    GPU("V100", 900, 125),
+    GPU("RTX 4090", 1008, 165),
+    GPU("RTX 3090", 936, 71),
+    GPU("A6000", 768, 155),
 ]
 
 
@@ -67,6 +81,7 @@ def attainable(intensity: float, bandwidth_gbps: float, peak_tflops: float) -> f
 
 
 # --- costs of a Llama decoder's ops, from the shapes -----------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Cost:
@@ -93,8 +108,9 @@ def w4a16_bytes_per_weight(group_size: int, scale_bytes: int = 2, zero_bytes: in
     return 0.5 + (scale_bytes + zero_bytes) / group_size
 
 
-def linear_cost(tokens: int, out_features: int, in_features: int, act_bytes: int = 2,
-                weight_bytes: float = 2.0) -> Cost:
+def linear_cost(
+    tokens: int, out_features: int, in_features: int, act_bytes: int = 2, weight_bytes: float = 2.0
+) -> Cost:
     """y [tokens, out] = x [tokens, in] · Wᵀ: 2·tokens·out·in FLOP (a multiply and an add per weight per
     token); reads x and W (weight_bytes per weight), writes y."""
     flops = 2 * tokens * out_features * in_features
@@ -119,8 +135,9 @@ def silu_and_mul_cost(tokens: int, intermediate: int, act_bytes: int = 2) -> Cos
     return Cost(SILU_AND_MUL_FLOPS * n, 3 * n * act_bytes)
 
 
-def attention_cost(batch: int, new_tokens: int, context: int, heads: int, kv_heads: int, head_dim: int,
-                   act_bytes: int = 2) -> Cost:
+def attention_cost(
+    batch: int, new_tokens: int, context: int, heads: int, kv_heads: int, head_dim: int, act_bytes: int = 2
+) -> Cost:
     """Attention of `new_tokens` queries per sequence over `context` positions (the new ones included),
     FlashAttention-style (Q, K, V read once, O written once). Decode: new_tokens = 1. Prefill:
     new_tokens = context, causal, so about half the score matrix is computed."""
@@ -137,8 +154,9 @@ def _config_dims(config) -> tuple[int, int, int, int, int]:
     return hidden, heads, kv_heads, head_dim, config.intermediate_size
 
 
-def decoder_layer_costs(config, tokens: int, context: int | None = None, batch: int = 1, act_bytes: int = 2,
-                        weight_bytes: float = 2.0) -> dict[str, Cost]:
+def decoder_layer_costs(
+    config, tokens: int, context: int | None = None, batch: int = 1, act_bytes: int = 2, weight_bytes: float = 2.0
+) -> dict[str, Cost]:
     """The ops of one Llama decoder layer, fused as vLLM fuses them (merged qkv and gate_up projections).
 
     Decode: tokens = 1 new token for each of `batch` sequences with `context` positions each.
@@ -163,8 +181,9 @@ def decoder_layer_costs(config, tokens: int, context: int | None = None, batch: 
     }
 
 
-def decode_step_cost(config, batch: int, context: int, act_bytes: int = 2, weight_bytes: float = 2.0,
-                     lm_head_bytes: float = 2.0) -> Cost:
+def decode_step_cost(
+    config, batch: int, context: int, act_bytes: int = 2, weight_bytes: float = 2.0, lm_head_bytes: float = 2.0
+) -> Cost:
     """Every layer plus the final norm and the output layer (kept in 16 bits) for one decode step."""
     layer = sum(decoder_layer_costs(config, 1, context, batch, act_bytes, weight_bytes).values(), Cost(0, 0))
     hidden = config.hidden_size
@@ -174,6 +193,7 @@ def decode_step_cost(config, batch: int, context: int, act_bytes: int = 2, weigh
 
 
 # --- traffic of eager PyTorch, counted -----------------------------------------------------------------
+
 
 @dataclass
 class OpTraffic:
@@ -187,8 +207,15 @@ class OpTraffic:
         return self.read + self.written
 
 
-_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.uint8: "u8",
-          torch.int32: "i32", torch.int64: "i64", torch.bool: "bool"}
+_SHORT = {
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.uint8: "u8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.bool: "bool",
+}
 
 
 def footprint(t: torch.Tensor) -> int:
@@ -215,9 +242,14 @@ class _TrafficMode(TorchDispatchMode):
         returns = func._schema.returns
         is_view = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
         if inputs and outputs and not is_view:  # factories (no input) and views move no data
-            self.ops.append(OpTraffic(str(func), sum(footprint(t) for t in inputs),
-                                      sum(footprint(t) for t in outputs),
-                                      f"{_describe(inputs)} -> {_describe(outputs)}"))
+            self.ops.append(
+                OpTraffic(
+                    str(func),
+                    sum(footprint(t) for t in inputs),
+                    sum(footprint(t) for t in outputs),
+                    f"{_describe(inputs)} -> {_describe(outputs)}",
+                )
+            )
         return out
 
 
@@ -244,6 +276,7 @@ def io_bytes(fn, *args, **kwargs) -> int:
 
 
 # --- timing -------------------------------------------------------------------------------------------------
+
 
 def time_ms(fn, device="cpu", repeats: int = 5, rep_ms: int = 100) -> float:
     """Milliseconds per call of fn(). CUDA: triton.testing.do_bench's median over about rep_ms of

@@ -11,19 +11,62 @@ svd.py (LowRankLinear, truncated_svd, whitened_svd), ranks.py (greedy global all
 sensitivity.py (one kept fraction per kind of linear, from measured loss increases),
 sparse_plus_lowrank.py (SparsePlusLowRankLinear). Each returns a report of ranks and parameters.
 """
+
 from .ranks import RankAllocation, allocate_ranks, break_even, check_budget, greedy_ranks, measure_spectra
 from .sensitivity import SensitivityAllocation, allocate_by_sensitivity, mean_loss
-from .sparse_plus_lowrank import (SparseLowRankReport, SparsePlusLowRankLinear, check_density, decompose,
-                                  sparse_plus_lowrank)
-from .svd import (TARGETS, LayerRank, LowRankLinear, LowRankReport, check_choice, check_rank, discarded,
-                  factor_targets, lowrank_linears, rank_for_energy, rank_for_ratio, svd, truncated_svd,
-                  whitened_svd, whitening)
+from .sparse_plus_lowrank import (
+    SparseLowRankReport,
+    SparsePlusLowRankLinear,
+    check_density,
+    decompose,
+    sparse_plus_lowrank,
+)
+from .svd import (
+    TARGETS,
+    LayerRank,
+    LowRankLinear,
+    LowRankReport,
+    check_choice,
+    check_rank,
+    discarded,
+    factor_targets,
+    lowrank_linears,
+    rank_for_energy,
+    rank_for_ratio,
+    svd,
+    truncated_svd,
+    whitened_svd,
+    whitening,
+)
 
 __all__ = [
-    "svd", "LowRankLinear", "LowRankReport", "LayerRank", "truncated_svd", "whitened_svd", "whitening",
-    "rank_for_ratio", "rank_for_energy", "discarded", "factor_targets", "lowrank_linears", "TARGETS",
-    "check_choice", "check_rank",
-    "allocate_ranks", "greedy_ranks", "break_even", "measure_spectra", "RankAllocation", "check_budget",
-    "allocate_by_sensitivity", "SensitivityAllocation", "mean_loss",
-    "decompose", "SparsePlusLowRankLinear", "sparse_plus_lowrank", "SparseLowRankReport", "check_density",
+    "TARGETS",
+    "LayerRank",
+    "LowRankLinear",
+    "LowRankReport",
+    "RankAllocation",
+    "SensitivityAllocation",
+    "SparseLowRankReport",
+    "SparsePlusLowRankLinear",
+    "allocate_by_sensitivity",
+    "allocate_ranks",
+    "break_even",
+    "check_budget",
+    "check_choice",
+    "check_density",
+    "check_rank",
+    "decompose",
+    "discarded",
+    "factor_targets",
+    "greedy_ranks",
+    "lowrank_linears",
+    "mean_loss",
+    "measure_spectra",
+    "rank_for_energy",
+    "rank_for_ratio",
+    "sparse_plus_lowrank",
+    "svd",
+    "truncated_svd",
+    "whitened_svd",
+    "whitening",
 ]

@@ -32,6 +32,7 @@ uniform rank, and absolute instead of relative errors, do not repair it on that 
 (benchmarks/bench_rank_allocation.py measures every variant). sensitivity.py measures the damage
 end to end instead, and does beat uniform ranks there.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -62,8 +63,10 @@ class RankAllocation:
 
 def check_budget(budget) -> float:
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 < budget < 1:
-        raise ValueError(f"budget={budget!r}: need the fraction of the factored linears' parameters to keep, "
-                         f"in (0, 1) (0.8 removes 20%).")
+        raise ValueError(
+            f"budget={budget!r}: need the fraction of the factored linears' parameters to keep, "
+            f"in (0, 1) (0.8 removes 20%)."
+        )
     return float(budget)
 
 
@@ -72,8 +75,13 @@ def break_even(out_features: int, in_features: int) -> int:
     return max(1, out_features * in_features // (out_features + in_features))
 
 
-def greedy_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: float,
-                 min_ranks: dict[str, int] | None = None, relative: bool = True) -> dict[str, int]:
+def greedy_ranks(
+    spectra: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, int]],
+    budget: float,
+    min_ranks: dict[str, int] | None = None,
+    relative: bool = True,
+) -> dict[str, int]:
     """Global greedy allocation (module docstring). spectra: name -> singular values [min(out, in)]
     sorted descending; shapes: name -> (out, in). Returns name -> rank (at least 1).
 
@@ -87,13 +95,16 @@ def greedy_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, 
         raise ValueError(f"min_ranks names {unknown[:3]} have no spectrum; names look like {list(spectra)[:2]}.")
     total = sum(out * inp for out, inp in shapes.values())
     target = budget * total
-    floor = {name: max(1, min(min_ranks.get(name, 1), break_even(*shapes[name]), spectra[name].numel()))
-             for name in spectra}
+    floor = {
+        name: max(1, min(min_ranks.get(name, 1), break_even(*shapes[name]), spectra[name].numel())) for name in spectra
+    }
     smallest = sum(floor[name] * sum(shapes[name]) for name in spectra)  # every linear at its floor
     if smallest > target:
-        raise ValueError(f"budget={budget:g} keeps {target:,.0f} parameters, but even the lowest ranks allowed "
-                         f"(1, or min_ranks) need {smallest:,} ({smallest / total:.4f} of {total:,}): no allocation "
-                         f"can meet it. Use a budget of at least {smallest / total:.4f}, or factor fewer linears.")
+        raise ValueError(
+            f"budget={budget:g} keeps {target:,.0f} parameters, but even the lowest ranks allowed "
+            f"(1, or min_ranks) need {smallest:,} ({smallest / total:.4f} of {total:,}): no allocation "
+            f"can meet it. Use a budget of at least {smallest / total:.4f}, or factor fewer linears."
+        )
     names = list(spectra)
     ranks = {name: min(spectra[name].numel(), break_even(*shapes[name])) for name in names}
     params = sum(ranks[n] * sum(shapes[n]) for n in names)
@@ -102,7 +113,7 @@ def greedy_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, 
         squares = spectra[name].double() ** 2
         share = squares / squares.sum().clamp_min(1e-300) if relative else squares  # share of the layer's energy
         step = sum(shapes[name])  # parameters of one rank: in + out
-        candidates = share[floor[name]:ranks[name]]  # every kept singular value above the floor may go
+        candidates = share[floor[name] : ranks[name]]  # every kept singular value above the floor may go
         costs.append(candidates / step)
         owners.append(torch.full((candidates.numel(),), k))
         steps.append(torch.full((candidates.numel(),), step, dtype=torch.float64))
@@ -116,8 +127,9 @@ def greedy_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, 
     return ranks
 
 
-def measure_spectra(model, calibration: torch.Tensor | None, targets=None, percdamp: float = 0.0,
-                    device=None, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+def measure_spectra(
+    model, calibration: torch.Tensor | None, targets=None, percdamp: float = 0.0, device=None, batch_size: int = 8
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
     """Singular values of W S per linear (whitened with X Xᵀ on the calibration walk, model unchanged),
     or of W when calibration is None. Returns (name -> σ [min(out, in)], name -> (out, in))."""
     linears = factor_targets(model, targets)
@@ -139,8 +151,15 @@ def measure_spectra(model, calibration: torch.Tensor | None, targets=None, percd
     return {name: spectra[name] for name in linears}, shapes
 
 
-def allocate_ranks(model, calibration: torch.Tensor | None, budget: float, targets=None, percdamp: float = 0.0,
-                   device=None, batch_size: int = 8) -> RankAllocation:
+def allocate_ranks(
+    model,
+    calibration: torch.Tensor | None,
+    budget: float,
+    targets=None,
+    percdamp: float = 0.0,
+    device=None,
+    batch_size: int = 8,
+) -> RankAllocation:
     """Per-linear ranks keeping `budget` of the factored linears' parameters, by global greedy on the
     normalized whitened spectra (module docstring); calibration=None uses the spectra of W itself.
 
@@ -159,8 +178,17 @@ def allocate_ranks(model, calibration: torch.Tensor | None, budget: float, targe
     def predicted(r):
         return sum(discarded(spectra[name], r[name]) for name in shapes)
 
-    return RankAllocation(ranks, budget, sum(out * inp for out, inp in shapes.values()), count(ranks),
-                          predicted(ranks), uniform, count(uniform), predicted(uniform), spectra)
+    return RankAllocation(
+        ranks,
+        budget,
+        sum(out * inp for out, inp in shapes.values()),
+        count(ranks),
+        predicted(ranks),
+        uniform,
+        count(uniform),
+        predicted(uniform),
+        spectra,
+    )
 
 
-__all__ = ["allocate_ranks", "greedy_ranks", "break_even", "measure_spectra", "RankAllocation", "check_budget"]
+__all__ = ["RankAllocation", "allocate_ranks", "break_even", "check_budget", "greedy_ranks", "measure_spectra"]

@@ -14,6 +14,7 @@ assuming the kinds' damages add up (exhaustive search: len(ratios)^7 combination
 7 · len(ratios) whitened factorizations and loss evaluations, each on a copy of the model (about
 13 minutes for SmolLM2-135M on two CPU cores with 4 ratios; benchmarks/bench_rank_allocation.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,15 @@ def mean_loss(model, tokens: torch.Tensor) -> float:
     return sum(losses) / len(losses)
 
 
-def allocate_by_sensitivity(model, calibration: torch.Tensor, budget: float, probe: torch.Tensor,
-                            ratios=(0.5, 0.65, 0.8, 0.95), kinds=TARGETS, device=None) -> SensitivityAllocation:
+def allocate_by_sensitivity(
+    model,
+    calibration: torch.Tensor,
+    budget: float,
+    probe: torch.Tensor,
+    ratios=(0.5, 0.65, 0.8, 0.95),
+    kinds=TARGETS,
+    device=None,
+) -> SensitivityAllocation:
     """Per-kind kept fractions under one parameter budget, from measured loss increases (module docstring).
 
     calibration: token ids [n, seqlen] for the SVD-LLM whitening; probe: other token ids [m, seqlen]
@@ -60,14 +68,17 @@ def allocate_by_sensitivity(model, calibration: torch.Tensor, budget: float, pro
     of_kind = {k: [n for n in shapes if n.endswith("." + k)] for k in kinds}
 
     def kept(kind, ratio):  # parameters of every linear of that kind at that ratio (full ratio: dense)
-        return sum(rank_for_ratio(i, o, ratio) * (i + o) if ratio < 1 else o * i
-                   for o, i in (shapes[n] for n in of_kind[kind]))
+        return sum(
+            rank_for_ratio(i, o, ratio) * (i + o) if ratio < 1 else o * i for o, i in (shapes[n] for n in of_kind[kind])
+        )
 
     total = sum(o * i for o, i in shapes.values())
     smallest = sum(kept(k, ratios[0]) for k in kinds)
     if smallest > budget * total:
-        raise ValueError(f"budget={budget:g}: even the smallest ratio {ratios[0]:g} for every kind keeps "
-                         f"{smallest / total:.4f} of the parameters; add a smaller ratio or raise the budget.")
+        raise ValueError(
+            f"budget={budget:g}: even the smallest ratio {ratios[0]:g} for every kind keeps "
+            f"{smallest / total:.4f} of the parameters; add a smaller ratio or raise the budget."
+        )
     base = mean_loss(model, probe)
     sensitivity = {}
     for kind in kinds:
@@ -76,8 +87,7 @@ def allocate_by_sensitivity(model, calibration: torch.Tensor, budget: float, pro
                 sensitivity[kind, ratio] = 0.0
                 continue
             trial = copy.deepcopy(model)
-            svd(trial, param_ratio=ratio, activation_aware=True, calibration=calibration, targets=[kind],
-                device=device)
+            svd(trial, param_ratio=ratio, activation_aware=True, calibration=calibration, targets=[kind], device=device)
             sensitivity[kind, ratio] = mean_loss(trial, probe) - base
             del trial
     best = None
@@ -90,9 +100,10 @@ def allocate_by_sensitivity(model, calibration: torch.Tensor, budget: float, pro
             best = (cost, choice, params)
     cost, choice, params = best
     chosen = dict(zip(kinds, choice))
-    ranks = {n: rank_for_ratio(i, o, chosen[k]) for k in kinds if chosen[k] < 1
-             for n in of_kind[k] for o, i in [shapes[n]]}
+    ranks = {
+        n: rank_for_ratio(i, o, chosen[k]) for k in kinds if chosen[k] < 1 for n in of_kind[k] for o, i in [shapes[n]]
+    }
     return SensitivityAllocation(chosen, ranks, params / total, cost, sensitivity)
 
 
-__all__ = ["allocate_by_sensitivity", "SensitivityAllocation", "mean_loss"]
+__all__ = ["SensitivityAllocation", "allocate_by_sensitivity", "mean_loss"]

@@ -16,6 +16,7 @@ Storage is counted honestly: S is kept as its k values plus one int32 flat index
 column) each, so an entry of S costs value bytes + 4; in fp16 an entry of S costs three times
 a dense weight. SparsePlusLowRankLinear.stored_bytes() reports A, B, the values and the indices.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -32,8 +33,9 @@ from .svd import LowRankLinear, check_rank, factor_targets, rank_for_ratio, trun
 
 def check_density(density) -> float:
     if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 <= density < 1:
-        raise ValueError(f"density={density!r}: need the fraction of W's entries kept in the sparse part, "
-                         f"in [0, 1) (e.g. 0.01).")
+        raise ValueError(
+            f"density={density!r}: need the fraction of W's entries kept in the sparse part, in [0, 1) (e.g. 0.01)."
+        )
     return float(density)
 
 
@@ -45,8 +47,9 @@ def decompose(weight: torch.Tensor, rank: int, density: float, iters: int = 1):
         raise ValueError(f"iters={iters!r}: need a positive number of alternating steps.")
     W = weight.detach().float()  # [out, in]
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= min(W.shape):
-        raise ValueError(f"rank={rank!r} for a {W.shape[0]} x {W.shape[1]} matrix: need an integer in "
-                         f"[1, {min(W.shape)}].")
+        raise ValueError(
+            f"rank={rank!r} for a {W.shape[0]} x {W.shape[1]} matrix: need an integer in [1, {min(W.shape)}]."
+        )
     k = round(density * W.numel())
     S = torch.zeros_like(W)
     for _ in range(iters):
@@ -60,8 +63,15 @@ def decompose(weight: torch.Tensor, rank: int, density: float, iters: int = 1):
 class SparsePlusLowRankLinear(nn.Module):
     """y = B (A x) + S x + bias, with S stored as `values` [k] at flat positions `index` [k] (int32)."""
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
-                 bias: torch.Tensor | None = None, dtype=None):
+    def __init__(
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        values: torch.Tensor,
+        index: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dtype=None,
+    ):
         super().__init__()
         dtype = dtype or A.dtype
         self.lowrank = LowRankLinear.from_factors(A, B, bias, dtype=dtype)
@@ -70,7 +80,7 @@ class SparsePlusLowRankLinear(nn.Module):
         self.register_buffer("index", index.to(torch.int32).clone())  # [k], row · in + column
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, density: float, iters: int = 1) -> "SparsePlusLowRankLinear":
+    def from_linear(cls, linear: nn.Linear, rank: int, density: float, iters: int = 1) -> SparsePlusLowRankLinear:
         A, B, values, index = decompose(linear.weight, rank, density, iters)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(A, B, values, index, bias, dtype=linear.weight.dtype)
@@ -110,8 +120,14 @@ class SparseLowRankReport:
 
 
 @torch.no_grad()
-def sparse_plus_lowrank(model, rank: int | None = None, param_ratio: float | None = None, density: float = 0.01,
-                        iters: int = 1, targets=None) -> SparseLowRankReport:
+def sparse_plus_lowrank(
+    model,
+    rank: int | None = None,
+    param_ratio: float | None = None,
+    density: float = 0.01,
+    iters: int = 1,
+    targets=None,
+) -> SparseLowRankReport:
     """Replace decoder linears by SparsePlusLowRankLinear in place (weights only, no calibration).
 
     rank or param_ratio (exactly one) sizes the low-rank part as in labkit.lowrank.svd; density is
@@ -119,24 +135,30 @@ def sparse_plus_lowrank(model, rank: int | None = None, param_ratio: float | Non
     """
     if (rank is None) == (param_ratio is None):
         raise ValueError("give exactly one of rank, param_ratio for the low-rank part.")
-    if param_ratio is not None and (isinstance(param_ratio, bool) or not isinstance(param_ratio, numbers.Real)
-                                    or not 0 < param_ratio < 1):
+    if param_ratio is not None and (
+        isinstance(param_ratio, bool) or not isinstance(param_ratio, numbers.Real) or not 0 < param_ratio < 1
+    ):
         raise ValueError(f"param_ratio={param_ratio!r}: need a fraction in (0, 1).")
     check_density(density)
     linears = factor_targets(model, targets)
     layers = {}
     for name, linear in linears.items():
-        r = check_rank(rank, name, linear) if rank is not None else rank_for_ratio(
-            linear.in_features, linear.out_features, param_ratio)
+        r = (
+            check_rank(rank, name, linear)
+            if rank is not None
+            else rank_for_ratio(linear.in_features, linear.out_features, param_ratio)
+        )
         module = SparsePlusLowRankLinear.from_linear(linear, r, density, iters)
         W = linear.weight.float()
-        error = float(((W - module.weight.float()) ** 2).sum() / (W ** 2).sum().clamp_min(1e-30))
+        error = float(((W - module.weight.float()) ** 2).sum() / (W**2).sum().clamp_min(1e-30))
         before = sum(tensor_bytes(p) for p in linear.parameters())
-        layers[name] = dict(rank=r, nnz=module.values.numel(), bytes_before=before,
-                            bytes_after=module.stored_bytes(), error=error)
+        layers[name] = dict(
+            rank=r, nnz=module.values.numel(), bytes_before=before, bytes_after=module.stored_bytes(), error=error
+        )
         set_module(model.model.layers, name.removeprefix("layers."), module)
-    return SparseLowRankReport(layers, sum(v["bytes_before"] for v in layers.values()),
-                               sum(v["bytes_after"] for v in layers.values()))
+    return SparseLowRankReport(
+        layers, sum(v["bytes_before"] for v in layers.values()), sum(v["bytes_after"] for v in layers.values())
+    )
 
 
-__all__ = ["decompose", "SparsePlusLowRankLinear", "sparse_plus_lowrank", "SparseLowRankReport", "check_density"]
+__all__ = ["SparseLowRankReport", "SparsePlusLowRankLinear", "check_density", "decompose", "sparse_plus_lowrank"]

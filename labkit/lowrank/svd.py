@@ -24,6 +24,7 @@ SmolLM2 at 20% parameter removal while the whitened version does not.
 The activation-aware version runs on labkit.walk.calibration_walk: the statistics X Xᵀ of each
 layer are gathered on the outputs of the already-factored layers before it.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,12 +35,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models import check_llama
-from ..models import set_module
+from ..models import check_llama, set_module
 from ..walk import Hessian, calibration_walk
 
-TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 class LowRankLinear(nn.Module):
@@ -56,8 +63,9 @@ class LowRankLinear(nn.Module):
         self.B = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)  # weight: [out, rank]
 
     @classmethod
-    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
-                     dtype=None) -> "LowRankLinear":
+    def from_factors(
+        cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None, dtype=None
+    ) -> LowRankLinear:
         """A: [rank, in], B: [out, rank], bias: [out] or None."""
         rank, in_features = A.shape
         dtype = dtype or A.dtype
@@ -81,6 +89,7 @@ class LowRankLinear(nn.Module):
 
 
 # --- one matrix --------------------------------------------------------------------------------
+
 
 def _split(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced factors of U_r Σ_r V_rᵀ: A = √Σ_r V_rᵀ [r, in], B = U_r √Σ_r [out, r]."""
@@ -117,12 +126,15 @@ def whitening(H: torch.Tensor, percdamp: float = 0.0, tries: int = 8) -> torch.T
         if info == 0:
             return S
         damp = max(damp * 10, 1e-8)
-    raise ValueError(f"X Xᵀ is not positive definite even with dampening {damp / 10:g} · mean(diag): "
-                     f"use more calibration tokens or a larger percdamp.")
+    raise ValueError(
+        f"X Xᵀ is not positive definite even with dampening {damp / 10:g} · mean(diag): "
+        f"use more calibration tokens or a larger percdamp."
+    )
 
 
-def whitened_svd(weight: torch.Tensor, H: torch.Tensor, rank: int,
-                 percdamp: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def whitened_svd(
+    weight: torch.Tensor, H: torch.Tensor, rank: int, percdamp: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD-LLM on one matrix: the rank-r W' minimising ‖W X − W' X‖_F given H ∝ X Xᵀ.
 
     weight: [out, in]; H: [in, in]. Returns (A [r, in], B [out, r], singular values of W S), fp32,
@@ -136,6 +148,7 @@ def whitened_svd(weight: torch.Tensor, H: torch.Tensor, rank: int,
 
 
 # --- how many singular values to keep ------------------------------------------------------------
+
 
 def rank_for_ratio(in_features: int, out_features: int, param_ratio: float) -> int:
     """Largest r with r · (in + out) <= param_ratio · in · out (at least 1)."""
@@ -162,24 +175,29 @@ def check_choice(rank, param_ratio, energy) -> None:
     given = [name for name, v in (("rank", rank), ("param_ratio", param_ratio), ("energy", energy)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of rank, param_ratio, energy; got {given or 'none'}.")
-    if param_ratio is not None and (isinstance(param_ratio, bool) or not isinstance(param_ratio, numbers.Real)
-                                    or not 0 < param_ratio < 1):
-        raise ValueError(f"param_ratio={param_ratio!r}: need the fraction of each layer's parameters to keep, "
-                         f"in (0, 1) (0.8 removes 20%).")
-    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)
-                               or not 0 < energy <= 1):
+    if param_ratio is not None and (
+        isinstance(param_ratio, bool) or not isinstance(param_ratio, numbers.Real) or not 0 < param_ratio < 1
+    ):
+        raise ValueError(
+            f"param_ratio={param_ratio!r}: need the fraction of each layer's parameters to keep, "
+            f"in (0, 1) (0.8 removes 20%)."
+        )
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0 < energy <= 1):
         raise ValueError(f"energy={energy!r}: need the fraction of Σσ² to keep, in (0, 1].")
 
 
 def check_rank(rank, name: str, linear: nn.Linear) -> int:
     full = min(linear.in_features, linear.out_features)
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= full:
-        raise ValueError(f"rank={rank!r} for {name} ({linear.out_features} x {linear.in_features}): "
-                         f"need an integer in [1, {full}] (min(in, out)).")
+        raise ValueError(
+            f"rank={rank!r} for {name} ({linear.out_features} x {linear.in_features}): "
+            f"need an integer in [1, {full}] (min(in, out))."
+        )
     return int(rank)
 
 
 # --- which linears -----------------------------------------------------------------------------
+
 
 def factor_targets(model, targets=None) -> dict[str, nn.Linear]:
     """The nn.Linear modules to factor, by name like 'layers.3.mlp.down_proj'.
@@ -204,8 +222,10 @@ def factor_targets(model, targets=None) -> dict[str, nn.Linear]:
                 used.update(hits)
     unused = [t for t in wanted if t not in used]
     if unused:
-        raise ValueError(f"targets {unused} match no nn.Linear of the decoder layers (already factored?); "
-                         f"names look like {list(TARGETS)} or 'layers.0.mlp.down_proj'.")
+        raise ValueError(
+            f"targets {unused} match no nn.Linear of the decoder layers (already factored?); "
+            f"names look like {list(TARGETS)} or 'layers.0.mlp.down_proj'."
+        )
     return found
 
 
@@ -215,6 +235,7 @@ def _parents(root: nn.Module, name: str):
 
 
 # --- the report --------------------------------------------------------------------------------
+
 
 @dataclass
 class LayerRank:
@@ -250,11 +271,21 @@ def _params(linear: nn.Linear, rank: int | None = None) -> int:
 
 # --- the model ----------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def svd(model, rank: int | dict[str, int] | None = None, param_ratio: float | None = None,
-        energy: float | None = None, activation_aware: bool = False, calibration: torch.Tensor | None = None,
-        targets=None, percdamp: float = 0.0, sequential: bool = False, device=None,
-        batch_size: int = 8) -> LowRankReport:
+def svd(
+    model,
+    rank: int | dict[str, int] | None = None,
+    param_ratio: float | None = None,
+    energy: float | None = None,
+    activation_aware: bool = False,
+    calibration: torch.Tensor | None = None,
+    targets=None,
+    percdamp: float = 0.0,
+    sequential: bool = False,
+    device=None,
+    batch_size: int = 8,
+) -> LowRankReport:
     """Replace decoder linears of `model` by LowRankLinear, in place; returns a LowRankReport.
 
     Exactly one of:
@@ -273,18 +304,23 @@ def svd(model, rank: int | dict[str, int] | None = None, param_ratio: float | No
     if isinstance(rank, dict):
         unknown = [name for name in rank if name not in linears]
         if unknown:
-            raise ValueError(f"rank names {unknown[:5]} are not linears to factor; names look like "
-                             f"{list(linears)[:2]}.")
+            raise ValueError(
+                f"rank names {unknown[:5]} are not linears to factor; names look like {list(linears)[:2]}."
+            )
         linears = {name: linears[name] for name in rank}
     for name, linear in linears.items():
         if rank is not None:
             check_rank(rank[name] if isinstance(rank, dict) else rank, name, linear)
     if activation_aware and calibration is None:
-        raise ValueError("activation_aware=True needs calibration token ids [n_samples, seqlen]: "
-                         "labkit.data.calibration(tokenizer, n_samples, seqlen).")
+        raise ValueError(
+            "activation_aware=True needs calibration token ids [n_samples, seqlen]: "
+            "labkit.data.calibration(tokenizer, n_samples, seqlen)."
+        )
     if not activation_aware and calibration is not None:
-        raise ValueError("calibration is only used with activation_aware=True; pass activation_aware=True "
-                         "(SVD-LLM) or drop calibration (plain SVD).")
+        raise ValueError(
+            "calibration is only used with activation_aware=True; pass activation_aware=True "
+            "(SVD-LLM) or drop calibration (plain SVD)."
+        )
     start = time.perf_counter()
     layers: dict[str, LayerRank] = {}
 
@@ -321,20 +357,51 @@ def svd(model, rank: int | dict[str, int] | None = None, param_ratio: float | No
         if sequential:
             names = {name for name, _ in model.model.layers[0].named_modules()}
             groups = [[n for n in group if n in names] for group in SEQUENTIAL_GROUPS]
-        calibration_walk(model, calibration, make_stats, update, device=device, sequential=groups,
-                         batch_size=batch_size, desc="svd-llm")
-    return LowRankReport("svd-llm" if activation_aware else "svd", time.perf_counter() - start, layers,
-                         sum(l.params_before for l in layers.values()), sum(l.params_after for l in layers.values()))
+        calibration_walk(
+            model,
+            calibration,
+            make_stats,
+            update,
+            device=device,
+            sequential=groups,
+            batch_size=batch_size,
+            desc="svd-llm",
+        )
+    return LowRankReport(
+        "svd-llm" if activation_aware else "svd",
+        time.perf_counter() - start,
+        layers,
+        sum(l.params_before for l in layers.values()),
+        sum(l.params_after for l in layers.values()),
+    )
 
 
-SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
 
 
 def lowrank_linears(model) -> dict[str, LowRankLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-__all__ = ["LowRankLinear", "svd", "truncated_svd", "whitened_svd", "whitening", "rank_for_ratio",
-           "rank_for_energy", "discarded", "factor_targets", "LayerRank", "LowRankReport", "TARGETS",
-           "lowrank_linears", "check_choice", "check_rank"]
+__all__ = [
+    "TARGETS",
+    "LayerRank",
+    "LowRankLinear",
+    "LowRankReport",
+    "check_choice",
+    "check_rank",
+    "discarded",
+    "factor_targets",
+    "lowrank_linears",
+    "rank_for_energy",
+    "rank_for_ratio",
+    "svd",
+    "truncated_svd",
+    "whitened_svd",
+    "whitening",
+]

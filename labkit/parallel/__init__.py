@@ -13,12 +13,30 @@ tensor.py    Megatron tensor parallelism: column- and row-parallel linears, head
 pipeline.py  GPipe pipeline parallelism: stages, micro-batches, the bubble
 offload.py   decoder layers in CPU memory or on disk, fetched per use with prefetch
 """
-from .comm import CommLog, ring_bytes  # noqa: F401
-from .launch import RankFailed, free_port, launch  # noqa: F401
-from .offload import OffloadedLayer, load_offloaded, offload  # noqa: F401
-from .pipeline import (balanced_sizes, bubble_fraction, gpipe_forward, layer_macs, load_stage,  # noqa: F401
-                       measured_bubble, pipeline_forward, split_layers)
-from .store import check_file, check_folder, load_folder, write_folder  # noqa: F401
-from .tensor import (ColumnParallelLinear, RowParallelLinear, allowed_world_sizes, check_world_size,  # noqa: F401
-                     comm_per_token, heads_of, layer_slices, load_tensor_parallel, tensor_parallel,
-                     tensor_parallel_forward)
+
+from .comm import CommLog, ring_bytes
+from .launch import RankFailed, free_port, launch
+from .offload import OffloadedLayer, load_offloaded, offload
+from .pipeline import (
+    balanced_sizes,
+    bubble_fraction,
+    gpipe_forward,
+    layer_macs,
+    load_stage,
+    measured_bubble,
+    pipeline_forward,
+    split_layers,
+)
+from .store import check_file, check_folder, load_folder, write_folder
+from .tensor import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    allowed_world_sizes,
+    check_world_size,
+    comm_per_token,
+    heads_of,
+    layer_slices,
+    load_tensor_parallel,
+    tensor_parallel,
+    tensor_parallel_forward,
+)

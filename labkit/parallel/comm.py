@@ -1,5 +1,6 @@
 """Counting what the ranks send each other: every collective and point-to-point call of
 labkit.parallel goes through these wrappers, which log the operation, its payload and its time."""
+
 from __future__ import annotations
 
 import time
@@ -32,8 +33,10 @@ class CommLog:
         return sum(s for o, _, s in self.ops if op in (None, o))
 
     def summary(self) -> dict:
-        return {op: {"calls": self.count(op), "bytes": self.bytes(op), "seconds": self.seconds(op)}
-                for op in sorted({o for o, _, _ in self.ops})}
+        return {
+            op: {"calls": self.count(op), "bytes": self.bytes(op), "seconds": self.seconds(op)}
+            for op in sorted({o for o, _, _ in self.ops})
+        }
 
 
 def ring_bytes(payload: int, world_size: int) -> float:

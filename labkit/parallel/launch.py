@@ -14,6 +14,7 @@ the time runs out, the other ranks are terminated (they may be blocked in a coll
 for the failed one) and `RankFailed` names the rank and carries its traceback. No rank process
 is left behind (the fork server itself lives until the Python process that started it exits).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -49,8 +50,15 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 1 else "gloo"
 
 
-def launch(fn, world_size: int, *args, backend: str | None = None, timeout: float = 120.0,
-           threads_per_rank: int = 1, return_all: bool = False):
+def launch(
+    fn,
+    world_size: int,
+    *args,
+    backend: str | None = None,
+    timeout: float = 120.0,
+    threads_per_rank: int = 1,
+    return_all: bool = False,
+):
     """Run fn(rank, world_size, *args) in `world_size` new processes; return rank 0's result
     (return_all=True: the list of every rank's result, by rank).
 
@@ -67,18 +75,36 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend={backend!r}: allowed are 'gloo' (CPU) and 'nccl' (one GPU per rank).")
     if backend == "nccl" and torch.cuda.device_count() < world_size:
-        raise ValueError(f"backend='nccl' with world_size={world_size} needs {world_size} GPUs; "
-                         f"{torch.cuda.device_count()} visible. Use backend='gloo' or fewer ranks.")
+        raise ValueError(
+            f"backend='nccl' with world_size={world_size} needs {world_size} GPUs; "
+            f"{torch.cuda.device_count()} visible. Use backend='gloo' or fewer ranks."
+        )
     if timeout <= 0:
         raise ValueError(f"timeout={timeout}: need a positive number of seconds.")
     _check_importable(fn)
     ctx = _context()
     reports = ctx.Queue()
     address = f"tcp://127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_rank_main, daemon=True, name=f"labkit-rank-{rank}",
-                         args=(fn, rank, world_size, args, address, backend, timeout + COLLECTIVE_GRACE,
-                               threads_per_rank, return_all or rank == 0, reports))
-             for rank in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            daemon=True,
+            name=f"labkit-rank-{rank}",
+            args=(
+                fn,
+                rank,
+                world_size,
+                args,
+                address,
+                backend,
+                timeout + COLLECTIVE_GRACE,
+                threads_per_rank,
+                return_all or rank == 0,
+                reports,
+            ),
+        )
+        for rank in range(world_size)
+    ]
     deadline = time.monotonic() + timeout  # before any rank starts: no rank's collective can outlast it
     for p in procs:
         p.start()
@@ -101,8 +127,10 @@ def _check_importable(fn) -> None:
     name, module = getattr(fn, "__qualname__", ""), getattr(fn, "__module__", None)
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if not callable(fn) or "<" in name or module is None or (module == "__main__" and main_file is None):
-        raise ValueError(f"fn={fn!r}: the ranks must be able to import it, so it has to be a function defined at "
-                         f"the top level of a module (a .py file), not a lambda, a nested function or a notebook cell.")
+        raise ValueError(
+            f"fn={fn!r}: the ranks must be able to import it, so it has to be a function defined at "
+            f"the top level of a module (a .py file), not a lambda, a nested function or a notebook cell."
+        )
 
 
 # Modules every rank needs, imported once by the fork server instead of once per rank and launch.
@@ -132,17 +160,21 @@ def _collect(procs, reports, world_size, deadline, timeout):
                     continue
                 # Exited without a report (its report may still be in the pipe: wait a second).
                 if now - silent_since.setdefault(rank, now) > 1.0:
-                    raise RankFailed(f"rank {rank} of {world_size} exited with code {p.exitcode} without "
-                                     f"reporting: killed by a signal, out of memory, or failed before it started (a "
-                                     f"script that calls launch must do so under `if __name__ == '__main__':`, "
-                                     f"because each rank imports the main module again). Its stderr has details.",
-                                     rank)
+                    raise RankFailed(
+                        f"rank {rank} of {world_size} exited with code {p.exitcode} without "
+                        f"reporting: killed by a signal, out of memory, or failed before it started (a "
+                        f"script that calls launch must do so under `if __name__ == '__main__':`, "
+                        f"because each rank imports the main module again). Its stderr has details.",
+                        rank,
+                    )
             if now > deadline:
                 missing = sorted(set(range(world_size)) - set(results))
-                raise RankFailed(f"timed out after {timeout:g} s: rank(s) {missing} of {world_size} had not "
-                                 f"finished (a hang, e.g. a collective that another rank never entered?). "
-                                 f"All ranks were stopped; raise `timeout` if the work is only slow.",
-                                 missing[0] if len(missing) == 1 else None)
+                raise RankFailed(
+                    f"timed out after {timeout:g} s: rank(s) {missing} of {world_size} had not "
+                    f"finished (a hang, e.g. a collective that another rank never entered?). "
+                    f"All ranks were stopped; raise `timeout` if the work is only slow.",
+                    missing[0] if len(missing) == 1 else None,
+                )
             continue
         if kind == "error":
             raise RankFailed(f"rank {rank} of {world_size} failed:\n{payload}", rank)
@@ -173,12 +205,13 @@ def _rank_main(fn, rank, world_size, args, address, backend, timeout, threads, k
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(backend, init_method=address, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(
+            backend, init_method=address, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout)
+        )
         result = fn(rank, world_size, *args)
         reports.put(("ok", rank, _to_numpy(result) if keep_result else None))
         dist.barrier()  # nobody leaves while another rank may still talk to it
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises RankFailed
+    except BaseException:
         reports.put(("error", rank, traceback.format_exc()))
     finally:
         # Flush the report *before* leaving the group: leaving makes the other ranks' collectives

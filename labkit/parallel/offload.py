@@ -13,6 +13,7 @@ generated moves all the decoder weights once: offloading trades speed for memory
 when the work per layer is large (long prompts, big batches) or when the model does not fit at all.
 (FlexGen, Sheng et al., 2023, and DeepSpeed ZeRO-Inference schedule the same idea at scale.)
 """
+
 from __future__ import annotations
 
 import threading

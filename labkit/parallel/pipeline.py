@@ -12,6 +12,7 @@ the *bubble*, is
 More micro-batches shrink it; every micro-batch boundary costs one send of b · seq · hidden values
 per stage boundary, and smaller micro-batches make each matrix product less efficient.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,9 +39,11 @@ def split_layers(num_layers: int, world_size: int, sizes: list[int] | None = Non
         raise ValueError(f"world_size={world_size}: need at least 1 rank.")
     if sizes is None:
         if world_size > num_layers:
-            raise ValueError(f"world_size={world_size} > {num_layers} decoder layers: a pipeline stage needs at "
-                             f"least one layer, so ranks {list(range(num_layers, world_size))} would be empty. "
-                             f"Use at most {num_layers} ranks.")
+            raise ValueError(
+                f"world_size={world_size} > {num_layers} decoder layers: a pipeline stage needs at "
+                f"least one layer, so ranks {list(range(num_layers, world_size))} would be empty. "
+                f"Use at most {num_layers} ranks."
+            )
         base, extra = divmod(num_layers, world_size)
         sizes = [base + (r < extra) for r in range(world_size)]
     sizes = list(sizes)
@@ -89,8 +92,9 @@ def load_stage(folder, rank: int, world_size: int, sizes=None, device="cpu"):
     if rank in (0, world_size - 1):  # embedding; final norm and output layer
         store.load_rest(model, folder, device)
     for index in stages[rank]:
-        model.model.layers[index].load_state_dict(store.read_tensors(store.layer_file(folder, index), device),
-                                                  assign=True)
+        model.model.layers[index].load_state_dict(
+            store.read_tensors(store.layer_file(folder, index), device), assign=True
+        )
     model.model.rotary_emb.to(device)
     return model, stages[rank]
 
@@ -101,11 +105,13 @@ def run_layers(model, layers, hidden: torch.Tensor) -> torch.Tensor:
 
     position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]  # [1, seq]
     position_embeddings = model.model.rotary_emb(hidden, position_ids)  # (cos, sin)
-    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None, cache=None,
-                              position_ids=position_ids)
+    mask = create_causal_mask(
+        config=model.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
+    )
     for index in layers:
-        hidden = model.model.layers[index](hidden, attention_mask=mask, position_ids=position_ids,
-                                           position_embeddings=position_embeddings)
+        hidden = model.model.layers[index](
+            hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings
+        )
     return hidden
 
 
@@ -148,8 +154,9 @@ def measured_bubble(events_per_rank: list[list[tuple[int, float, float]]]) -> fl
 
 
 @torch.no_grad()
-def pipeline_forward(rank: int, world_size: int, folder, ids: torch.Tensor, micro_batches=(1,), sizes=None,
-                     warmup: bool = True) -> dict:
+def pipeline_forward(
+    rank: int, world_size: int, folder, ids: torch.Tensor, micro_batches=(1,), sizes=None, warmup: bool = True
+) -> dict:
     """What each rank runs (through labkit.parallel.launch(..., return_all=True)): load this stage,
     then one GPipe forward pass per value of `micro_batches`, all ranks starting together.
 
@@ -158,9 +165,15 @@ def pipeline_forward(rank: int, world_size: int, folder, ids: torch.Tensor, micr
     device = rank_device(rank)
     model, layers = load_stage(folder, rank, world_size, sizes, device)
     ids = ids.to(device)
-    out = {"layers": list(layers), "events": {}, "comm": {}, "logits": {},
-           "layer_weight_bytes": sum(p.numel() * p.element_size()
-                                     for i in layers for p in model.model.layers[i].parameters())}
+    out = {
+        "layers": list(layers),
+        "events": {},
+        "comm": {},
+        "logits": {},
+        "layer_weight_bytes": sum(
+            p.numel() * p.element_size() for i in layers for p in model.model.layers[i].parameters()
+        ),
+    }
     if warmup:  # first calls allocate and initialise: keep them out of the timings
         gpipe_forward(model, layers, ids, micro_batches[0])
     for m in micro_batches:

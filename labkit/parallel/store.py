@@ -11,6 +11,7 @@ bytes, so a reader can memory-map a file and read one tensor, or one slice of a 
 reading the rest: a tensor-parallel rank reads only its columns, a pipeline stage only its layers,
 an offloaded model one layer at a time. No pickle anywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,10 @@ def writable_folder(folder) -> Path:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise ValueError(f"folder={str(folder)!r} is not a writable folder ({type(err).__name__}: {err}). "
-                         f"Pass a folder you may write to, e.g. one under tempfile.gettempdir().") from err
+        raise ValueError(
+            f"folder={str(folder)!r} is not a writable folder ({type(err).__name__}: {err}). "
+            f"Pass a folder you may write to, e.g. one under tempfile.gettempdir()."
+        ) from err
     return folder
 
 
@@ -78,24 +81,29 @@ def check_file(path) -> None:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if n < 2 or 8 + n > size:
-            raise ValueError(f"{path} is truncated or not a safetensors file: {size} bytes, header needs "
-                             f"{8 + max(n, 0)}. Write the folder again (write_folder).")
+            raise ValueError(
+                f"{path} is truncated or not a safetensors file: {size} bytes, header needs "
+                f"{8 + max(n, 0)}. Write the folder again (write_folder)."
+            )
         try:
             header = json.loads(f.read(n))
         except ValueError as err:
             raise ValueError(f"{path}: unreadable safetensors header ({err}); write the folder again.") from err
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
-        raise ValueError(f"{path} is truncated or damaged: {size} bytes on disk, its header describes "
-                         f"{8 + n + end}. Write the folder again (write_folder).")
+        raise ValueError(
+            f"{path} is truncated or damaged: {size} bytes on disk, its header describes "
+            f"{8 + n + end}. Write the folder again (write_folder)."
+        )
 
 
 def check_folder(folder) -> Path:
     """ValueError unless `folder` holds config.json, rest.safetensors and every layer file, complete."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise ValueError(f"folder={str(folder)!r} has no config.json: write it with "
-                         f"labkit.parallel.write_folder(model, folder).")
+        raise ValueError(
+            f"folder={str(folder)!r} has no config.json: write it with labkit.parallel.write_folder(model, folder)."
+        )
     config = read_config(folder)
     for path in [folder / "rest.safetensors", *(layer_file(folder, i) for i in range(config.num_hidden_layers))]:
         check_file(path)

@@ -19,6 +19,7 @@ rank of its KV head, which needs W to divide the number of KV heads (and the MLP
 Embedding, norms and output layer are replicated on every rank here (Megatron also splits the
 vocabulary; that saves memory, not communication, for a model this size).
 """
+
 from __future__ import annotations
 
 import time
@@ -34,9 +35,12 @@ from .comm import CommLog, all_reduce
 # Which linears of a decoder layer are split how: "column" = by output features (rows of the
 # [out, in] weight), "row" = by input features (columns of the weight) followed by an all-reduce.
 PLAN = {
-    "self_attn.q_proj": "column", "self_attn.k_proj": "column", "self_attn.v_proj": "column",
+    "self_attn.q_proj": "column",
+    "self_attn.k_proj": "column",
+    "self_attn.v_proj": "column",
     "self_attn.o_proj": "row",
-    "mlp.gate_proj": "column", "mlp.up_proj": "column",
+    "mlp.gate_proj": "column",
+    "mlp.up_proj": "column",
     "mlp.down_proj": "row",
 }
 
@@ -62,8 +66,7 @@ class RowParallelLinear(nn.Module):
     partial products are summed over ranks by one all-reduce (Megatron's g). The bias, if any, is
     added once, after the sum."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, log: CommLog | None = None,
-                 group=None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, log: CommLog | None = None, group=None):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in / W]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # [out], replicated
@@ -92,7 +95,8 @@ def check_world_size(config, world_size: int) -> None:
             f"heads, so it must divide the {config.num_key_value_heads} KV heads, the "
             f"{config.num_attention_heads} query heads and the MLP width {config.intermediate_size}; "
             f"allowed world sizes for this model: {allowed}. (Beyond the KV heads, Megatron-LM and vLLM "
-            f"replicate each KV head on several ranks; not done here.)")
+            f"replicate each KV head on several ranks; not done here.)"
+        )
 
 
 def heads_of(config, rank: int, world_size: int) -> dict[str, range]:
@@ -153,8 +157,7 @@ def tensor_parallel(model, rank: int, world_size: int, log: CommLog | None = Non
     return model
 
 
-def load_tensor_parallel(folder, rank: int, world_size: int, device="cpu", log: CommLog | None = None,
-                         group=None):
+def load_tensor_parallel(folder, rank: int, world_size: int, device="cpu", log: CommLog | None = None, group=None):
     """Rank `rank`'s tensor-parallel model, reading only its slices of each layer from `folder`
     (labkit.parallel.write_folder): the whole model is never in this rank's memory."""
     store.check_folder(folder)
@@ -172,11 +175,15 @@ def comm_per_token(config, dtype_bytes: int, world_size: int) -> dict[str, float
     """What the forward pass sends, per token, by the formula: two all-reduces of `hidden` values per
     layer. payload = bytes summed per all-reduce call; ring = bytes each rank sends (ring algorithm)."""
     payload = 2 * config.num_hidden_layers * config.hidden_size * dtype_bytes
-    return {"all_reduces_per_layer": 2, "payload_bytes": payload,
-            "ring_bytes_per_rank": 2 * (world_size - 1) / world_size * payload}
+    return {
+        "all_reduces_per_layer": 2,
+        "payload_bytes": payload,
+        "ring_bytes_per_rank": 2 * (world_size - 1) / world_size * payload,
+    }
 
 
 # --- what a rank runs (labkit.parallel.launch calls these in every rank) -----------------------
+
 
 def rank_device(rank: int) -> torch.device:
     import torch.distributed as dist
@@ -197,10 +204,20 @@ def tensor_parallel_forward(rank: int, world_size: int, folder, ids: torch.Tenso
     start = time.perf_counter()
     logits = model(ids, use_cache=False).logits
     seconds = time.perf_counter() - start
-    out = {"logits": logits, "comm": log.summary(), "tokens": ids.numel(), "seconds": seconds,
-           "layer_weight_bytes": sum(p.numel() * p.element_size() for p in model.model.layers.parameters()),
-           "heads": {k: list(v) for k, v in heads_of(model.config, rank, world_size).items()}}
+    out = {
+        "logits": logits,
+        "comm": log.summary(),
+        "tokens": ids.numel(),
+        "seconds": seconds,
+        "layer_weight_bytes": sum(p.numel() * p.element_size() for p in model.model.layers.parameters()),
+        "heads": {k: list(v) for k, v in heads_of(model.config, rank, world_size).items()},
+    }
     if new_tokens:
-        out["generated"] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                          do_sample=False, pad_token_id=model.config.pad_token_id or 0)
+        out["generated"] = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id or 0,
+        )
     return out

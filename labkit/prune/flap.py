@@ -29,6 +29,7 @@ over all calibration tokens (labkit.walk.ColumnStats) rather than their running 
 the attention metric is not squared (their prune.py squares it before standardizing; the paper's
 equation does not).
 """
+
 from __future__ import annotations
 
 import time
@@ -37,8 +38,17 @@ import torch
 
 from ..models import check_llama
 from ..walk import ColumnStats, calibration_walk, check_calibration
-from .structured import (StructuredReport, attention_shape, begin, channel_param_count, check_ratio, finish,
-                         group_heads, group_param_count, prune_layer)
+from .structured import (
+    StructuredReport,
+    attention_shape,
+    begin,
+    channel_param_count,
+    check_ratio,
+    finish,
+    group_heads,
+    group_param_count,
+    prune_layer,
+)
 
 OBSERVED = ("self_attn.o_proj", "mlp.down_proj")
 
@@ -70,22 +80,37 @@ def flap_stats(model, calibration: torch.Tensor, device=None, batch_size: int = 
     def make_stats(name, linear):
         return ColumnStats(linear.in_features, device=linear.weight.device) if name in OBSERVED else None
 
-    return calibration_walk(model, calibration, make_stats, lambda index, layer, stats: stats, device=device,
-                            batch_size=batch_size, desc="flap statistics")
+    return calibration_walk(
+        model,
+        calibration,
+        make_stats,
+        lambda index, layer, stats: stats,
+        device=device,
+        batch_size=batch_size,
+        desc="flap statistics",
+    )
 
 
 def flap_scores(model, stats: list[dict[str, ColumnStats]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (fluctuation of each o_proj input channel [n_heads · head_dim], of each MLP channel [intermediate])."""
     layers = model.model.layers
     if len(stats) != len(layers) or any(set(s) != set(OBSERVED) for s in stats):
-        raise ValueError(f"stats must hold {OBSERVED} statistics for each of the {len(layers)} layers "
-                         f"(labkit.prune.flap_stats on this model, before it was pruned).")
-    return [(fluctuation(s["self_attn.o_proj"].var, layer.self_attn.o_proj.weight).cpu(),
-             fluctuation(s["mlp.down_proj"].var, layer.mlp.down_proj.weight).cpu()) for layer, s in zip(layers, stats)]
+        raise ValueError(
+            f"stats must hold {OBSERVED} statistics for each of the {len(layers)} layers "
+            f"(labkit.prune.flap_stats on this model, before it was pruned)."
+        )
+    return [
+        (
+            fluctuation(s["self_attn.o_proj"].var, layer.self_attn.o_proj.weight).cpu(),
+            fluctuation(s["mlp.down_proj"].var, layer.mlp.down_proj.weight).cpu(),
+        )
+        for layer, s in zip(layers, stats)
+    ]
 
 
-def flap_allocation(model, scores: list[tuple[torch.Tensor, torch.Tensor]], ratio: float
-                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def flap_allocation(
+    model, scores: list[tuple[torch.Tensor, torch.Tensor]], ratio: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Which KV groups and MLP channels each layer keeps: the adaptive global search (FLaP step 2).
 
     Returns (kept KV groups per layer, kept MLP channels per layer), index tensors.
@@ -97,12 +122,28 @@ def flap_allocation(model, scores: list[tuple[torch.Tensor, torch.Tensor]], rati
         groups = standardize(attn).view(s.n_kv_heads, s.group * s.head_dim).mean(1)  # [n_kv]: mean z per group
         channels = standardize(mlp)  # [intermediate]
         unit_z += [groups, channels]
-        unit_cost += [torch.full_like(groups, group_param_count(layer.self_attn), dtype=torch.float64),
-                      torch.full_like(channels, channel_param_count(layer.mlp), dtype=torch.float64)]
-        owner += [torch.stack([torch.full_like(groups, index, dtype=torch.long), torch.zeros_like(groups, dtype=torch.long),
-                               torch.arange(groups.numel())], 1),
-                  torch.stack([torch.full_like(channels, index, dtype=torch.long), torch.ones_like(channels, dtype=torch.long),
-                               torch.arange(channels.numel())], 1)]
+        unit_cost += [
+            torch.full_like(groups, group_param_count(layer.self_attn), dtype=torch.float64),
+            torch.full_like(channels, channel_param_count(layer.mlp), dtype=torch.float64),
+        ]
+        owner += [
+            torch.stack(
+                [
+                    torch.full_like(groups, index, dtype=torch.long),
+                    torch.zeros_like(groups, dtype=torch.long),
+                    torch.arange(groups.numel()),
+                ],
+                1,
+            ),
+            torch.stack(
+                [
+                    torch.full_like(channels, index, dtype=torch.long),
+                    torch.ones_like(channels, dtype=torch.long),
+                    torch.arange(channels.numel()),
+                ],
+                1,
+            ),
+        ]
     z, cost, owner = torch.cat(unit_z), torch.cat(unit_cost), torch.cat(owner)  # owner: [units, (layer, kind, index)]
     order = torch.sort(z, descending=True, stable=True).indices
     kept_params = torch.cumsum(cost[order], 0)
@@ -123,8 +164,15 @@ def flap_allocation(model, scores: list[tuple[torch.Tensor, torch.Tensor]], rati
 
 
 @torch.no_grad()
-def flap(model, calibration: torch.Tensor | None, ratio: float, bias: bool = True, stats=None, device=None,
-         batch_size: int = 8) -> StructuredReport:
+def flap(
+    model,
+    calibration: torch.Tensor | None,
+    ratio: float,
+    bias: bool = True,
+    stats=None,
+    device=None,
+    batch_size: int = 8,
+) -> StructuredReport:
     """Prune `model` in place with FLaP: a physically smaller dense model.
 
     calibration: LongTensor [n_samples, seqlen] (labkit.data.calibration); not needed when `stats`
@@ -138,16 +186,22 @@ def flap(model, calibration: torch.Tensor | None, ratio: float, bias: bool = Tru
     before = begin(model)
     if stats is None:
         if calibration is None:
-            raise ValueError("flap needs calibration token ids [n_samples, seqlen], or stats from labkit.prune.flap_stats.")
+            raise ValueError(
+                "flap needs calibration token ids [n_samples, seqlen], or stats from labkit.prune.flap_stats."
+            )
         stats = flap_stats(model, calibration, device=device, batch_size=batch_size)
     scores = flap_scores(model, stats)
     keep_groups, keep_channels = flap_allocation(model, scores, ratio)
     for layer, s, groups, channels in zip(model.model.layers, stats, keep_groups, keep_channels):
         shape = attention_shape(layer.self_attn)
-        prune_layer(layer, group_heads(groups, shape.group), channels,
-                    attn_mean=s["self_attn.o_proj"].mean if bias else None,
-                    mlp_mean=s["mlp.down_proj"].mean if bias else None)
+        prune_layer(
+            layer,
+            group_heads(groups, shape.group),
+            channels,
+            attn_mean=s["self_attn.o_proj"].mean if bias else None,
+            mlp_mean=s["mlp.down_proj"].mean if bias else None,
+        )
     return finish("flap", ratio, before, model, time.perf_counter() - start, bias)
 
 
-__all__ = ["flap", "flap_stats", "flap_scores", "flap_allocation", "fluctuation", "standardize"]
+__all__ = ["flap", "flap_allocation", "flap_scores", "flap_stats", "fluctuation", "standardize"]

@@ -28,6 +28,7 @@ LLM-Pruner's public code, run on a GQA model, scores KV head g together with que
 g, g + n_kv, g + 2·n_kv, ... while removing heads g·group ... (g+1)·group − 1; here a group's
 importance sums exactly the weights the surgery removes.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,9 +41,21 @@ from torch.nn import functional as F
 
 from ..models import check_llama, linear_layers, set_module
 from ..walk import check_calibration
-from .structured import (StructuredReport, attention_shape, begin, channel_param_count, check_layers, check_ratio,
-                         finish, group_heads, group_param_count, keep_lowest_removed, layer_param_count,
-                         linear_param_count, prune_layer)
+from .structured import (
+    StructuredReport,
+    attention_shape,
+    begin,
+    channel_param_count,
+    check_layers,
+    check_ratio,
+    finish,
+    group_heads,
+    group_param_count,
+    keep_lowest_removed,
+    layer_param_count,
+    linear_param_count,
+    prune_layer,
+)
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -65,8 +78,9 @@ def group_importance(layer: nn.Module, salience: dict[str, torch.Tensor]) -> tup
     return q_rows + o_cols + k_rows + v_rows, channels
 
 
-def taylor_importance(model, calibration: torch.Tensor, layers: Sequence[int] | None = None,
-                      batch_size: int = 1) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def taylor_importance(
+    model, calibration: torch.Tensor, layers: Sequence[int] | None = None, batch_size: int = 1
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """First-order Taylor importance of every attention group and MLP channel of `layers`.
 
     calibration: LongTensor [n_samples, seqlen]; the loss is next-token cross-entropy on it, its
@@ -89,7 +103,7 @@ def taylor_importance(model, calibration: torch.Tensor, layers: Sequence[int] | 
                 linear.weight.requires_grad_(True)
         model.eval()
         for start in range(0, calibration.shape[0], batch_size):
-            tokens = calibration[start:start + batch_size].to(device)  # [b, seqlen]
+            tokens = calibration[start : start + batch_size].to(device)  # [b, seqlen]
             logits = model(tokens, use_cache=False).logits[:, :-1]  # [b, seqlen − 1, vocab]
             loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
             loss.backward()  # gradients add up over batches
@@ -123,31 +137,46 @@ def _prune(model, importance, ratio, layers) -> dict:
     r = ratio * total / pruned_params  # the same share in every pruned layer
     if r >= 1:
         largest = pruned_params / total
-        raise ValueError(f"ratio={ratio:g} asks each of the {len(layers)} pruned layers ({layers[0]}-{layers[-1]}) "
-                         f"to lose {r:.0%} of its parameters; with these layers the largest allowed ratio is "
-                         f"below {largest:.3f}. Use a smaller ratio or prune more layers.")
+        raise ValueError(
+            f"ratio={ratio:g} asks each of the {len(layers)} pruned layers ({layers[0]}-{layers[-1]}) "
+            f"to lose {r:.0%} of its parameters; with these layers the largest allowed ratio is "
+            f"below {largest:.3f}. Use a smaller ratio or prune more layers."
+        )
     plans = {}
     for i in layers:
         layer = model.model.layers[i]
         s = attention_shape(layer.self_attn)
         groups, channels = layer_plan(layer, r * layer_param_count(layer))
         if groups >= s.n_kv_heads:
-            raise ValueError(f"ratio={ratio:g} (a share of {r:.0%} in each pruned layer) would remove every attention "
-                             f"head of layer {i} ({groups} of its {s.n_kv_heads} KV groups); allowed is a ratio whose "
-                             f"share stays below {1 - 0.5 / s.n_kv_heads:.0%}, i.e. ratio < "
-                             f"{(1 - 0.5 / s.n_kv_heads) * pruned_params / total:.3f}.")
+            raise ValueError(
+                f"ratio={ratio:g} (a share of {r:.0%} in each pruned layer) would remove every attention "
+                f"head of layer {i} ({groups} of its {s.n_kv_heads} KV groups); allowed is a ratio whose "
+                f"share stays below {1 - 0.5 / s.n_kv_heads:.0%}, i.e. ratio < "
+                f"{(1 - 0.5 / s.n_kv_heads) * pruned_params / total:.3f}."
+            )
         plans[i] = (groups, channels)
     for i, (groups, channels) in plans.items():
         group_scores, channel_scores = importance[i]
         s = attention_shape(model.model.layers[i].self_attn)
-        prune_layer(model.model.layers[i], group_heads(keep_lowest_removed(group_scores, groups), s.group),
-                    keep_lowest_removed(channel_scores, channels))
+        prune_layer(
+            model.model.layers[i],
+            group_heads(keep_lowest_removed(group_scores, groups), s.group),
+            keep_lowest_removed(channel_scores, channels),
+        )
     return {"per_layer_share": r, "layers": list(layers), "removed": plans}
 
 
-def llm_pruner(model, calibration: torch.Tensor | None, ratio: float, recover_steps: int = 0,
-               recover_data: torch.Tensor | None = None, layers: Sequence[int] | None = None, importance=None,
-               batch_size: int = 1, **recover_kwargs) -> StructuredReport:
+def llm_pruner(
+    model,
+    calibration: torch.Tensor | None,
+    ratio: float,
+    recover_steps: int = 0,
+    recover_data: torch.Tensor | None = None,
+    layers: Sequence[int] | None = None,
+    importance=None,
+    batch_size: int = 1,
+    **recover_kwargs,
+) -> StructuredReport:
     """Prune `model` in place with LLM-Pruner (Taylor importance of coupled groups), physically.
 
     calibration: LongTensor [n_samples, seqlen] for the loss gradient (the paper: 10 samples of 64
@@ -168,13 +197,17 @@ def llm_pruner(model, calibration: torch.Tensor | None, ratio: float, recover_st
     before = begin(model)
     if importance is None:
         if calibration is None:
-            raise ValueError("llm_pruner needs calibration token ids [n_samples, seqlen], or importance "
-                             "from labkit.prune.taylor_importance.")
+            raise ValueError(
+                "llm_pruner needs calibration token ids [n_samples, seqlen], or importance "
+                "from labkit.prune.taylor_importance."
+            )
         importance = taylor_importance(model, calibration, layers, batch_size)
     missing = [i for i in layers if i not in importance]
     if missing:
-        raise ValueError(f"importance has no scores for layers {missing}; compute it with taylor_importance(model, "
-                         f"calibration, layers={layers}).")
+        raise ValueError(
+            f"importance has no scores for layers {missing}; compute it with taylor_importance(model, "
+            f"calibration, layers={layers})."
+        )
     extra = _prune(model, importance, ratio, layers)
     seconds = time.perf_counter() - start
     if recover_steps:
@@ -186,6 +219,7 @@ def llm_pruner(model, calibration: torch.Tensor | None, ratio: float, recover_st
 
 
 # --- recovery: LoRA from torch operations -----------------------------------------------------------
+
 
 class LoRALinear(nn.Module):
     """y = W x + b + (alpha / rank) · B A x, with W, b frozen (Hu et al., 2021).
@@ -214,8 +248,17 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-def lora_recover(model, data: torch.Tensor, steps: int, rank: int = 8, alpha: float = 16.0, lr: float = 1e-4,
-                 batch_size: int = 4, seed: int = 0, progress: bool = False) -> dict:
+def lora_recover(
+    model,
+    data: torch.Tensor,
+    steps: int,
+    rank: int = 8,
+    alpha: float = 16.0,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """A short LoRA recovery fine-tune of every decoder linear, merged back into the weights, in place.
 
     data: LongTensor [n, seqlen] of token windows (next-token cross-entropy, labkit.distill.finetune).
@@ -249,5 +292,12 @@ def lora_recover(model, data: torch.Tensor, steps: int, rank: int = 8, alpha: fl
     return {"steps": steps, "seconds": time.perf_counter() - start, "loss": curve, "rank": rank}
 
 
-__all__ = ["llm_pruner", "taylor_importance", "group_importance", "default_layers", "layer_plan", "lora_recover",
-           "LoRALinear"]
+__all__ = [
+    "LoRALinear",
+    "default_layers",
+    "group_importance",
+    "layer_plan",
+    "llm_pruner",
+    "lora_recover",
+    "taylor_importance",
+]

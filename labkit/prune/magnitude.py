@@ -8,18 +8,29 @@ scope="layer": each decoder linear loses round(sparsity · numel) weights (the p
 scope="row": each output row loses round(sparsity · in_features) weights (Wanda's comparison group).
 scope="global": one threshold over all decoder linears together; layers end up unevenly sparse.
 """
+
 from __future__ import annotations
 
 import time
 
 import torch
 
-from .masks import (SCOPES, PruneReport, check_divisible, check_sparsity, lowest_mask, mask_for, n_pruned,
-                    report, weight_linears)
+from .masks import (
+    SCOPES,
+    PruneReport,
+    check_divisible,
+    check_sparsity,
+    lowest_mask,
+    mask_for,
+    n_pruned,
+    report,
+    weight_linears,
+)
 
 
-def magnitude_mask(weight: torch.Tensor, sparsity: float | None, pattern: str = "unstructured",
-                   scope: str = "layer") -> torch.Tensor:
+def magnitude_mask(
+    weight: torch.Tensor, sparsity: float | None, pattern: str = "unstructured", scope: str = "layer"
+) -> torch.Tensor:
     """Prune mask (True = zeroed) of one matrix by |W|. weight: [out_features, in_features]."""
     sparsity, nm = check_sparsity(sparsity, pattern)
     _check_scope(scope, nm)
@@ -54,5 +65,7 @@ def _check_scope(scope: str, nm) -> None:
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r}: allowed scopes are {SCOPES}.")
     if nm is not None and scope == "global":
-        raise ValueError("scope='global' applies to unstructured pruning only: an N:M pattern always "
-                         "chooses within each group of M weights. Use scope='layer' with N:M.")
+        raise ValueError(
+            "scope='global' applies to unstructured pruning only: an N:M pattern always "
+            "chooses within each group of M weights. Use scope='layer' with N:M."
+        )

@@ -10,6 +10,7 @@ Patterns:
                     highest-scoring weights are KEPT (NVIDIA's semi-structured sparsity);
                     the sparsity is 1 − N/M.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,18 +28,22 @@ SCOPES = ("layer", "row", "global")
 
 # --- arguments ---------------------------------------------------------------------------------
 
+
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
     """None for "unstructured", (N, M) for an "N:M" string (N weights kept per group of M)."""
     if pattern == "unstructured":
         return None
     found = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern) if isinstance(pattern, str) else None
     if found is None:
-        raise ValueError(f"pattern={pattern!r}: allowed are 'unstructured' or 'N:M' with integers "
-                         f"1 <= N < M, e.g. '2:4' (keep 2 of every 4 consecutive weights).")
+        raise ValueError(
+            f"pattern={pattern!r}: allowed are 'unstructured' or 'N:M' with integers "
+            f"1 <= N < M, e.g. '2:4' (keep 2 of every 4 consecutive weights)."
+        )
     n, m = int(found[1]), int(found[2])
     if not 1 <= n < m:
-        raise ValueError(f"pattern={pattern!r}: N:M needs 1 <= N < M (N weights kept in each group of M); "
-                         f"got N={n}, M={m}.")
+        raise ValueError(
+            f"pattern={pattern!r}: N:M needs 1 <= N < M (N weights kept in each group of M); got N={n}, M={m}."
+        )
     return n, m
 
 
@@ -50,14 +55,18 @@ def check_sparsity(sparsity: float | None, pattern: str) -> tuple[float, tuple[i
     if nm is not None:
         implied = 1 - nm[0] / nm[1]
         if sparsity is not None and not math.isclose(float(sparsity), implied, abs_tol=1e-9):
-            raise ValueError(f"sparsity={sparsity!r} contradicts pattern={pattern!r}, which fixes the sparsity "
-                             f"at 1 - {nm[0]}/{nm[1]} = {implied:g}. Pass sparsity=None or {implied:g}.")
+            raise ValueError(
+                f"sparsity={sparsity!r} contradicts pattern={pattern!r}, which fixes the sparsity "
+                f"at 1 - {nm[0]}/{nm[1]} = {implied:g}. Pass sparsity=None or {implied:g}."
+            )
         return implied, nm
     if sparsity is None:
         raise ValueError("sparsity=None: unstructured pruning needs a sparsity in [0, 1), e.g. 0.5.")
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity={sparsity!r}: allowed is a number in [0, 1) "
-                         f"(the fraction of weights set to zero; 1 would remove every weight).")
+        raise ValueError(
+            f"sparsity={sparsity!r}: allowed is a number in [0, 1) "
+            f"(the fraction of weights set to zero; 1 would remove every weight)."
+        )
     return float(sparsity), None
 
 
@@ -67,8 +76,9 @@ def check_divisible(linears: dict[str, nn.Linear], nm: tuple[int, int] | None) -
         return
     bad = {name: lin.in_features for name, lin in linears.items() if lin.in_features % nm[1]}
     if bad:
-        raise ValueError(f"pattern '{nm[0]}:{nm[1]}' needs in_features divisible by M={nm[1]}; "
-                         f"these linears are not: {bad}.")
+        raise ValueError(
+            f"pattern '{nm[0]}:{nm[1]}' needs in_features divisible by M={nm[1]}; these linears are not: {bad}."
+        )
 
 
 def n_pruned(sparsity: float, count: int) -> int:
@@ -77,6 +87,7 @@ def n_pruned(sparsity: float, count: int) -> int:
 
 
 # --- masks -------------------------------------------------------------------------------------
+
 
 def lowest_mask(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """True at the k lowest scores over all tensors together (one threshold), exactly k of them.
@@ -145,6 +156,7 @@ def mask_for(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, 
 
 # --- which linears, and how sparse they are ---------------------------------------------------
 
+
 def decoder_linears(model) -> dict[str, nn.Module]:
     """The prunable matrices: every nn.Linear (or SparseLinear) of every decoder layer, by name
     like 'layers.3.mlp.down_proj'. Embeddings, lm_head and norms are never pruned."""
@@ -200,11 +212,26 @@ def weight_linears(model) -> dict[str, nn.Linear]:
     """decoder_linears restricted to plain nn.Linear (what the pruning methods change)."""
     linears = {name: m for name, m in decoder_linears(model).items() if isinstance(m, nn.Linear)}
     if not linears:
-        raise ValueError("the model has no nn.Linear in its decoder layers left to prune "
-                         "(was it already converted with labkit.prune.to_sparse?).")
+        raise ValueError(
+            "the model has no nn.Linear in its decoder layers left to prune "
+            "(was it already converted with labkit.prune.to_sparse?)."
+        )
     return linears
 
 
-__all__ = ["SCOPES", "parse_pattern", "check_sparsity", "check_divisible", "n_pruned", "lowest_mask",
-           "row_mask", "nm_mask", "mask_for", "decoder_linears", "SparsityReport", "PruneReport",
-           "sparsity_report", "weight_linears"]
+__all__ = [
+    "SCOPES",
+    "PruneReport",
+    "SparsityReport",
+    "check_divisible",
+    "check_sparsity",
+    "decoder_linears",
+    "lowest_mask",
+    "mask_for",
+    "n_pruned",
+    "nm_mask",
+    "parse_pattern",
+    "row_mask",
+    "sparsity_report",
+    "weight_linears",
+]

@@ -12,6 +12,7 @@ is exact but costs O(rows · in² ) memory and O(rows · k · in²) time: fine f
 of a layer, far too slow for a whole LLM. SparseGPT's trick is to fix the column order, so that
 all rows share one sequence of inverses (one Cholesky factor).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,7 @@ def obs_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, percdamp: 
     pruned = torch.zeros_like(W, dtype=torch.bool)
     r = torch.arange(rows, device=W.device)
     for _ in range(n_pruned(sparsity, d)):
-        scores = W ** 2 / Hinv.diagonal(dim1=1, dim2=2)  # 2·ΔE_q for every remaining weight
+        scores = W**2 / Hinv.diagonal(dim1=1, dim2=2)  # 2·ΔE_q for every remaining weight
         scores[pruned] = float("inf")
         q = scores.argmin(dim=1)  # [rows]: the cheapest weight of each row
         col = Hinv[r, :, q]  # [rows, d]: H⁻¹_{:,q}

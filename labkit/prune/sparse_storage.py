@@ -19,6 +19,7 @@ the size of what it holds, and labkit.evaluate.weight_bytes counts it. Its forwa
 dense weight and calls F.linear: the outputs equal the dense pruned layer's exactly, and there
 is no speed-up (that needs a sparse kernel; see semi_structured_speed).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ FORMATS = ("dense", "bitmask", "csr", "2:4")
 
 
 # --- byte counts, from the formulas ---------------------------------------------------------
+
 
 def dense_bytes(weight: torch.Tensor) -> int:
     """numel · bytes per value: zeros cost as much as any other value."""
@@ -85,11 +87,14 @@ def check_2to4(weight: torch.Tensor, name: str = "weight") -> None:
     per_group = (weight != 0).reshape(rows, columns // 4, 4).sum(2)  # [rows, groups]
     if (per_group > 2).any():
         r, g = (per_group > 2).nonzero()[0].tolist()
-        raise ValueError(f"{name} is not 2:4 sparse: row {r}, columns {4 * g}..{4 * g + 3} hold "
-                         f"{int(per_group[r, g])} nonzeros. Prune it with pattern='2:4' first.")
+        raise ValueError(
+            f"{name} is not 2:4 sparse: row {r}, columns {4 * g}..{4 * g + 3} hold "
+            f"{int(per_group[r, g])} nonzeros. Prune it with pattern='2:4' first."
+        )
 
 
 # --- packing small integers into bytes --------------------------------------------------------
+
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integers < 2**bits (bits in 1, 2, 4), little end first: [n] -> uint8 [⌈n · bits / 8⌉]."""
@@ -109,6 +114,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 # --- encoding and decoding ---------------------------------------------------------------------
 
+
 def encode(weight: torch.Tensor, format: str) -> dict[str, torch.Tensor]:
     """The tensors that store `weight` [rows, columns] in `format`."""
     weight = weight.detach()
@@ -122,17 +128,18 @@ def encode(weight: torch.Tensor, format: str) -> dict[str, torch.Tensor]:
         nonzero = weight != 0
         index_dtype = torch.int16 if csr_index_bytes(columns) == 2 else torch.int32
         counts = nonzero.sum(1)  # [rows]
-        return {"values": weight[nonzero],
-                "col_indices": nonzero.nonzero()[:, 1].to(index_dtype),
-                "crow_indices": F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)}  # [rows + 1]
+        return {
+            "values": weight[nonzero],
+            "col_indices": nonzero.nonzero()[:, 1].to(index_dtype),
+            "crow_indices": F.pad(counts.cumsum(0), (1, 0)).to(torch.int32),
+        }  # [rows + 1]
     if format == "2:4":
         check_2to4(weight)
         groups = weight.reshape(rows, columns // 4, 4)
         # positions of the 2 kept values per group: the nonzeros first, padded with zeros' positions
         order = torch.sort((groups != 0).to(torch.uint8), dim=2, descending=True, stable=True).indices
         positions = order[..., :2].sort(dim=2).values  # [rows, groups, 2], increasing as in NVIDIA's layout
-        return {"values": groups.gather(2, positions).reshape(rows, columns // 2),
-                "positions": pack_bits(positions, 2)}
+        return {"values": groups.gather(2, positions).reshape(rows, columns // 2), "positions": pack_bits(positions, 2)}
     raise ValueError(f"format={format!r}: allowed formats are {FORMATS}.")
 
 
@@ -176,7 +183,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, format: str = "bitmask") -> "SparseLinear":
+    def from_linear(cls, linear: nn.Linear, format: str = "bitmask") -> SparseLinear:
         return cls(linear.weight, linear.bias, format)
 
     def dense_weight(self) -> torch.Tensor:  # [out_features, in_features]
@@ -214,9 +221,16 @@ def to_sparse(model, format: str = "bitmask"):
 
 # --- 2:4 on a GPU --------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def semi_structured_speed(out_features: int = 4096, in_features: int = 4096, tokens: int = 2048,
-                          dtype=torch.float16, repeats: int = 50, device="cuda") -> dict[str, float]:
+def semi_structured_speed(
+    out_features: int = 4096,
+    in_features: int = 4096,
+    tokens: int = 2048,
+    dtype=torch.float16,
+    repeats: int = 50,
+    device="cuda",
+) -> dict[str, float]:
     """Time y = x Wᵀ with a dense W and with W in torch's 2:4 format (torch.sparse.to_sparse_semi_structured).
 
     Returns {"dense_ms", "sparse_ms", "speedup"}. CUDA only, compute capability ≥ 8.0 (Ampere+).
@@ -228,10 +242,12 @@ def semi_structured_speed(out_features: int = 4096, in_features: int = 4096, tok
         raise RuntimeError(
             "semi_structured_speed needs an NVIDIA GPU (Ampere or newer): 2:4 matmuls run on sparse tensor "
             "cores through cuSPARSELt/CUTLASS. On a CPU torch has no 2:4 kernel, and a dense matmul over a "
-            "matrix that is half zeros does all the same work, so no speed-up is expected there.")
+            "matrix that is half zeros does all the same work, so no speed-up is expected there."
+        )
     if torch.cuda.get_device_capability(device)[0] < 8:
-        raise RuntimeError(f"{torch.cuda.get_device_name(device)} has no sparse tensor cores (needs compute "
-                           f"capability >= 8.0).")
+        raise RuntimeError(
+            f"{torch.cuda.get_device_name(device)} has no sparse tensor cores (needs compute capability >= 8.0)."
+        )
     from torch.sparse import to_sparse_semi_structured
 
     from .masks import nm_mask

@@ -18,6 +18,7 @@ reference code, which use one blocksize for both B and B_s.
 In the code, [H⁻¹]_jj is the diagonal of that Cholesky factor: its square is the diagonal of
 the inverse Hessian of columns j, j+1, ... (the OBS denominator at the moment j is pruned).
 """
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,14 @@ from ..walk import Hessian, calibration_walk, inverse_hessian_cholesky
 from .masks import PruneReport, check_divisible, check_sparsity, lowest_mask, n_pruned, report, weight_linears
 
 
-def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float | None, pattern: str = "unstructured",
-                    blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float | None,
+    pattern: str = "unstructured",
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SparseGPT on one matrix (Algorithm 1). Does not change `weight`.
 
     weight: [out_features, in_features]; H: [in_features, in_features] = 2 X Xᵀ / n.
@@ -62,7 +69,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float | Non
 
         if nm is None:  # adaptive mask selection: lowest w²/[H⁻¹]²_jj in the next B_s columns
             k = n_pruned(sparsity, rows * i2) - n_pruned(sparsity, rows * i1)  # this block's share
-            mask1 = lowest_mask([W1 ** 2 / d1[None, :] ** 2], k)[0]
+            mask1 = lowest_mask([W1**2 / d1[None, :] ** 2], k)[0]
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
@@ -77,7 +84,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float | Non
             q = w.clone()
             q[mask1[:, i]] = 0  # freeze: the pruned weights become 0, the rest stay
             Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d ** 2
+            Losses1[:, i] = (w - q) ** 2 / d**2
             err1 = (w - q) / d  # pruning error E_{:,j} = (w_j − q_j) / [H⁻¹]_jj
             W1[:, i:] -= err1[:, None] @ Hinv1[i, i:][None, :]  # OBS update (eq. 3) of the block's later columns
             Err1[:, i] = err1
@@ -90,8 +97,14 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float | Non
     return W.to(weight.dtype), mask, losses
 
 
-def sparsegpt_naive(weight: torch.Tensor, H: torch.Tensor, sparsity: float | None, pattern: str = "unstructured",
-                    blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt_naive(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float | None,
+    pattern: str = "unstructured",
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same algorithm written the slow, obvious way, to check sparsegpt_prune against (small matrices only).
 
     Column by column, with the inverse of H restricted to the columns not yet processed,
@@ -110,7 +123,7 @@ def sparsegpt_naive(weight: torch.Tensor, H: torch.Tensor, sparsity: float | Non
     hinv_diag = torch.stack([torch.linalg.inv(H[j:, j:])[0, 0] for j in range(columns)])  # [H_F⁻¹]_jj per j
     mask = torch.zeros_like(W, dtype=torch.bool)
     for j in range(columns):
-        scores = W ** 2 / hinv_diag[None, :]  # OBS error of pruning each weight now
+        scores = W**2 / hinv_diag[None, :]  # OBS error of pruning each weight now
         if nm is None and j % blocksize == 0:  # adaptive mask for the next block
             j2 = min(j + blocksize, columns)
             k = n_pruned(sparsity, rows * j2) - n_pruned(sparsity, rows * j)
@@ -126,8 +139,16 @@ def sparsegpt_naive(weight: torch.Tensor, H: torch.Tensor, sparsity: float | Non
 
 
 @torch.no_grad()
-def sparsegpt(model, calibration: torch.Tensor, sparsity: float | None = None, pattern: str = "unstructured",
-              blocksize: int = 128, percdamp: float = 0.01, device=None, batch_size: int = 8) -> PruneReport:
+def sparsegpt(
+    model,
+    calibration: torch.Tensor,
+    sparsity: float | None = None,
+    pattern: str = "unstructured",
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    device=None,
+    batch_size: int = 8,
+) -> PruneReport:
     """Prune every decoder nn.Linear of `model` in place with SparseGPT.
 
     calibration: LongTensor [n_samples, seqlen] (labkit.data.calibration).
@@ -161,5 +182,7 @@ def _check_blocksize(blocksize, nm) -> None:
     if not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize={blocksize!r}: need a positive integer number of columns, e.g. 128.")
     if nm is not None and blocksize % nm[1]:
-        raise ValueError(f"blocksize={blocksize} must be a multiple of M={nm[1]} for pattern '{nm[0]}:{nm[1]}', "
-                         f"so that no group of M columns straddles two blocks.")
+        raise ValueError(
+            f"blocksize={blocksize} must be a multiple of M={nm[1]} for pattern '{nm[0]}:{nm[1]}', "
+            f"so that no group of M columns straddles two blocks."
+        )

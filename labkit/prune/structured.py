@@ -24,6 +24,7 @@ Bias compensation (FLaP): removing input channels R of an output projection (o_p
 drops W[:, R] x[R] from its output. Replacing x[R] by its mean over calibration tokens keeps
 the average part of it:  b = W[:, R] · mean(x[R])  becomes the layer's bias.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -35,28 +36,33 @@ from torch import nn
 
 from ..models import check_llama, parameter_count, set_module
 
-
 # --- arguments --------------------------------------------------------------------------------
+
 
 def check_ratio(ratio, name: str = "ratio") -> float:
     """A pruning ratio must be a number in [0, 1): the fraction removed (1 would remove everything)."""
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
-        raise ValueError(f"{name}={ratio!r}: allowed is a number in [0, 1), the fraction of parameters "
-                         f"removed (0 removes nothing; 1 would remove every head and channel).")
+        raise ValueError(
+            f"{name}={ratio!r}: allowed is a number in [0, 1), the fraction of parameters "
+            f"removed (0 removes nothing; 1 would remove every head and channel)."
+        )
     return float(ratio)
 
 
 def _indices(keep, total: int, what: str) -> torch.Tensor:
     keep = torch.as_tensor(keep, dtype=torch.long).flatten()
     if keep.numel() == 0:
-        raise ValueError(f"keeping no {what} of {total} would remove every one of them; keep at least one "
-                         f"(a layer needs at least one attention head and one MLP channel).")
+        raise ValueError(
+            f"keeping no {what} of {total} would remove every one of them; keep at least one "
+            f"(a layer needs at least one attention head and one MLP channel)."
+        )
     if keep.min() < 0 or keep.max() >= total or keep.unique().numel() != keep.numel():
         raise ValueError(f"{what} to keep must be distinct indices in [0, {total}); got {keep.tolist()}.")
     return keep.sort().values
 
 
 # --- layout -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class AttentionShape:
@@ -103,8 +109,13 @@ def channel_param_count(mlp: nn.Module) -> int:
 
 # --- the surgery ------------------------------------------------------------------------------
 
-def _shrink(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
-            extra_bias: torch.Tensor | None = None) -> nn.Linear:
+
+def _shrink(
+    linear: nn.Linear,
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
+    extra_bias: torch.Tensor | None = None,
+) -> nn.Linear:
     """A new nn.Linear with weight[rows][:, cols] (None = all) and bias (+ extra_bias, [out_kept])."""
     W = linear.weight.detach()  # [out, in]
     if rows is not None:
@@ -150,7 +161,8 @@ def prune_heads(attn: nn.Module, keep_heads, mean: torch.Tensor | None = None) -
             f"keep_heads={keep.tolist()} keeps {dict(zip(keep_kv.tolist(), per_kv.tolist()))} query heads per "
             f"KV head; with grouped-query attention ({s.n_heads} query heads share {s.n_kv_heads} KV heads, "
             f"{s.group} each) every kept KV head must keep the same number of query heads. Allowed: whole "
-            f"groups (labkit.prune.group_heads) or the same count from every group.")
+            f"groups (labkit.prune.group_heads) or the same count from every group."
+        )
     if mean is not None and mean.numel() != s.n_heads * s.head_dim:
         raise ValueError(f"mean has {mean.numel()} entries; o_proj has {s.n_heads * s.head_dim} input channels.")
     if keep.numel() == s.n_heads:
@@ -201,6 +213,7 @@ def keep_lowest_removed(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
 
 
 # --- what the model looks like now ------------------------------------------------------------
+
 
 @dataclass
 class LayerStructure:
@@ -257,8 +270,10 @@ class StructuredReport:
         """One line per decoder layer: query/KV heads and MLP channels kept, of how many."""
         lines = ["layer  heads (q/kv)   MLP channels"]
         for i, (b, a) in enumerate(zip(self.layers_before, self.layers_after)):
-            lines.append(f"{i:5d}  {a.heads:2d}/{a.kv_heads:<2d} of {b.heads:2d}/{b.kv_heads:<2d}  "
-                         f"{a.channels:5d} of {b.channels}")
+            lines.append(
+                f"{i:5d}  {a.heads:2d}/{a.kv_heads:<2d} of {b.heads:2d}/{b.kv_heads:<2d}  "
+                f"{a.channels:5d} of {b.channels}"
+            )
         return "\n".join(lines)
 
 
@@ -270,12 +285,28 @@ def begin(model) -> tuple[int, int, list[LayerStructure]]:
 
 def finish(method: str, ratio: float, before, model, seconds: float, bias: bool, **extra) -> StructuredReport:
     params, linear, layers = before
-    return StructuredReport(method, ratio, params, parameter_count(model), linear, linear_param_count(model),
-                            layers, structure(model), seconds, bias, extra)
+    return StructuredReport(
+        method,
+        ratio,
+        params,
+        parameter_count(model),
+        linear,
+        linear_param_count(model),
+        layers,
+        structure(model),
+        seconds,
+        bias,
+        extra,
+    )
 
 
-def prune_layer(layer: nn.Module, keep_heads=None, keep_channels=None, attn_mean: torch.Tensor | None = None,
-                mlp_mean: torch.Tensor | None = None) -> None:
+def prune_layer(
+    layer: nn.Module,
+    keep_heads=None,
+    keep_channels=None,
+    attn_mean: torch.Tensor | None = None,
+    mlp_mean: torch.Tensor | None = None,
+) -> None:
     """Both halves of one decoder layer; None leaves that half whole."""
     if keep_heads is not None:
         prune_heads(layer.self_attn, keep_heads, attn_mean)
@@ -288,13 +319,32 @@ def check_layers(model, layers: Sequence[int] | None) -> list[int]:
     if layers is None:
         return list(range(n))
     layers = list(layers)
-    if not layers or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in layers) \
-            or len(set(layers)) != len(layers):
+    if (
+        not layers
+        or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in layers)
+        or len(set(layers)) != len(layers)
+    ):
         raise ValueError(f"layers={layers!r}: need distinct decoder-layer indices in [0, {n}).")
     return sorted(layers)
 
 
-__all__ = ["check_ratio", "AttentionShape", "attention_shape", "head_channels", "group_heads", "group_param_count",
-           "channel_param_count", "compensation", "prune_heads", "prune_channels", "prune_layer",
-           "keep_lowest_removed", "LayerStructure", "structure", "layer_param_count", "linear_param_count", "StructuredReport",
-           "check_layers"]
+__all__ = [
+    "AttentionShape",
+    "LayerStructure",
+    "StructuredReport",
+    "attention_shape",
+    "channel_param_count",
+    "check_layers",
+    "check_ratio",
+    "compensation",
+    "group_heads",
+    "group_param_count",
+    "head_channels",
+    "keep_lowest_removed",
+    "layer_param_count",
+    "linear_param_count",
+    "prune_channels",
+    "prune_heads",
+    "prune_layer",
+    "structure",
+]

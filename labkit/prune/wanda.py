@@ -5,6 +5,7 @@ where ‖X_j‖₂ is the L2 norm of input feature j over all N·L calibration t
 compared within each output row (the paper's per-output "comparison group"), the lowest are zeroed,
 and the remaining weights are NOT updated: one forward pass per layer, no second-order solve.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,16 +24,23 @@ def wanda_scores(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs() * norm.float().to(weight.device)[None, :]
 
 
-def wanda_mask(weight: torch.Tensor, norm: torch.Tensor, sparsity: float | None,
-               pattern: str = "unstructured") -> torch.Tensor:
+def wanda_mask(
+    weight: torch.Tensor, norm: torch.Tensor, sparsity: float | None, pattern: str = "unstructured"
+) -> torch.Tensor:
     """Prune mask (True = zeroed) of one matrix: lowest scores per row, or per N:M group."""
     sparsity, nm = check_sparsity(sparsity, pattern)
     return mask_for(wanda_scores(weight, norm), sparsity, nm, scope="row")
 
 
 @torch.no_grad()
-def wanda(model, calibration: torch.Tensor, sparsity: float | None = None, pattern: str = "unstructured",
-          device=None, batch_size: int = 8) -> PruneReport:
+def wanda(
+    model,
+    calibration: torch.Tensor,
+    sparsity: float | None = None,
+    pattern: str = "unstructured",
+    device=None,
+    batch_size: int = 8,
+) -> PruneReport:
     """Prune every decoder nn.Linear of `model` in place with Wanda.
 
     calibration: LongTensor [n_samples, seqlen] (labkit.data.calibration).

@@ -10,19 +10,32 @@ and safetensors checkpoints (labkit's own layout and the AutoGPTQ "gptq" layout)
 `quant.rtn` and `quant.gptq` are the functions; their modules are `labkit.quant.rtn` / `.gptq` in
 sys.modules (use `from labkit.quant.gptq import gptq_quantize_weight`). `quant.pack` is the module.
 """
-from .checkpoint import load_gptq, load_quantized, save_gptq, save_quantized  # noqa: F401
-from .formats import (  # noqa: F401
-    FP4, FP8_FORMATS, NF4, SUPPORTED_BITS, dequantize, dequantize_lut, fake_quantize, fp8_round,
-    fp8_round_reference, quantize, quantize_fp8, quantize_lut,
-)
-from .gptq import TRUE_SEQUENTIAL, gptq, gptq_quantize_weight  # noqa: F401
-from . import pack  # noqa: F401  (the module: quant.pack.pack(codes, bits), quant.pack.unpack(...))
-from .qlinear import QuantLinear, QuantReport, quant_linears  # noqa: F401
-from .rtn import rtn  # noqa: F401
+
 # Activation quantization and QLoRA storage (lesson 06). As above, `quant.llm_int8`, `quant.smoothquant` and
 # `quant.nf4` are the functions; `quant.int8` is the module of int8 arithmetic (absmax, int8_matmul, Int8Linear).
-from . import int8  # noqa: F401,E402
-from .int8 import Int8Linear, absmax_quantize, int8_matmul, matmul_path  # noqa: F401,E402
-from .llm_int8 import Int8Report, llm_int8, outlier_counts  # noqa: F401,E402
-from .nf4 import NF4Linear, double_dequantize, double_quantize, dynamic_map, nf4, nf4_linears  # noqa: F401,E402
-from .smoothquant import SmoothReport, smooth, smoothing_factors, smoothquant, w8a8, w8a16  # noqa: F401,E402
+from . import (
+    int8,
+    pack,
+)
+from .checkpoint import load_gptq, load_quantized, save_gptq, save_quantized
+from .formats import (
+    FP4,
+    FP8_FORMATS,
+    NF4,
+    SUPPORTED_BITS,
+    dequantize,
+    dequantize_lut,
+    fake_quantize,
+    fp8_round,
+    fp8_round_reference,
+    quantize,
+    quantize_fp8,
+    quantize_lut,
+)
+from .gptq import TRUE_SEQUENTIAL, gptq, gptq_quantize_weight
+from .int8 import Int8Linear, absmax_quantize, int8_matmul, matmul_path
+from .llm_int8 import Int8Report, llm_int8, outlier_counts
+from .nf4 import NF4Linear, double_dequantize, double_quantize, dynamic_map, nf4, nf4_linears
+from .qlinear import QuantLinear, QuantReport, quant_linears
+from .rtn import rtn
+from .smoothquant import SmoothReport, smooth, smoothing_factors, smoothquant, w8a8, w8a16

@@ -22,6 +22,7 @@ stored: what the fake-quantized weights show is then exactly what a packed layer
 Shapes: w: [out_features, in_features]; codes: the same, uint8; scale, zero: [out, n_groups]
 (n_groups = 1 per channel, in / group_size per group; [1, 1] per tensor).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,6 +31,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 # --- checks ---------------------------------------------------------------------------------------
+
 
 def check_bits(bits) -> None:
     if bits not in SUPPORTED_BITS:
@@ -42,8 +44,10 @@ def check_weight(w, what: str = "w") -> None:
         raise ValueError(f"{what} must be a floating-point matrix [out_features, in_features]; got {got}.")
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()
-        raise ValueError(f"{what} holds {bad} non-finite (NaN or inf) values: a quantization grid cannot "
-                         f"represent them. Find where they came from before quantizing.")
+        raise ValueError(
+            f"{what} holds {bad} non-finite (NaN or inf) values: a quantization grid cannot "
+            f"represent them. Find where they came from before quantizing."
+        )
 
 
 def check_group_size(group_size, in_features: int | None = None) -> int | None:
@@ -52,13 +56,17 @@ def check_group_size(group_size, in_features: int | None = None) -> int | None:
     if group_size is None or group_size == -1:
         return None
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r}: use None (or -1) for one scale per output channel, or a "
-                         f"positive integer number of input columns per group (e.g. 32, 64, 128).")
+        raise ValueError(
+            f"group_size={group_size!r}: use None (or -1) for one scale per output channel, or a "
+            f"positive integer number of input columns per group (e.g. 32, 64, 128)."
+        )
     if in_features is not None and in_features % group_size:
         some = [g for g in (16, 32, 64, 96, 128, 192, 256) if in_features % g == 0]
-        raise ValueError(f"group_size={group_size} does not divide in_features={in_features}: every group must hold "
-                         f"the same number of input columns. Use None (or -1) for one scale per output channel, "
-                         f"or a divisor of {in_features}{' such as ' + ', '.join(map(str, some)) if some else ''}.")
+        raise ValueError(
+            f"group_size={group_size} does not divide in_features={in_features}: every group must hold "
+            f"the same number of input columns. Use None (or -1) for one scale per output channel, "
+            f"or a divisor of {in_features}{' such as ' + ', '.join(map(str, some)) if some else ''}."
+        )
     return group_size
 
 
@@ -74,8 +82,14 @@ def group_index(in_features: int, group_size: int | None, device=None) -> torch.
 
 # --- integer and float-offset grids -----------------------------------------------------------------
 
-def find_params(x: torch.Tensor, bits: int, sym: bool = False, float_offset: bool = False,
-                scale_dtype: torch.dtype | None = torch.float16):
+
+def find_params(
+    x: torch.Tensor,
+    bits: int,
+    sym: bool = False,
+    float_offset: bool = False,
+    scale_dtype: torch.dtype | None = torch.float16,
+):
     """Grid parameters for each row of x: (scale [rows], zero [rows]), fp32 values.
 
     x: [rows, cols], the values that share one scale (a row of W, or one group of a row).
@@ -105,14 +119,16 @@ def _round_to(t: torch.Tensor, dtype) -> torch.Tensor:
 
 def _safe_scale(scale: torch.Tensor, scale_dtype) -> torch.Tensor:
     if not torch.isfinite(scale).all():
-        raise ValueError(f"a scale overflows {scale_dtype} (weights larger than ~1e6 in one group?); "
-                         f"pass scale_dtype=torch.float32.")
+        raise ValueError(
+            f"a scale overflows {scale_dtype} (weights larger than ~1e6 in one group?); pass scale_dtype=torch.float32."
+        )
     # A constant group (max == min) or one below fp16's resolution: any positive scale represents it.
     return scale.clamp(min=2.0**-24)  # 2^-24: fp16's smallest subnormal, exact in fp16
 
 
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                   float_offset: bool = False) -> torch.Tensor:
+def quantize_codes(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, float_offset: bool = False
+) -> torch.Tensor:
     """Codes of x on the grid (scale, zero), which broadcast against x. Returns uint8, same shape as x."""
     maxq = 2**bits - 1
     x = x.float()
@@ -123,8 +139,9 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return q.clamp(0, maxq).to(torch.uint8)
 
 
-def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                  float_offset: bool = False) -> torch.Tensor:
+def round_to_grid(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, float_offset: bool = False
+) -> torch.Tensor:
     """x rounded to the nearest level of the grid (scale, zero), in fp32: dequantize_codes(quantize_codes(...))
     in one step, without the uint8 round trip (GPTQ does this once per column)."""
     maxq = 2**bits - 1
@@ -133,8 +150,9 @@ def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return scale * ((torch.round(x / scale) + zero).clamp(0, maxq) - zero)
 
 
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                     float_offset: bool = False) -> torch.Tensor:
+def dequantize_codes(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, float_offset: bool = False
+) -> torch.Tensor:
     """ŵ from codes (broadcasting scale and zero), in fp32. Same operation order as GGUF's (d·q) + m."""
     q = q.float()
     if float_offset:
@@ -142,9 +160,16 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return scale * (q - zero)
 
 
-def quantize(w: torch.Tensor, bits: int, group_size: int | None = None, sym: bool = False, *,
-             per_tensor: bool = False, float_offset: bool = False,
-             scale_dtype: torch.dtype | None = torch.float16):
+def quantize(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    sym: bool = False,
+    *,
+    per_tensor: bool = False,
+    float_offset: bool = False,
+    scale_dtype: torch.dtype | None = torch.float16,
+):
     """Round-to-nearest quantization of a weight matrix. Returns (codes, scale, zero).
 
     w: [out, in]. group_size: None (or -1) = one scale per output channel; an int = one per group
@@ -158,8 +183,9 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None = None, sym: boo
     out_features, in_features = w.shape
     group_size = check_group_size(group_size, in_features)
     if sym and float_offset:
-        raise ValueError("sym=True and float_offset=True contradict each other: a float-offset grid is "
-                         "asymmetric by construction.")
+        raise ValueError(
+            "sym=True and float_offset=True contradict each other: a float-offset grid is asymmetric by construction."
+        )
     if per_tensor and group_size is not None:
         raise ValueError(f"per_tensor=True with group_size={group_size}: choose one granularity.")
     if per_tensor:
@@ -175,9 +201,16 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None = None, sym: boo
     return codes, scale.reshape(n_rows, -1), zero.reshape(n_rows, -1)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None = None, *,
-               g_idx: torch.Tensor | None = None, float_offset: bool = False,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int | None = None,
+    *,
+    g_idx: torch.Tensor | None = None,
+    float_offset: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """ŵ [out, in] from codes [out, in] and scale, zero [out, n_groups] (or [1, 1]).
 
     With n_groups > 1, pass group_size (group k covers input columns k·gs .. (k+1)·gs − 1), or
@@ -188,8 +221,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     if g_idx is None and groups > 1:
         group_size = check_group_size(group_size, in_features)
         if group_size is None or n_groups(in_features, group_size) != groups:
-            raise ValueError(f"scale has {groups} groups per row for in_features={in_features}: pass the "
-                             f"group_size it was made with (got {group_size}), or g_idx.")
+            raise ValueError(
+                f"scale has {groups} groups per row for in_features={in_features}: pass the "
+                f"group_size it was made with (got {group_size}), or g_idx."
+            )
         q = codes.reshape(out_features, groups, group_size)  # broadcast over [out, n_groups, group_size]
         w = dequantize_codes(q, scale[..., None], zero[..., None], float_offset)
         return w.reshape(out_features, in_features).to(dtype)
@@ -200,8 +235,9 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     return w.to(dtype)
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None = None, sym: bool = False,
-                  **kwargs) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, bits: int, group_size: int | None = None, sym: bool = False, **kwargs
+) -> torch.Tensor:
     """quantize then dequantize: ŵ in w's dtype and shape."""
     codes, scale, zero = quantize(w, bits, group_size, sym, **kwargs)
     return dequantize(codes, scale, zero, group_size, float_offset=kwargs.get("float_offset", False), dtype=w.dtype)
@@ -211,12 +247,26 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None = None, sym
 
 # QLoRA's NormalFloat-4 (Dettmers et al. 2023, appendix E; bitsandbytes' table): quantiles of N(0, 1)
 # scaled to [-1, 1], with an exact zero. Blocks of 64 weights share one absmax scale.
-NF4 = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-])
+NF4 = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
 # FP4 E2M1 (the OCP microscaling element type): ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}, divided by 6 so that
 # an absmax scale maps onto [-1, 1]. 15 distinct values (+0 and −0 coincide). bitsandbytes' "fp4"
 # uses a slightly different E2M1 table (its subnormal is 1/192 instead of 1/12).
@@ -244,8 +294,9 @@ def quantize_lut(w: torch.Tensor, grid: torch.Tensor, block_size: int = 64):
     return codes.to(torch.uint8).reshape(w.shape), absmax.reshape(w.shape[0], -1)
 
 
-def dequantize_lut(codes: torch.Tensor, absmax: torch.Tensor, grid: torch.Tensor,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_lut(
+    codes: torch.Tensor, absmax: torch.Tensor, grid: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     out_features, in_features = codes.shape
     values = grid.float().to(codes.device)[codes.long()].reshape(out_features, absmax.shape[1], -1)
     return (values * absmax[..., None]).reshape(out_features, in_features).to(dtype)

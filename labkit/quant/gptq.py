@@ -14,6 +14,7 @@ GPTQ's three changes make this fast and stable:
        H dampened by λ = percdamp · mean(diag H) for numerical stability.
 The core loop below follows the reference implementation (github.com/IST-DASLab/gptq, gptq.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,7 @@ import time
 import torch
 
 from .. import walk
-from .formats import (check_bits, check_group_size, check_weight, find_params, group_index, quantize_codes,
-                      round_to_grid)
+from .formats import check_bits, check_group_size, check_weight, find_params, group_index, quantize_codes, round_to_grid
 from .qlinear import QuantLinear, QuantReport, check_model_settings, set_module
 
 # GPTQ's "true sequential" order inside a decoder layer: each group is quantized after the ones before
@@ -56,9 +56,18 @@ def _one_thread(device: torch.device):
 
 
 @torch.no_grad()
-def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
-                         sym: bool = False, act_order: bool = False, blocksize: int = 128,
-                         percdamp: float = 0.01, float_offset: bool = False, keep_zeros: bool = False):
+def gptq_quantize_weight(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    sym: bool = False,
+    act_order: bool = False,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    float_offset: bool = False,
+    keep_zeros: bool = False,
+):
     """GPTQ on one weight matrix. Returns (Wq, codes, scales, zeros, g_idx).
 
     keep_zeros: weights that are exactly 0 (pruned, e.g. by SparseGPT 2:4) stay exactly 0 (SparseGPT's
@@ -76,15 +85,18 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
 def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset, keep_zeros=False):
     check_bits(bits)
     if keep_zeros and float_offset:
-        raise ValueError("keep_zeros=True needs an integer zero point (float_offset=False): only then is 0 exactly "
-                         "on the grid.")
+        raise ValueError(
+            "keep_zeros=True needs an integer zero point (float_offset=False): only then is 0 exactly on the grid."
+        )
     check_weight(W, "W")
     rows, columns = W.shape
     group_size = check_group_size(group_size, columns)
     if H.shape != (columns, columns) or not torch.isfinite(H).all():
-        raise ValueError(f"H must be a finite [{columns}, {columns}] matrix (in_features of W); "
-                         f"got {tuple(H.shape)}{'' if torch.isfinite(H).all() else ' with non-finite values'}.")
-    if blocksize < 1 or not 0 <= percdamp:
+        raise ValueError(
+            f"H must be a finite [{columns}, {columns}] matrix (in_features of W); "
+            f"got {tuple(H.shape)}{'' if torch.isfinite(H).all() else ' with non-finite values'}."
+        )
+    if blocksize < 1 or not percdamp >= 0:
         raise ValueError(f"blocksize={blocksize} must be positive and percdamp={percdamp} non-negative.")
     dtype = W.dtype
     W = W.float().clone()
@@ -133,9 +145,9 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
                 # columns i1 .. i1+i−1: add it here, so the grid does not depend on blocksize.
                 end = i1 + i + group_size
                 if end <= i2:
-                    cols = W1[:, i:i + group_size]
+                    cols = W1[:, i : i + group_size]
                 else:
-                    pending = Err1[:, :i].matmul(Hinv[i1:i1 + i, i2:end])  # [rows, end − i2]
+                    pending = Err1[:, :i].matmul(Hinv[i1 : i1 + i, i2:end])  # [rows, end − i2]
                     cols = torch.cat([W1[:, i:], W[:, i2:end] - pending], 1)
                 scale, zero = find_params(cols, bits, sym, float_offset)
                 scales.append(scale)
@@ -169,10 +181,22 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
 
 
 @torch.no_grad()
-def gptq(model, calibration: torch.Tensor, bits: int, group_size: int | None = None, sym: bool = False,
-         act_order: bool = False, blocksize: int = 128, percdamp: float = 0.01, pack: bool = True,
-         float_offset: bool = False, true_sequential: bool = True, device=None, batch_size: int = 8,
-         keep_zeros: bool = False) -> QuantReport:
+def gptq(
+    model,
+    calibration: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    sym: bool = False,
+    act_order: bool = False,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    pack: bool = True,
+    float_offset: bool = False,
+    true_sequential: bool = True,
+    device=None,
+    batch_size: int = 8,
+    keep_zeros: bool = False,
+) -> QuantReport:
     """GPTQ on every decoder linear of `model`, in place, layer by layer (labkit.walk.calibration_walk).
 
     keep_zeros: weights already 0 (a pruned model) stay 0, so e.g. a 2:4 pattern survives quantization.
@@ -194,24 +218,56 @@ def gptq(model, calibration: torch.Tensor, bits: int, group_size: int | None = N
         for name, hessian in stats.items():
             linear = layer.get_submodule(name)
             if not torch.isfinite(hessian.xtx).all():
-                raise ValueError(f"the calibration activations entering layers.{index}.{name} hold non-finite values "
-                                 f"(NaN or inf): GPTQ needs finite inputs. Check the model in float first (its "
-                                 f"perplexity); layers before {index} are already quantized in place.")
+                raise ValueError(
+                    f"the calibration activations entering layers.{index}.{name} hold non-finite values "
+                    f"(NaN or inf): GPTQ needs finite inputs. Check the model in float first (its "
+                    f"perplexity); layers before {index} are already quantized in place."
+                )
             with _one_thread(linear.weight.device):
-                Wq, codes, scales, zeros, g_idx, loss = _gptq(linear.weight.data, hessian.H, bits, group_size, sym,
-                                                              act_order, blocksize, percdamp, float_offset,
-                                                              keep_zeros)
+                Wq, codes, scales, zeros, g_idx, loss = _gptq(
+                    linear.weight.data,
+                    hessian.H,
+                    bits,
+                    group_size,
+                    sym,
+                    act_order,
+                    blocksize,
+                    percdamp,
+                    float_offset,
+                    keep_zeros,
+                )
             if pack:
-                set_module(layer, name, QuantLinear.from_codes(
-                    codes, scales, zeros, bits, group_size, sym=sym, float_offset=float_offset, g_idx=g_idx,
-                    bias=linear.bias, dtype=linear.weight.dtype))
+                set_module(
+                    layer,
+                    name,
+                    QuantLinear.from_codes(
+                        codes,
+                        scales,
+                        zeros,
+                        bits,
+                        group_size,
+                        sym=sym,
+                        float_offset=float_offset,
+                        g_idx=g_idx,
+                        bias=linear.bias,
+                        dtype=linear.weight.dtype,
+                    ),
+                )
             else:
                 linear.weight.data.copy_(Wq)
             report.errors[f"layers.{index}.{name}"] = loss
             report.layers += 1
             report.params += codes.numel()
 
-    walk.calibration_walk(model, calibration, make_stats, update, device=device, batch_size=batch_size,
-                          sequential=TRUE_SEQUENTIAL if true_sequential else None, desc="GPTQ")
+    walk.calibration_walk(
+        model,
+        calibration,
+        make_stats,
+        update,
+        device=device,
+        batch_size=batch_size,
+        sequential=TRUE_SEQUENTIAL if true_sequential else None,
+        desc="GPTQ",
+    )
     report.seconds = time.perf_counter() - start
     return report

@@ -14,6 +14,7 @@ needs more than 16 rows and sizes that are multiples of 8); otherwise an exact r
 same integers (`int8_matmul_reference`). `matmul_path()` says which ran last.
 (On CUDA, _int_mm wants more than 16 rows: a decode step's single token is padded with zero rows.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,6 +29,7 @@ _last_path = {"path": "none yet"}
 
 
 # --- absmax quantization -----------------------------------------------------------------------------
+
 
 def absmax_quantize(x: torch.Tensor, dim: int | None = -1):
     """Symmetric absmax int8 quantization along `dim` (None: one scale for the whole tensor).
@@ -49,6 +51,7 @@ def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32)
 
 
 # --- the int8 matmul -------------------------------------------------------------------------------
+
 
 def int8_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a: [M, K] int8, b: [N, K] int8 -> a bᵀ [M, N] int32, exactly.
@@ -73,8 +76,10 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Uses torch._int_mm (a real int8 GEMM with int32 accumulation) when it accepts these operands,
     else the exact reference. Both give the same integers."""
     if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"int8_matmul needs int8 matrices a [M, K] and b [N, K]; got {tuple(a.shape)} {a.dtype} "
-                         f"and {tuple(b.shape)} {b.dtype}.")
+        raise ValueError(
+            f"int8_matmul needs int8 matrices a [M, K] and b [N, K]; got {tuple(a.shape)} {a.dtype} "
+            f"and {tuple(b.shape)} {b.dtype}."
+        )
     if _int_mm_ok(a, b):
         try:
             m = a.shape[0]
@@ -96,6 +101,7 @@ def matmul_path() -> str:
 
 # --- the layer -------------------------------------------------------------------------------------
 
+
 class Int8Linear(nn.Module):
     """A linear layer stored as int8 weights with one fp32 scale per output row.
 
@@ -108,8 +114,16 @@ class Int8Linear(nn.Module):
                    features seen as outliers are accumulated in `outlier_seen` [in] (not stored).
     """
 
-    def __init__(self, in_features: int, out_features: int, act: str = "per-token", threshold: float = 6.0,
-                 bias: bool = False, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        act: str = "per-token",
+        threshold: float = 6.0,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         super().__init__()
         if act not in ACT_MODES:
             raise ValueError(f"act={act!r}: allowed are {ACT_MODES} (W8A16, W8A8, LLM.int8()).")
@@ -118,17 +132,26 @@ class Int8Linear(nn.Module):
         self.dtype = dtype
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("outlier_seen", torch.zeros(in_features, dtype=torch.bool, device=device),
-                             persistent=False)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
-                                 requires_grad=False) if bias else None
+        self.register_buffer(
+            "outlier_seen", torch.zeros(in_features, dtype=torch.bool, device=device), persistent=False
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, act: str = "per-token", threshold: float = 6.0) -> Int8Linear:
         w = linear.weight.detach()  # [out, in]
         check_weight(w, "linear.weight")
-        layer = cls(linear.in_features, linear.out_features, act, threshold, linear.bias is not None,
-                    dtype=w.dtype, device=w.device)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            act,
+            threshold,
+            linear.bias is not None,
+            dtype=w.dtype,
+            device=w.device,
+        )
         q, scale = absmax_quantize(w, dim=1)  # row-wise: one scale per output channel
         layer.weight_int8.copy_(q)
         layer.weight_scale.copy_(scale[:, 0])
@@ -175,15 +198,24 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = {"float": "W8A16", "per-token": "W8A8 per-token", "llm.int8": f"LLM.int8() threshold={self.threshold:g}"}
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {mode[self.act]}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {mode[self.act]}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 def check_threshold(threshold) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0 \
-            or threshold != threshold or threshold == float("inf"):
-        raise ValueError(f"threshold={threshold!r}: the outlier threshold must be a finite number > 0 "
-                         f"(LLM.int8() uses 6.0; a feature is an outlier where any |x| >= threshold).")
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not threshold > 0
+        or threshold != threshold
+        or threshold == float("inf")
+    ):
+        raise ValueError(
+            f"threshold={threshold!r}: the outlier threshold must be a finite number > 0 "
+            f"(LLM.int8() uses 6.0; a feature is an outlier where any |x| >= threshold)."
+        )
 
 
 def int8_linears(model: nn.Module) -> dict[str, Int8Linear]:

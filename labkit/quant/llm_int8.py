@@ -10,6 +10,7 @@ O is found on the fly for each batch; it is tiny (the paper finds at most 7 feat
 so almost all multiply-adds stay int8. As in bitsandbytes, the weights are stored only in int8 (the
 outlier columns are dequantized for the 16-bit part), so the memory is that of W8.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,6 +26,7 @@ from .int8 import Int8Linear, check_threshold, int8_linears, matmul_path
 @dataclass
 class Int8Report:
     """What an int8 conversion did (plain data for a lesson's table)."""
+
     method: str  # "LLM.int8()" | "W8A8" | "W8A16" | "SmoothQuant W8A8"
     setting: str  # e.g. "threshold 6", "per-channel W, per-token A"
     layers: int = 0
@@ -47,8 +49,7 @@ def to_int8(model, act: str, threshold: float = 6.0) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def llm_int8(model, threshold: float = 6.0, calibration: torch.Tensor | None = None,
-             batch_size: int = 4) -> Int8Report:
+def llm_int8(model, threshold: float = 6.0, calibration: torch.Tensor | None = None, batch_size: int = 4) -> Int8Report:
     """Convert every decoder linear of `model` to LLM.int8(), in place; returns an Int8Report.
 
     threshold: an input feature is an outlier in a batch where any |x| >= threshold (paper: 6.0).
@@ -73,8 +74,11 @@ def llm_int8(model, threshold: float = 6.0, calibration: torch.Tensor | None = N
 
 def outlier_counts(model) -> dict[str, int]:
     """Per LLM.int8() linear ('layers.3.mlp.down_proj'): how many input features were outliers so far."""
-    return {name.removeprefix("model."): int(m.outlier_seen.sum()) for name, m in int8_linears(model).items()
-            if m.act == "llm.int8"}
+    return {
+        name.removeprefix("model."): int(m.outlier_seen.sum())
+        for name, m in int8_linears(model).items()
+        if m.act == "llm.int8"
+    }
 
 
 def reset_outliers(model) -> None:

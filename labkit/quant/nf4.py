@@ -17,6 +17,7 @@ exponent bits: `dynamic_map()`), which is what QLoRA's "8-bit Floats" are in its
 The weight is dequantized on the fly in `forward` (unpack, look up, scale) and then multiplied in
 float: memory is saved at rest, and every forward pays the dequantization (lesson 06 measures it).
 """
+
 from __future__ import annotations
 
 import time
@@ -49,8 +50,10 @@ def check_blocksize(blocksize, numel: int | None = None, what: str = "blocksize"
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"{what}={blocksize!r}: must be a positive integer number of weights per block (QLoRA: 64).")
     if numel is not None and numel % blocksize:
-        raise ValueError(f"{what}={blocksize} does not divide the {numel} weights of a matrix into whole blocks; "
-                         f"use a divisor of {numel} (QLoRA: 64).")
+        raise ValueError(
+            f"{what}={blocksize} does not divide the {numel} weights of a matrix into whole blocks; "
+            f"use a divisor of {numel} (QLoRA: 64)."
+        )
     return blocksize
 
 
@@ -69,8 +72,13 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE):
     return codes[0, : absmax.numel()], scale[0], offset
 
 
-def double_dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                      blocksize: int = DQ_BLOCKSIZE, grid: torch.Tensor | None = None) -> torch.Tensor:
+def double_dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    blocksize: int = DQ_BLOCKSIZE,
+    grid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Inverse of double_quantize: [n] fp32 absmax constants. grid: dynamic_map(), if already at hand."""
     n = codes.numel()
     padded = torch.nn.functional.pad(codes.reshape(-1), (0, -n % blocksize)).reshape(1, -1)
@@ -88,16 +96,29 @@ class NF4Linear(nn.Module):
     bias as the original layer's.
     """
 
-    def __init__(self, in_features: int, out_features: int, blocksize: int = 64, double_quant: bool = True,
-                 bias: bool = False, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         super().__init__()
         check_blocksize(blocksize, out_features * in_features)
-        self.in_features, self.out_features, self.blocksize, self.double_quant = (in_features, out_features,
-                                                                                  blocksize, double_quant)
+        self.in_features, self.out_features, self.blocksize, self.double_quant = (
+            in_features,
+            out_features,
+            blocksize,
+            double_quant,
+        )
         self.dtype = dtype
         n_blocks = out_features * in_features // blocksize
-        self.register_buffer("qweight", torch.zeros((out_features * in_features + 1) // 2, dtype=torch.uint8,
-                                                    device=device))
+        self.register_buffer(
+            "qweight", torch.zeros((out_features * in_features + 1) // 2, dtype=torch.uint8, device=device)
+        )
         if double_quant:
             self.register_buffer("absmax_codes", torch.zeros(n_blocks, dtype=torch.uint8, device=device))
             self.register_buffer("absmax_scale", torch.ones(-(-n_blocks // DQ_BLOCKSIZE), device=device))
@@ -108,18 +129,27 @@ class NF4Linear(nn.Module):
         # (low nibble first, labkit.quant.pack's layout); the 8-bit map of the absmax constants.
         self.register_buffer("grid", NF4.clone().to(device), persistent=False)
         byte = torch.arange(256)
-        self.register_buffer("pair_table", torch.stack([NF4[byte & 15], NF4[byte >> 4]], 1).to(device),
-                             persistent=False)  # [256, 2]
+        self.register_buffer(
+            "pair_table", torch.stack([NF4[byte & 15], NF4[byte >> 4]], 1).to(device), persistent=False
+        )  # [256, 2]
         self.register_buffer("absmax_grid", dynamic_map().to(device), persistent=False)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
-                                 requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
         w = linear.weight.detach()  # [out, in]
         check_weight(w, "linear.weight")
-        layer = cls(linear.in_features, linear.out_features, blocksize, double_quant, linear.bias is not None,
-                    dtype=w.dtype, device=w.device)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            blocksize,
+            double_quant,
+            linear.bias is not None,
+            dtype=w.dtype,
+            device=w.device,
+        )
         codes, absmax = quantize_lut(w.reshape(1, -1), NF4, blocksize)  # [1, out·in] uint8, [1, n_blocks] fp32
         layer.qweight.copy_(pack(codes, 4))
         if double_quant:
@@ -166,8 +196,10 @@ class NF4Linear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, NF4 blocks of {self.blocksize}"
-                f"{', double quant' if self.double_quant else ''}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, NF4 blocks of {self.blocksize}"
+            f"{', double quant' if self.double_quant else ''}, bias={self.bias is not None}"
+        )
 
 
 @torch.no_grad()
@@ -185,8 +217,9 @@ def nf4(model, blocksize: int = 64, double_quant: bool = True) -> QuantReport:
         for name, linear in linear_layers(layer).items():
             q = NF4Linear.from_linear(linear, blocksize, double_quant)
             w = linear.weight.detach().float()
-            report.errors[f"layers.{index}.{name}"] = ((w - q.dequantized_weight(torch.float32)).pow(2).sum()
-                                                       / w.pow(2).sum().clamp(min=1e-30)).item()
+            report.errors[f"layers.{index}.{name}"] = (
+                (w - q.dequantized_weight(torch.float32)).pow(2).sum() / w.pow(2).sum().clamp(min=1e-30)
+            ).item()
             set_module(layer, name, q)
             report.layers += 1
             report.params += w.numel()

@@ -10,6 +10,7 @@ straddle words), which `pack_int32` produces.
 The packed form is flat; the caller keeps the true shape (and so the true length): the last byte is
 zero-padded when n·bits is not a multiple of 8, and `unpack(data, bits, shape)` drops the padding.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,10 @@ def packed_bytes(n_values: int, bits: int) -> int:
 def _check_codes(codes: torch.Tensor, bits: int) -> None:
     check_bits(bits)
     if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex():
-        raise ValueError(f"codes must be an integer tensor; got "
-                         f"{codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__}.")
+        raise ValueError(
+            f"codes must be an integer tensor; got "
+            f"{codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__}."
+        )
     if codes.numel():
         lo, hi = codes.min().item(), codes.max().item()  # Python ints: uint8 tensors cannot compare to 256
         if lo < 0 or hi >= 2**bits:
@@ -60,8 +63,10 @@ def unpack(data: torch.Tensor, bits: int, shape) -> torch.Tensor:
     if data.dtype != torch.uint8 or data.dim() != 1:
         raise ValueError(f"packed data must be a 1-D uint8 tensor; got {tuple(data.shape)} {data.dtype}.")
     if data.numel() != packed_bytes(n, bits):
-        raise ValueError(f"{data.numel()} packed bytes do not hold {n} values of {bits} bits "
-                         f"(shape {shape}); expected {packed_bytes(n, bits)} bytes.")
+        raise ValueError(
+            f"{data.numel()} packed bytes do not hold {n} values of {bits} bits "
+            f"(shape {shape}); expected {packed_bytes(n, bits)} bytes."
+        )
     if bits == 8:
         return data.reshape(shape).clone()
     if bits in (2, 4):  # fast path: whole values per byte, shift and mask uint8 directly
@@ -72,8 +77,10 @@ def unpack(data: torch.Tensor, bits: int, shape) -> torch.Tensor:
     # 3 bits, fast path: 8 values from each 3 bytes with uint8 shifts (values 2 and 5 straddle bytes)
     data = torch.nn.functional.pad(data, (0, -data.numel() % 3))
     b0, b1, b2 = data.view(-1, 3).unbind(1)
-    codes = torch.stack([b0, b0 >> 3, (b0 >> 6) | (b1 << 2), b1 >> 1, b1 >> 4, (b1 >> 7) | (b2 << 1),
-                         b2 >> 2, b2 >> 5], 1) & 7
+    codes = (
+        torch.stack([b0, b0 >> 3, (b0 >> 6) | (b1 << 2), b1 >> 1, b1 >> 4, (b1 >> 7) | (b2 << 1), b2 >> 2, b2 >> 5], 1)
+        & 7
+    )
     return codes.reshape(-1)[:n].reshape(shape)
 
 
@@ -89,6 +96,7 @@ def _unpack_stream(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 # --- int32 words along one dimension (AutoGPTQ's qweight / qzeros) -----------------------------------
 
+
 def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Pack a 2-D code matrix along `dim` into int32 words: 32 values -> `bits` words.
 
@@ -98,8 +106,10 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """
     _check_codes(codes, bits)
     if codes.dim() != 2 or codes.shape[dim] % 32:
-        raise ValueError(f"pack_int32 needs a 2-D code matrix whose size along dim {dim} is a multiple of 32; "
-                         f"got shape {tuple(codes.shape)}.")
+        raise ValueError(
+            f"pack_int32 needs a 2-D code matrix whose size along dim {dim} is a multiple of 32; "
+            f"got shape {tuple(codes.shape)}."
+        )
     lines = codes.movedim(dim, 1).contiguous()  # [other, length]: pack each line on its own
     data = pack(lines, bits).view(lines.shape[0], -1)  # each line fills whole words: no padding between
     words = data.view(lines.shape[0], -1, 4).to(torch.int64)  # bytes -> little-endian 32-bit words

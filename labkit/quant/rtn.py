@@ -3,6 +3,7 @@
 Each weight is rounded to the nearest level of its group's grid, independently of all the others
 and of the data: no calibration. Embeddings and the output layer stay in float, as in the GPTQ paper.
 """
+
 from __future__ import annotations
 
 import time
@@ -15,8 +16,9 @@ from .qlinear import QuantLinear, QuantReport, check_model_settings, set_module
 
 
 @torch.no_grad()
-def rtn(model, bits: int, group_size: int | None = None, sym: bool = False, pack: bool = True,
-        float_offset: bool = False) -> QuantReport:
+def rtn(
+    model, bits: int, group_size: int | None = None, sym: bool = False, pack: bool = True, float_offset: bool = False
+) -> QuantReport:
     """Quantize every nn.Linear of the decoder layers in place; returns a QuantReport.
 
     pack=True replaces each with a QuantLinear (packed codes: weight_bytes shrinks); pack=False keeps
@@ -31,11 +33,25 @@ def rtn(model, bits: int, group_size: int | None = None, sym: bool = False, pack
             w = linear.weight.data  # [out, in]
             codes, scales, zeros = quantize(w, bits, group_size, sym, float_offset=float_offset)
             w_hat = dequantize(codes, scales, zeros, group_size, float_offset=float_offset, dtype=w.dtype)
-            report.errors[f"layers.{index}.{name}"] = ((w - w_hat).float().pow(2).sum() /
-                                                       w.float().pow(2).sum().clamp(min=1e-30)).item()
+            report.errors[f"layers.{index}.{name}"] = (
+                (w - w_hat).float().pow(2).sum() / w.float().pow(2).sum().clamp(min=1e-30)
+            ).item()
             if pack:
-                set_module(layer, name, QuantLinear.from_codes(codes, scales, zeros, bits, group_size, sym=sym,
-                                                               float_offset=float_offset, bias=linear.bias, dtype=w.dtype))
+                set_module(
+                    layer,
+                    name,
+                    QuantLinear.from_codes(
+                        codes,
+                        scales,
+                        zeros,
+                        bits,
+                        group_size,
+                        sym=sym,
+                        float_offset=float_offset,
+                        bias=linear.bias,
+                        dtype=w.dtype,
+                    ),
+                )
             else:
                 w.copy_(w_hat)
             report.layers += 1

@@ -13,6 +13,7 @@ post_attention_layernorm), and the multiplication into the weights. As in the re
 (github.com/mit-han-lab/smoothquant, smooth.py), o_proj and down_proj are not smoothed: no
 per-channel scale precedes their inputs.
 """
+
 from __future__ import annotations
 
 import time
@@ -33,8 +34,10 @@ SMOOTH_GROUPS = {
 
 def check_alpha(alpha) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha={alpha!r}: the migration strength must be a number in [0, 1] "
-                         f"(0: activations unchanged, 1: all of the range moved into the weights; paper: 0.5).")
+        raise ValueError(
+            f"alpha={alpha!r}: the migration strength must be a number in [0, 1] "
+            f"(0: activations unchanged, 1: all of the range moved into the weights; paper: 0.5)."
+        )
 
 
 def smoothing_factors(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:
@@ -61,6 +64,7 @@ def fold_smoothing(norm: torch.nn.Module, linears: list[torch.nn.Linear], s: tor
 class SmoothReport:
     """Per smoothed norm ('layers.3.input_layernorm'): the calibration's max|X_j|, the max|W_j| of the
     linears it feeds, and s, all [hidden] on the CPU, before smoothing (after: act_max / s, weight_max · s)."""
+
     alpha: float
     seconds: float = 0.0
     act_max: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -86,8 +90,10 @@ def smooth(model, calibration: torch.Tensor, alpha: float = 0.5, device=None, ba
         for first, norm_name in watched.items():
             act_max = stats[first].max_abs  # [hidden]
             if not torch.isfinite(act_max).all():
-                raise ValueError(f"layer {index}: the calibration activations entering {norm_name}'s linears hold "
-                                 f"NaN or inf; smoothing factors cannot be computed from them.")
+                raise ValueError(
+                    f"layer {index}: the calibration activations entering {norm_name}'s linears hold "
+                    f"NaN or inf; smoothing factors cannot be computed from them."
+                )
             linears = [layer.get_submodule(n) for n in SMOOTH_GROUPS[norm_name]]
             s = smoothing_factors(act_max, [lin.weight for lin in linears], alpha)
             key = f"layers.{index}.{norm_name}"
@@ -96,8 +102,9 @@ def smooth(model, calibration: torch.Tensor, alpha: float = 0.5, device=None, ba
             report.scales[key] = s.cpu()
             fold_smoothing(layer.get_submodule(norm_name), linears, s)
 
-    walk.calibration_walk(model, calibration, make_stats, update, device=device, batch_size=batch_size,
-                          desc="SmoothQuant")
+    walk.calibration_walk(
+        model, calibration, make_stats, update, device=device, batch_size=batch_size, desc="SmoothQuant"
+    )
     report.seconds = time.perf_counter() - start
     return report
 
@@ -139,6 +146,7 @@ def smoothquant(model, calibration: torch.Tensor, alpha: float = 0.5, device=Non
 def _probe_path(model) -> str:
     """Which int8 matmul a 32-token batch takes on the model's device (the path is chosen per call)."""
     device = next(model.parameters()).device
-    int8_matmul(torch.zeros(32, 64, dtype=torch.int8, device=device), torch.zeros(64, 64, dtype=torch.int8, device=device))
+    int8_matmul(
+        torch.zeros(32, 64, dtype=torch.int8, device=device), torch.zeros(64, 64, dtype=torch.int8, device=device)
+    )
     return matmul_path()
-

@@ -8,6 +8,7 @@ that must reserve max_seq_len tokens per request up front (`kv_memory_waste` mea
     BlockManager   which physical blocks each sequence owns (plain Python: no tensors)
     PagedKVCache   the tensors: per layer, k and v pools [num_blocks, block_size, num_kv_heads, head_dim]
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,10 @@ class BlockManager:
             raise ValueError(f"n_tokens must be >= 0; got {n_tokens}.")
         needed = self.blocks_needed(n_tokens)
         if needed > self.num_free:
-            raise NoFreeBlocksError(f"sequence {seq_id!r} needs {needed} blocks for {n_tokens} tokens; "
-                                    f"{self.num_free} of {self.num_blocks} are free.")
+            raise NoFreeBlocksError(
+                f"sequence {seq_id!r} needs {needed} blocks for {n_tokens} tokens; "
+                f"{self.num_free} of {self.num_blocks} are free."
+            )
         self._tables[seq_id] = [self._take() for _ in range(needed)]
         self._lens[seq_id] = n_tokens
         return self.block_table(seq_id)
@@ -99,8 +102,9 @@ class BlockManager:
         copy = None
         if self.needs_block(seq_id):
             if not self._free:
-                raise NoFreeBlocksError(f"no free block for the next token of sequence {seq_id!r} "
-                                        f"({self.num_blocks} blocks, all in use).")
+                raise NoFreeBlocksError(
+                    f"no free block for the next token of sequence {seq_id!r} ({self.num_blocks} blocks, all in use)."
+                )
             if self._lens[seq_id] % self.block_size == 0:  # last block full (or none yet): a fresh one
                 table.append(self._take())
             else:  # last block partly filled but shared: copy on write
@@ -167,8 +171,16 @@ class PagedKVCache:
     k[layer], v[layer]: [num_blocks, block_size, num_kv_heads, head_dim]
     """
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype=torch.float32, device="cpu"):
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype=torch.float32,
+        device="cpu",
+    ):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -202,14 +214,16 @@ class PagedKVCache:
 
 # --- memory waste: contiguous preallocation vs paging --------------------------------------------------
 
+
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     """K and V of one token across all layers: 2 · layers · kv_heads · head_dim · bytes."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
 
 
-def synthetic_request_lengths(n: int = 1000, max_seq_len: int = 2048, median: int = 300, sigma: float = 0.9,
-                              seed: int = 0) -> list[int]:
+def synthetic_request_lengths(
+    n: int = 1000, max_seq_len: int = 2048, median: int = 300, sigma: float = 0.9, seed: int = 0
+) -> list[int]:
     """Total lengths (prompt + output tokens) of n requests: log-normal with the given median, clipped
     to [1, max_seq_len]. A synthetic stand-in for chat traffic (most requests short, a long tail),
     not measured data."""
@@ -233,9 +247,15 @@ def kv_memory_waste(lengths, max_seq_len: int, block_size: int = 16, bytes_per_t
     contiguous = len(lengths) * max_seq_len
     paged = sum(math.ceil(n / block_size) * block_size for n in lengths)
     return {
-        "requests": len(lengths), "max_seq_len": max_seq_len, "block_size": block_size,
-        "used_tokens": used, "contiguous_tokens": contiguous, "paged_tokens": paged,
-        "used_bytes": used * bytes_per_token, "contiguous_bytes": contiguous * bytes_per_token,
+        "requests": len(lengths),
+        "max_seq_len": max_seq_len,
+        "block_size": block_size,
+        "used_tokens": used,
+        "contiguous_tokens": contiguous,
+        "paged_tokens": paged,
+        "used_bytes": used * bytes_per_token,
+        "contiguous_bytes": contiguous * bytes_per_token,
         "paged_bytes": paged * bytes_per_token,
-        "contiguous_waste": 1 - used / contiguous, "paged_waste": 1 - used / paged,
+        "contiguous_waste": 1 - used / contiguous,
+        "paged_waste": 1 - used / paged,
     }

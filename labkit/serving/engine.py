@@ -20,6 +20,7 @@ Greedy outputs equal `model.generate(ids, do_sample=False)` request by request (
 this in fp32 on CPU; in fp16 on a GPU other kernels sum in other orders, and a near-tie between
 two tokens can then go the other way).
 """
+
 from __future__ import annotations
 
 import time
@@ -51,8 +52,9 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, num_blocks: int, block_size: int = 16, max_batch: int = 8,
-                 backend: str = "auto"):
+    def __init__(
+        self, model, tokenizer, num_blocks: int, block_size: int = 16, max_batch: int = 8, backend: str = "auto"
+    ):
         """model: a Llama LlamaForCausalLM (labkit.models.load); tokenizer: its tokenizer.
         num_blocks, block_size: the KV pool (num_blocks · block_size tokens in all).
         max_batch: most requests decoded together. backend: for the attention and rotary kernels."""
@@ -86,9 +88,11 @@ class Engine:
             # The last new token is never written to the cache: a request needs room for the rest.
             need = self.blocks.blocks_needed(len(r.prompt_ids) + r.max_new_tokens - 1)
             if need > self.blocks.num_blocks:
-                raise ValueError(f"request {r.id} ({len(r.prompt_ids)} prompt tokens + {r.max_new_tokens} new) "
-                                 f"needs {need} blocks of {self.block_size} tokens; the pool has "
-                                 f"{self.blocks.num_blocks}.")
+                raise ValueError(
+                    f"request {r.id} ({len(r.prompt_ids)} prompt tokens + {r.max_new_tokens} new) "
+                    f"needs {need} blocks of {self.block_size} tokens; the pool has "
+                    f"{self.blocks.num_blocks}."
+                )
         self.blocks = BlockManager(self.blocks.num_blocks, self.block_size)  # a clean pool for each call
         waiting, running = deque(requests), []
         stats = {"steps": 0, "batch_sizes": [], "prefills": 0, "preemptions": 0, "decode_s": 0.0, "prefill_s": 0.0}
@@ -110,8 +114,9 @@ class Engine:
                 stats["preemptions"] += 1
             if not running:
                 if waiting and self.blocks.num_free == self.blocks.num_blocks:
-                    raise RuntimeError(f"request {waiting[0].id} does not fit in an empty pool (a bug: sizes "
-                                       f"were checked above).")
+                    raise RuntimeError(
+                        f"request {waiting[0].id} does not fit in an empty pool (a bug: sizes were checked above)."
+                    )
                 continue
             # 3. one decode step for the whole batch
             start = time.perf_counter()
@@ -123,8 +128,10 @@ class Engine:
                 running.remove(r)
                 self.blocks.free(r.id)
         self.stats = stats
-        return [Completion(r.prompt_ids, r.output_ids, self.tokenizer.decode(r.output_ids), r.finish_reason)
-                for r in requests]
+        return [
+            Completion(r.prompt_ids, r.output_ids, self.tokenizer.decode(r.output_ids), r.finish_reason)
+            for r in requests
+        ]
 
     def _fits(self, r: _Request, n_running: int) -> bool:
         """Admit r if its tokens fit and one block per running request stays free for their next
@@ -156,8 +163,10 @@ class Engine:
         hooks = []
         for i, layer in enumerate(model.model.layers):
             for name in ("k_proj", "v_proj"):
+
                 def hook(module, args, out, key=(i, name)):
                     captured[key] = out  # [1, n, num_kv_heads · head_dim]
+
                 hooks.append(getattr(layer.self_attn, name).register_forward_hook(hook))
         try:
             input_ids = torch.tensor([ids], device=self.cache.k[0].device)
@@ -204,8 +213,15 @@ class Engine:
             q = rotary(q.contiguous(), cos, sin, backend=self.backend)
             k = rotary(k.contiguous(), cos, sin, backend=self.backend)
             self.cache.write(i, slots, k[:, :, 0], v)
-            o = paged_attention_decode(q[:, :, 0].contiguous(), self.cache.k[i], self.cache.v[i], block_tables,
-                                       context_lens, scale=attn.scaling, backend=self.backend)  # [B, heads, head_dim]
+            o = paged_attention_decode(
+                q[:, :, 0].contiguous(),
+                self.cache.k[i],
+                self.cache.v[i],
+                block_tables,
+                context_lens,
+                scale=attn.scaling,
+                backend=self.backend,
+            )  # [B, heads, head_dim]
             h = residual + attn.o_proj(o.reshape(B, 1, self.num_heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = model.lm_head(model.model.norm(h))[:, -1]  # [B, vocab]
