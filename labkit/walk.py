@@ -105,6 +105,11 @@ def check_calibration(calibration, model=None) -> None:
             f"calibration must be a LongTensor of token ids shaped [n_samples, seqlen]; got {got}. "
             f"Make one with labkit.data.calibration(tokenizer, n_samples, seqlen)."
         )
+    if calibration.shape[0] == 0 or calibration.shape[1] == 0:
+        raise ValueError(
+            f"calibration is empty (shape {tuple(calibration.shape)}): need at least one sample of at least one "
+            f"token. Make one with labkit.data.calibration(tokenizer, n_samples, seqlen)."
+        )
     if model is not None:
         vocab = model.config.vocab_size
         if calibration.numel() and (calibration.min() < 0 or calibration.max() >= vocab):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..models import check_llama, decoder_layers, linear_layers, set_module
+from ..transform import all_or_nothing, check_model, record
 from .fused import rms_norm, swiglu, w4a16_dequantize, w4a16_from_codes, w4a16_matmul
 
 
@@ -94,6 +95,7 @@ def fused_decoder_forward(layer, hidden_states, *args, backend: str = "auto", **
     return h + mlp.down_proj(swiglu(mlp.gate_proj(t), mlp.up_proj(t), backend=backend))
 
 
+@all_or_nothing
 def fuse(
     model, w4a16: bool = False, group_size: int = 128, float_offset: bool = False, backend: str = "auto", layers=None
 ) -> dict:
@@ -102,6 +104,8 @@ def fuse(
     w4a16: also replace each nn.Linear in those layers by a W4A16Linear (round-to-nearest, 4 bits,
     `group_size`). Returns {"layers": n, "linears": n, "weights": n}: what was changed."""
     check_llama(model, "labkit.kernels.llama.fuse")
+    if w4a16:
+        check_model(model, "labkit.kernels.llama.fuse(w4a16=True)")
     act = getattr(model.config, "hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"fuse: the fused MLP computes SiLU(gate) · up; this model's hidden_act is {act!r}.")
@@ -124,6 +128,8 @@ def fuse(
                 report["weights"] += linear.weight.numel()
         layer.forward = functools.partial(fused_decoder_forward, layer, backend=backend)
         report["layers"] += 1
+    if w4a16:
+        record(model, "W4A16 (fused)", f"W4 g{group_size}", "quantize")
     return report
 
 

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from ..evaluate import tensor_bytes
 from ..models import set_module
+from ..transform import all_or_nothing, check_model, record
 from .svd import LowRankLinear, check_rank, factor_targets, rank_for_ratio, truncated_svd
 
 
@@ -120,6 +121,7 @@ class SparseLowRankReport:
 
 
 @torch.no_grad()
+@all_or_nothing
 def sparse_plus_lowrank(
     model,
     rank: int | None = None,
@@ -140,6 +142,7 @@ def sparse_plus_lowrank(
     ):
         raise ValueError(f"param_ratio={param_ratio!r}: need a fraction in (0, 1).")
     check_density(density)
+    check_model(model, "lowrank.sparse_plus_lowrank")
     linears = factor_targets(model, targets)
     layers = {}
     for name, linear in linears.items():
@@ -156,9 +159,11 @@ def sparse_plus_lowrank(
             rank=r, nnz=module.values.numel(), bytes_before=before, bytes_after=module.stored_bytes(), error=error
         )
         set_module(model.model.layers, name.removeprefix("layers."), module)
-    return SparseLowRankReport(
+    report = SparseLowRankReport(
         layers, sum(v["bytes_before"] for v in layers.values()), sum(v["bytes_after"] for v in layers.values())
     )
+    record(model, "sparse + low-rank", f"density {density:g}", "lowrank")
+    return report
 
 
 __all__ = ["SparseLowRankReport", "SparsePlusLowRankLinear", "check_density", "decompose", "sparse_plus_lowrank"]

@@ -17,8 +17,8 @@ X: [in, tokens]. With the whitening matrix S = cholesky(X Xᵀ) (lower triangula
 So minimising the output error over rank-r W' is Eckart–Young on W S: Z = trunc_r(W S), i.e.
 W' = U_r Σ_r V_rᵀ S⁻¹ (SVD of W S = U Σ Vᵀ), and the output error is exactly Σ_{i>r} σ_i(W S)²:
 each discarded singular value of the whitened matrix costs its square in output error (the
-SVD-LLM paper's truncation-aware whitening result). Plain SVD discards small singular values of W even when they act on input
-directions with huge activations (the outlier channels of LLMs), which is why it destroys
+SVD-LLM paper's truncation-aware whitening result). Plain SVD discards small singular values of W even
+when they act on input directions with huge activations (the outlier channels of LLMs), which is why it destroys
 SmolLM2 at 20% parameter removal while the whitened version does not.
 
 The activation-aware version runs on labkit.walk.calibration_walk: the statistics X Xᵀ of each
@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from ..models import check_llama, set_module
-from ..walk import Hessian, calibration_walk
+from ..transform import all_or_nothing, check_model, record
+from ..walk import Hessian, calibration_walk, check_calibration
 
 TARGETS = (
     "self_attn.q_proj",
@@ -273,6 +274,7 @@ def _params(linear: nn.Linear, rank: int | None = None) -> int:
 
 
 @torch.no_grad()
+@all_or_nothing
 def svd(
     model,
     rank: int | dict[str, int] | None = None,
@@ -300,6 +302,7 @@ def svd(
         layer, each group calibrated on the outputs of the groups already factored.
     """
     check_choice(rank, param_ratio, energy)
+    check_model(model, "lowrank.svd")
     linears = factor_targets(model, targets)
     if isinstance(rank, dict):
         unknown = [name for name in rank if name not in linears]
@@ -321,6 +324,8 @@ def svd(
             "calibration is only used with activation_aware=True; pass activation_aware=True "
             "(SVD-LLM) or drop calibration (plain SVD)."
         )
+    if activation_aware:
+        check_calibration(calibration, model)
     start = time.perf_counter()
     layers: dict[str, LayerRank] = {}
 
@@ -367,13 +372,15 @@ def svd(
             batch_size=batch_size,
             desc="svd-llm",
         )
-    return LowRankReport(
+    report = LowRankReport(
         "svd-llm" if activation_aware else "svd",
         time.perf_counter() - start,
         layers,
         sum(l.params_before for l in layers.values()),
         sum(l.params_after for l in layers.values()),
     )
+    record(model, report.method, f"{report.kept:.0%} of the factored linears' parameters kept", "lowrank")
+    return report
 
 
 SEQUENTIAL_GROUPS = (

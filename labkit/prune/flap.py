@@ -37,6 +37,7 @@ import time
 import torch
 
 from ..models import check_llama
+from ..transform import all_or_nothing, check_model, record
 from ..walk import ColumnStats, calibration_walk, check_calibration
 from .structured import (
     StructuredReport,
@@ -164,6 +165,7 @@ def flap_allocation(
 
 
 @torch.no_grad()
+@all_or_nothing
 def flap(
     model,
     calibration: torch.Tensor | None,
@@ -182,6 +184,7 @@ def flap(
     Returns a StructuredReport (parameters before/after, heads and channels kept per layer).
     """
     ratio = check_ratio(ratio)
+    check_model(model, "prune.flap", after=("quantize", "lowrank"))
     start = time.perf_counter()
     before = begin(model)
     if stats is None:
@@ -189,6 +192,7 @@ def flap(
             raise ValueError(
                 "flap needs calibration token ids [n_samples, seqlen], or stats from labkit.prune.flap_stats."
             )
+        check_calibration(calibration, model)
         stats = flap_stats(model, calibration, device=device, batch_size=batch_size)
     scores = flap_scores(model, stats)
     keep_groups, keep_channels = flap_allocation(model, scores, ratio)
@@ -201,6 +205,7 @@ def flap(
             attn_mean=s["self_attn.o_proj"].mean if bias else None,
             mlp_mean=s["mlp.down_proj"].mean if bias else None,
         )
+    record(model, "FLaP", f"{ratio:.0%} removed", "prune")
     return finish("flap", ratio, before, model, time.perf_counter() - start, bias)
 
 

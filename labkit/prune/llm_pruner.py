@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models import check_llama, linear_layers, set_module
+from ..transform import all_or_nothing, check_model, record
 from ..walk import check_calibration
 from .structured import (
     StructuredReport,
@@ -166,6 +167,7 @@ def _prune(model, importance, ratio, layers) -> dict:
     return {"per_layer_share": r, "layers": list(layers), "removed": plans}
 
 
+@all_or_nothing
 def llm_pruner(
     model,
     calibration: torch.Tensor | None,
@@ -189,7 +191,9 @@ def llm_pruner(
     seconds and loss curve (report.seconds excludes recovery).
     """
     ratio = check_ratio(ratio)
-    check_llama(model, "llm_pruner")
+    check_model(model, "prune.llm_pruner", after=("quantize", "lowrank"))
+    if calibration is not None:
+        check_calibration(calibration, model)
     layers = default_layers(len(model.model.layers)) if layers is None else check_layers(model, layers)
     if isinstance(recover_steps, bool) or not isinstance(recover_steps, int) or recover_steps < 0:
         raise ValueError(f"recover_steps={recover_steps!r}: need an integer >= 0 (0 = no recovery fine-tune).")
@@ -215,6 +219,7 @@ def llm_pruner(
         if data is None:
             raise ValueError("recover_steps > 0 needs recover_data (token windows [n, seqlen]) or calibration.")
         extra["recovery"] = lora_recover(model, data, recover_steps, **recover_kwargs)
+    record(model, "LLM-Pruner", f"{ratio:.0%} removed", "prune")
     return finish("llm_pruner", ratio, before, model, seconds, False, **extra)
 
 
@@ -248,6 +253,7 @@ class LoRALinear(nn.Module):
         return self.base
 
 
+@all_or_nothing
 def lora_recover(
     model,
     data: torch.Tensor,
@@ -270,7 +276,8 @@ def lora_recover(
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank={rank!r}: need a positive integer rank for the LoRA adapters, e.g. 8.")
-    check_llama(model, "lora_recover")
+    check_model(model, "prune.lora_recover")
+    check_calibration(data, model)
     flags = {p: p.requires_grad for p in model.parameters()}
     generator = torch.Generator().manual_seed(seed)
     wrapped = {}

@@ -15,14 +15,17 @@ import time
 
 import torch
 
+from ..transform import all_or_nothing, replace_data
 from .masks import (
     SCOPES,
     PruneReport,
     check_divisible,
+    check_pruneable,
     check_sparsity,
     lowest_mask,
     mask_for,
     n_pruned,
+    record_prune,
     report,
     weight_linears,
 )
@@ -38,6 +41,7 @@ def magnitude_mask(
 
 
 @torch.no_grad()
+@all_or_nothing
 def magnitude(model, sparsity: float | None = None, pattern: str = "unstructured", scope: str = "layer") -> PruneReport:
     """Prune every decoder nn.Linear of `model` in place by weight magnitude.
 
@@ -47,6 +51,7 @@ def magnitude(model, sparsity: float | None = None, pattern: str = "unstructured
     """
     sparsity, nm = check_sparsity(sparsity, pattern)
     _check_scope(scope, nm)
+    check_pruneable(model, "prune.magnitude")
     linears = weight_linears(model)
     check_divisible(linears, nm)
     start = time.perf_counter()
@@ -54,10 +59,11 @@ def magnitude(model, sparsity: float | None = None, pattern: str = "unstructured
         weights = [lin.weight for lin in linears.values()]  # each W: [out_features, in_features]
         k = n_pruned(sparsity, sum(w.numel() for w in weights))
         for w, mask in zip(weights, lowest_mask([w.abs() for w in weights], k)):
-            w[mask] = 0
+            replace_data(w, w.masked_fill(mask, 0))
     else:
         for lin in linears.values():
-            lin.weight[mask_for(lin.weight.float().abs(), sparsity, nm, scope)] = 0
+            replace_data(lin.weight, lin.weight.masked_fill(mask_for(lin.weight.float().abs(), sparsity, nm, scope), 0))
+    record_prune(model, "magnitude", pattern, sparsity)
     return report("magnitude", pattern, sparsity, time.perf_counter() - start, model)
 
 

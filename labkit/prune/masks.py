@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..models import check_llama
+from ..transform import check_model, record
 
 SCOPES = ("layer", "row", "global")
 
@@ -206,6 +207,16 @@ def sparsity_report(model) -> SparsityReport:
 def report(method: str, pattern: str, target: float, seconds: float, model) -> PruneReport:
     measured = sparsity_report(model)
     return PruneReport(method, pattern, target, seconds, measured.per_linear, measured.overall)
+
+
+def check_pruneable(model, where: str) -> None:
+    """Before pruning changes anything: a Llama with real, finite weights that was not quantized."""
+    check_model(model, where, after=("quantize",))
+
+
+def record_prune(model, method: str, pattern: str, sparsity: float) -> None:
+    """Label the model (labkit.transform.history): e.g. 'wanda 50%' or 'sparsegpt 2:4'."""
+    record(model, method, pattern if pattern != "unstructured" else f"{sparsity:.0%}", "prune")
 
 
 def weight_linears(model) -> dict[str, nn.Linear]:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..evaluate import tensor_bytes
+from ..transform import all_or_nothing, check_model
 
 FORMATS = ("dense", "bitmask", "csr", "2:4")
 
@@ -199,6 +200,7 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format!r}"
 
 
+@all_or_nothing
 def to_sparse(model, format: str = "bitmask"):
     """Replace every decoder nn.Linear of `model` by a SparseLinear in `format`, in place; returns model.
 
@@ -208,6 +210,7 @@ def to_sparse(model, format: str = "bitmask"):
 
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: allowed formats are {FORMATS}.")
+    check_model(model, "prune.to_sparse")
     linears = weight_linears(model)
     if format == "2:4":
         for name, linear in linears.items():

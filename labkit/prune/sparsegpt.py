@@ -25,8 +25,19 @@ import time
 
 import torch
 
-from ..walk import Hessian, calibration_walk, inverse_hessian_cholesky
-from .masks import PruneReport, check_divisible, check_sparsity, lowest_mask, n_pruned, report, weight_linears
+from ..transform import all_or_nothing, replace_data
+from ..walk import Hessian, calibration_walk, check_calibration, inverse_hessian_cholesky
+from .masks import (
+    PruneReport,
+    check_divisible,
+    check_pruneable,
+    check_sparsity,
+    lowest_mask,
+    n_pruned,
+    record_prune,
+    report,
+    weight_linears,
+)
 
 
 def sparsegpt_prune(
@@ -139,6 +150,7 @@ def sparsegpt_naive(
 
 
 @torch.no_grad()
+@all_or_nothing
 def sparsegpt(
     model,
     calibration: torch.Tensor,
@@ -159,10 +171,12 @@ def sparsegpt(
     from the outputs of the already-pruned layers before it.
     """
     sparsity, nm = check_sparsity(sparsity, pattern)
+    check_pruneable(model, "prune.sparsegpt")
     check_divisible(weight_linears(model), nm)
     _check_blocksize(blocksize, nm)
-    if not percdamp >= 0:
-        raise ValueError(f"percdamp={percdamp!r}: need a non-negative fraction of mean(diag H), e.g. 0.01.")
+    if not 0 <= percdamp < float("inf"):
+        raise ValueError(f"percdamp={percdamp!r}: need a finite non-negative fraction of mean(diag H), e.g. 0.01.")
+    check_calibration(calibration, model)
     start = time.perf_counter()
 
     def make_stats(name, linear):
@@ -172,9 +186,10 @@ def sparsegpt(
         for name, linear in layer.named_modules():
             if name in stats:
                 pruned, _, _ = sparsegpt_prune(linear.weight, stats[name].H, sparsity, pattern, blocksize, percdamp)
-                linear.weight.copy_(pruned)
+                replace_data(linear.weight, pruned)
 
     calibration_walk(model, calibration, make_stats, update, device=device, batch_size=batch_size, desc="sparsegpt")
+    record_prune(model, "sparsegpt", pattern, sparsity)
     return report("sparsegpt", pattern, sparsity, time.perf_counter() - start, model)
 
 

@@ -12,8 +12,18 @@ import time
 
 import torch
 
-from ..walk import ColumnStats, calibration_walk
-from .masks import PruneReport, check_divisible, check_sparsity, mask_for, report, weight_linears
+from ..transform import all_or_nothing, replace_data
+from ..walk import ColumnStats, calibration_walk, check_calibration
+from .masks import (
+    PruneReport,
+    check_divisible,
+    check_pruneable,
+    check_sparsity,
+    mask_for,
+    record_prune,
+    report,
+    weight_linears,
+)
 
 
 def wanda_scores(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -33,6 +43,7 @@ def wanda_mask(
 
 
 @torch.no_grad()
+@all_or_nothing
 def wanda(
     model,
     calibration: torch.Tensor,
@@ -51,7 +62,9 @@ def wanda(
     reference code.
     """
     sparsity, nm = check_sparsity(sparsity, pattern)
+    check_pruneable(model, "prune.wanda")
     check_divisible(weight_linears(model), nm)
+    check_calibration(calibration, model)
     start = time.perf_counter()
 
     def make_stats(name, linear):
@@ -61,7 +74,8 @@ def wanda(
         for name, linear in layer.named_modules():
             if name in stats:
                 mask = mask_for(wanda_scores(linear.weight, stats[name].norm), sparsity, nm, scope="row")
-                linear.weight[mask] = 0
+                replace_data(linear.weight, linear.weight.masked_fill(mask, 0))
 
     calibration_walk(model, calibration, make_stats, update, device=device, batch_size=batch_size, desc="wanda")
+    record_prune(model, "wanda", pattern, sparsity)
     return report("wanda", pattern, sparsity, time.perf_counter() - start, model)

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..transform import all_or_nothing, check_model, record, replace_data
 from .formats import group_index
 from .pack import pack_int32, unpack_int32
 from .qlinear import QuantLinear, quant_linears, set_module
@@ -65,7 +66,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict: no `in`)
     except Exception as err:  # safetensors raises its own error types for a bad header or short file
         raise ValueError(
             f"{path} is not a readable safetensors file (truncated, or not safetensors at all?): "
@@ -131,9 +132,11 @@ def save_quantized(model: nn.Module, path, overwrite: bool = False) -> Path:
     return path
 
 
+@all_or_nothing
 def load_quantized(model: nn.Module, path) -> nn.Module:
     """Install the QuantLinears saved in `path` into `model` (a fresh copy of the same model), in place."""
     path = Path(path)
+    check_model(model, "quant.load_quantized", after=("quantize", "lowrank"))
     tensors, metadata = _read_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise ValueError(
@@ -172,6 +175,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         set_module(model, name, layer.to(device))
     if tensors:
         raise ValueError(f"{path} holds tensors that belong to no saved layer: {sorted(tensors)[:5]}.")
+    record(model, "loaded", path.name, "quantize")
     return model
 
 
@@ -254,10 +258,12 @@ def save_gptq(
     return folder
 
 
+@all_or_nothing
 def load_gptq(model: nn.Module, folder) -> nn.Module:
     """Load a GPTQ checkpoint folder (format "gptq" or "gptq_v2") into `model` (same architecture), in place:
     its linears become QuantLinears holding exactly the stored codes, scales, zeros and g_idx."""
     folder = Path(folder)
+    check_model(model, "quant.load_gptq", after=("quantize", "lowrank"))
     config_file = folder / "quantize_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} does not exist: not a GPTQ checkpoint folder.")
@@ -317,5 +323,10 @@ def load_gptq(model: nn.Module, folder) -> nn.Module:
     for key, t in tensors.items():
         if state[key].shape != t.shape:
             raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(t.shape)}, model {tuple(state[key].shape)}.")
-        state[key].copy_(t)
+    for key, t in tensors.items():
+        owner, _, attr = key.rpartition(".")
+        module = model.get_submodule(owner)
+        target = module._parameters.get(attr) if attr in module._parameters else module._buffers[attr]
+        replace_data(target, t.to(target.device))
+    record(model, "GPTQ checkpoint", f"W{bits} g{group_size}", "quantize")
     return model

@@ -23,6 +23,7 @@ import time
 import torch
 
 from .. import walk
+from ..transform import all_or_nothing, check_model, record, replace_data
 from .formats import check_bits, check_group_size, check_weight, find_params, group_index, quantize_codes, round_to_grid
 from .qlinear import QuantLinear, QuantReport, check_model_settings, set_module
 
@@ -89,7 +90,7 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
             "keep_zeros=True needs an integer zero point (float_offset=False): only then is 0 exactly on the grid."
         )
     check_weight(W, "W")
-    rows, columns = W.shape
+    columns = W.shape[1]
     group_size = check_group_size(group_size, columns)
     if H.shape != (columns, columns) or not torch.isfinite(H).all():
         raise ValueError(
@@ -181,6 +182,7 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
 
 
 @torch.no_grad()
+@all_or_nothing
 def gptq(
     model,
     calibration: torch.Tensor,
@@ -207,7 +209,17 @@ def gptq(
     already-quantized ones produce (the GPTQ code's default). Returns a QuantReport whose `errors`
     hold each linear's GPTQ loss estimate Σ_q (w_q − quant(w_q))² / (2 [H_F⁻¹]_qq), summed over rows.
     """
+    check_model(model, "quant.gptq")
     group_size = check_model_settings(model, bits, group_size)
+    if keep_zeros and float_offset:
+        raise ValueError(
+            "keep_zeros=True needs an integer zero point (float_offset=False): only then is 0 exactly on the grid."
+        )
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize={blocksize!r}: need a positive integer number of columns, e.g. 128.")
+    if not 0 <= percdamp < float("inf"):
+        raise ValueError(f"percdamp={percdamp!r}: need a finite non-negative fraction of mean(diag H), e.g. 0.01.")
+    walk.check_calibration(calibration, model)
     report = QuantReport("GPTQ", bits, group_size, sym, float_offset, act_order, packed=pack)
     start = time.perf_counter()
 
@@ -221,7 +233,7 @@ def gptq(
                 raise ValueError(
                     f"the calibration activations entering layers.{index}.{name} hold non-finite values "
                     f"(NaN or inf): GPTQ needs finite inputs. Check the model in float first (its "
-                    f"perplexity); layers before {index} are already quantized in place."
+                    f"perplexity); the model is left unchanged."
                 )
             with _one_thread(linear.weight.device):
                 Wq, codes, scales, zeros, g_idx, loss = _gptq(
@@ -254,7 +266,7 @@ def gptq(
                     ),
                 )
             else:
-                linear.weight.data.copy_(Wq)
+                replace_data(linear.weight, Wq)
             report.errors[f"layers.{index}.{name}"] = loss
             report.layers += 1
             report.params += codes.numel()
@@ -270,4 +282,5 @@ def gptq(
         desc="GPTQ",
     )
     report.seconds = time.perf_counter() - start
+    record(model, "GPTQ", report.setting + (" keep-zeros" if keep_zeros else ""), "quantize")
     return report

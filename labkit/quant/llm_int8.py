@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import decoder_layers, linear_layers, set_module
+from ..transform import all_or_nothing, check_model, record
 from ..walk import check_calibration
 from .int8 import Int8Linear, check_threshold, int8_linears, matmul_path
 
@@ -49,6 +50,7 @@ def to_int8(model, act: str, threshold: float = 6.0) -> tuple[int, int]:
 
 
 @torch.no_grad()
+@all_or_nothing
 def llm_int8(model, threshold: float = 6.0, calibration: torch.Tensor | None = None, batch_size: int = 4) -> Int8Report:
     """Convert every decoder linear of `model` to LLM.int8(), in place; returns an Int8Report.
 
@@ -57,12 +59,14 @@ def llm_int8(model, threshold: float = 6.0, calibration: torch.Tensor | None = N
     that `report.outliers` counts, per linear, the input features that were outliers at least once.
     """
     check_threshold(threshold)
+    check_model(model, "quant.llm_int8")
     if calibration is not None:
         check_calibration(calibration, model)
     report = Int8Report("LLM.int8()", f"threshold {threshold:g}")
     start = time.perf_counter()
     report.layers, report.params = to_int8(model, "llm.int8", threshold)
     report.seconds = time.perf_counter() - start
+    record(model, report.method, report.setting, "quantize")
     if calibration is not None:
         device = next(model.parameters()).device
         for i in range(0, calibration.shape[0], batch_size):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..models import decoder_layers, linear_layers, set_module
+from ..transform import all_or_nothing, check_model, record
 from .formats import NF4, check_weight, dequantize_lut, quantize_lut
 from .pack import pack, unpack
 from .qlinear import QuantReport
@@ -203,13 +204,15 @@ class NF4Linear(nn.Module):
 
 
 @torch.no_grad()
+@all_or_nothing
 def nf4(model, blocksize: int = 64, double_quant: bool = True) -> QuantReport:
     """Store every decoder linear of `model` in NF4 (QLoRA), in place; returns a QuantReport whose
     `errors` hold each linear's relative weight error ‖W − Ŵ‖² / ‖W‖²."""
     check_blocksize(blocksize)
+    check_model(model, "quant.nf4")
     layers = decoder_layers(model)
     for layer in layers:  # check every shape before changing anything
-        for name, linear in linear_layers(layer).items():
+        for linear in linear_layers(layer).values():
             check_blocksize(blocksize, linear.weight.numel())
     report = QuantReport("NF4 + double quant" if double_quant else "NF4", 4, blocksize, sym=True)
     start = time.perf_counter()
@@ -224,6 +227,7 @@ def nf4(model, blocksize: int = 64, double_quant: bool = True) -> QuantReport:
             report.layers += 1
             report.params += w.numel()
     report.seconds = time.perf_counter() - start
+    record(model, report.method, f"blocks of {blocksize}", "quantize")
     return report
 
 

@@ -11,11 +11,13 @@ import time
 import torch
 
 from ..models import decoder_layers, linear_layers
+from ..transform import all_or_nothing, check_model, record, replace_data
 from .formats import dequantize, quantize
 from .qlinear import QuantLinear, QuantReport, check_model_settings, set_module
 
 
 @torch.no_grad()
+@all_or_nothing
 def rtn(
     model, bits: int, group_size: int | None = None, sym: bool = False, pack: bool = True, float_offset: bool = False
 ) -> QuantReport:
@@ -25,6 +27,7 @@ def rtn(
     nn.Linear holding the fake-quantized float weights (same outputs, float storage).
     float_offset=True: GGUF Q4_1-style grid (scale + float minimum) instead of an integer zero point.
     """
+    check_model(model, "quant.rtn")
     group_size = check_model_settings(model, bits, group_size)
     report = QuantReport("RTN", bits, group_size, sym, float_offset, packed=pack)
     start = time.perf_counter()
@@ -53,8 +56,9 @@ def rtn(
                     ),
                 )
             else:
-                w.copy_(w_hat)
+                replace_data(linear.weight, w_hat)
             report.layers += 1
             report.params += w.numel()
     report.seconds = time.perf_counter() - start
+    record(model, "RTN", report.setting, "quantize")
     return report

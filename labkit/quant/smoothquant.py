@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import walk
+from ..transform import all_or_nothing, check_model, record, replace_data
 from .int8 import int8_matmul, matmul_path
 from .llm_int8 import Int8Report, to_int8
 
@@ -55,9 +56,9 @@ def smoothing_factors(act_max: torch.Tensor, weights: list[torch.Tensor], alpha:
 @torch.no_grad()
 def fold_smoothing(norm: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor) -> None:
     """X̂ = X diag(s)⁻¹ via the norm's weight; Ŵ = W diag(s) via the linears' columns (eq. 3)."""
-    norm.weight.div_(s.to(norm.weight))
+    replace_data(norm.weight, norm.weight / s.to(norm.weight))
     for linear in linears:
-        linear.weight.mul_(s.to(linear.weight)[None, :])
+        replace_data(linear.weight, linear.weight * s.to(linear.weight)[None, :])
 
 
 @dataclass
@@ -73,12 +74,15 @@ class SmoothReport:
 
 
 @torch.no_grad()
+@all_or_nothing
 def smooth(model, calibration: torch.Tensor, alpha: float = 0.5, device=None, batch_size: int = 8) -> SmoothReport:
     """Smooth every decoder layer of `model` in place (the function is unchanged, up to float rounding).
 
     calibration: LongTensor [n_samples, seqlen]. max|X_j| is observed with labkit.walk.ColumnStats on
     the first linear of each group, layer by layer (the shared calibration walk)."""
     check_alpha(alpha)
+    check_model(model, "quant.smooth")
+    walk.check_calibration(calibration, model)
     report = SmoothReport(alpha)
     start = time.perf_counter()
     watched = {names[0]: norm for norm, names in SMOOTH_GROUPS.items()}  # q_proj and gate_proj see each norm's output
@@ -106,31 +110,39 @@ def smooth(model, calibration: torch.Tensor, alpha: float = 0.5, device=None, ba
         model, calibration, make_stats, update, device=device, batch_size=batch_size, desc="SmoothQuant"
     )
     report.seconds = time.perf_counter() - start
+    record(model, "SmoothQuant smoothing", f"alpha {alpha:g}", "smooth")
     return report
 
 
+@all_or_nothing
 def w8a8(model) -> Int8Report:
     """Every decoder linear -> int8 weights (per output channel) and int8 activations (per token, dynamic);
     the matmul runs in int8 with int32 accumulation (labkit.quant.int8.int8_matmul)."""
+    check_model(model, "quant.w8a8")
     start = time.perf_counter()
     report = Int8Report("W8A8", "per-channel W, per-token A")
     report.layers, report.params = to_int8(model, "per-token")
+    record(model, report.method, report.setting, "quantize")
     report.seconds = time.perf_counter() - start
     report.matmul = _probe_path(model)
     return report
 
 
+@all_or_nothing
 def w8a16(model) -> Int8Report:
     """Every decoder linear -> int8 weights (per output channel), dequantized on the fly; float activations."""
+    check_model(model, "quant.w8a16")
     start = time.perf_counter()
     report = Int8Report("W8A16", "per-channel W, float A")
     report.layers, report.params = to_int8(model, "float")
+    record(model, report.method, report.setting, "quantize")
     report.seconds = time.perf_counter() - start
     report.matmul = "float (weights dequantized on the fly)"
     return report
 
 
 @torch.no_grad()
+@all_or_nothing
 def smoothquant(model, calibration: torch.Tensor, alpha: float = 0.5, device=None, batch_size: int = 8) -> Int8Report:
     """SmoothQuant W8A8: smooth(model, calibration, alpha), then w8a8(model). Returns the W8A8 report
     with `smoothing` (the SmoothReport) attached."""

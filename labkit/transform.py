@@ -1,0 +1,159 @@
+"""What every function that changes a model shares: check first, change all or nothing, label the result.
+
+    @all_or_nothing
+    def rtn(model, bits, ...):
+        check_data(model, "quant.rtn")                   # real data on a real device, finite weights
+        refuse_second(model, "quant.rtn", QUANTIZERS)    # a model is quantized once
+        ...change the model...
+        record(model, "RTN", "W4 g32")                   # labkit.transform.history(model) tells what was done
+
+`all_or_nothing` restores the model when the call raises, at any point: every module's attributes
+(submodules, parameters, buffers, sizes), each parameter's and buffer's tensor, and the config. The
+snapshot holds references, not copies, so it costs nothing; this works because labkit's transforms never
+write into a tensor the model already holds: they install new tensors or new modules (`replace_data`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models import check_llama, decoder_layers
+
+
+@dataclass(frozen=True)
+class Compression:
+    """One thing done to a model: the method and its setting, e.g. Compression("RTN", "W4 g32")."""
+
+    method: str
+    setting: str
+    kind: str  # "quantize" | "prune" | "lowrank"
+
+
+ATTRIBUTE = "labkit_compression"  # a list of Compression on the model (survives copy.deepcopy and .to())
+
+
+def history(model: nn.Module) -> list[Compression]:
+    """What labkit did to `model`, in order (empty for a model as loaded)."""
+    return list(getattr(model, ATTRIBUTE, []))
+
+
+def record(model: nn.Module, method: str, setting: str, kind: str) -> None:
+    """Append what was done (a new list each time, so all_or_nothing's snapshot restores the old one)."""
+    setattr(model, ATTRIBUTE, [*history(model), Compression(method, setting, kind)])
+
+
+def describe_history(model: nn.Module) -> str:
+    done = history(model)
+    return ", then ".join(f"{c.method} {c.setting}".strip() for c in done) if done else "nothing"
+
+
+def refuse_after(model: nn.Module, where: str, kinds: tuple[str, ...]) -> None:
+    """Refuse to compress a model that already had one of `kinds` done to it.
+
+    A quantized model's linears hold codes, not float weights: quantizing or pruning it again would
+    either change nothing or quantize the rounding of a rounding. Pruning then quantizing is fine (lesson 12:
+    SparseGPT 2:4, then GPTQ with keep_zeros)."""
+    done = [c for c in history(model) if c.kind in kinds]
+    if done:
+        raise ValueError(
+            f"{where}: the model was already compressed ({describe_history(model)}); labkit does not "
+            f"{'quantize' if 'quantize' in kinds else 'change'} a {done[0].kind}d model again. Start from the "
+            f"float model (labkit.models.load, or copy.deepcopy before the first compression)."
+        )
+    packed = sorted({type(m).__name__ for layer in decoder_layers(model) for m in layer.modules() if _is_packed(m)})
+    if packed and "quantize" in kinds:
+        raise ValueError(
+            f"{where}: the model's decoder layers already hold quantized modules ({', '.join(packed)}); "
+            f"labkit quantizes a float model once. Start from the float model (labkit.models.load)."
+        )
+
+
+def _is_packed(module: nn.Module) -> bool:
+    """A module that stores its weight in a quantized form (QuantLinear, NF4Linear, Int8Linear, W4A16Linear)."""
+    return any(b.dtype in (torch.uint8, torch.int8, torch.int32) for b in module.buffers(recurse=False))
+
+
+def check_model(model: nn.Module, where: str, after: tuple[str, ...] = ("quantize",)) -> None:
+    """Before a transform changes anything: a Llama with real, finite weights, not already compressed by one of
+    `after` (kinds of labkit.transform.Compression)."""
+    check_llama(model, where)
+    check_data(model, where)
+    refuse_after(model, where, after)
+
+
+def check_data(model: nn.Module, where: str, finite: bool = True) -> None:
+    """Refuse a model whose weights are not real data (the meta device) or, with finite=True, hold NaN or inf.
+
+    Names the first offending tensor, so that the error points at the layer, before anything changes."""
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise ValueError(
+                f"{where} needs the model's weights, but {name} is on the meta device (shapes only, no data). "
+                f"Load the model on 'cpu' or 'cuda' (labkit.models.load(name, device=...))."
+            )
+    if finite:
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise ValueError(
+                    f"{where}: {name} holds non-finite values (NaN or inf); the model is left unchanged. "
+                    f"Reload it (labkit.models.load) or find the step that produced them."
+                )
+
+
+def replace_data(tensor: torch.Tensor, new: torch.Tensor) -> None:
+    """Give `tensor` (a parameter or buffer of the model) the values `new`, in a new storage.
+
+    Never written in place, so that all_or_nothing can put the old storage back."""
+    tensor.data = new.to(tensor.dtype)
+
+
+def _snapshot(model: nn.Module):
+    modules = []
+    for module in model.modules():
+        state = dict(module.__dict__)
+        for key in ("_parameters", "_buffers", "_modules"):
+            state[key] = dict(module.__dict__[key])
+        modules.append((module, state))
+    tensors = [t for module, _ in modules for t in [*module._parameters.values(), *module._buffers.values()]]
+    config = copy.deepcopy(model.config.__dict__) if hasattr(model, "config") else None
+    return modules, [(t, t.data) for t in tensors if t is not None], config
+
+
+def _restore(model: nn.Module, snapshot) -> None:
+    modules, tensors, config = snapshot
+    for module, state in modules:
+        for key in ("_parameters", "_buffers", "_modules"):
+            module.__dict__[key].clear()
+            module.__dict__[key].update(state[key])
+        for key in [k for k in module.__dict__ if k not in state]:
+            del module.__dict__[key]
+        module.__dict__.update({k: v for k, v in state.items() if k not in ("_parameters", "_buffers", "_modules")})
+    with torch.no_grad():
+        for t, data in tensors:
+            t.data = data
+    if config is not None:
+        model.config.__dict__.clear()
+        model.config.__dict__.update(config)
+
+
+def all_or_nothing(transform):
+    """Decorate a function `transform(model, ...)` that changes `model`: if it raises, the model is put back
+    exactly as it was (same modules, same tensors, same config) before the error propagates."""
+
+    @functools.wraps(transform)
+    def wrapper(model, *args, **kwargs):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{transform.__qualname__}: model must be a torch.nn.Module; got {type(model).__name__}.")
+        snapshot = _snapshot(model)
+        try:
+            return transform(model, *args, **kwargs)
+        except BaseException:
+            _restore(model, snapshot)
+            raise
+
+    return wrapper
