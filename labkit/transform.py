@@ -61,20 +61,22 @@ def refuse_after(model: nn.Module, where: str, kinds: tuple[str, ...]) -> None:
     done = [c for c in history(model) if c.kind in kinds]
     if done:
         raise ValueError(
-            f"{where}: the model was already compressed ({describe_history(model)}); labkit does not "
-            f"{'quantize' if 'quantize' in kinds else 'change'} a {done[0].kind}d model again. Start from the "
-            f"float model (labkit.models.load, or copy.deepcopy before the first compression)."
+            f"{where}: the model was already compressed ({describe_history(model)}), and this method does not "
+            f"apply to a {done[0].kind}d model: its weights are no longer the float weights it expects. Start "
+            f"from the float model (labkit.models.load, or a copy.deepcopy made before the first compression)."
         )
     packed = sorted({type(m).__name__ for layer in decoder_layers(model) for m in layer.modules() if _is_packed(m)})
     if packed and "quantize" in kinds:
         raise ValueError(
-            f"{where}: the model's decoder layers already hold quantized modules ({', '.join(packed)}); "
-            f"labkit quantizes a float model once. Start from the float model (labkit.models.load)."
+            f"{where}: the model's decoder layers already hold packed (quantized or sparse) modules "
+            f"({', '.join(packed)}); labkit quantizes a float model, once. Start from the float model "
+            f"(labkit.models.load)."
         )
 
 
 def _is_packed(module: nn.Module) -> bool:
-    """A module that stores its weight in a quantized form (QuantLinear, NF4Linear, Int8Linear, W4A16Linear)."""
+    """A module that stores its weight as integer codes or bits (QuantLinear, NF4Linear, Int8Linear, W4A16Linear,
+    SparseLinear): it holds integer buffers of its own."""
     return any(b.dtype in (torch.uint8, torch.int8, torch.int32) for b in module.buffers(recurse=False))
 
 

@@ -430,6 +430,10 @@ def test_bad_inputs():
         formats.quantize(w, 4, sym=True, float_offset=True)
     model = fresh()
     model.model.layers[0].post_attention_layernorm.weight.data[3] = float("nan")  # NaN into the MLP's inputs
+    with pytest.raises(ValueError, match=r"layers.0.post_attention_layernorm.weight holds non-finite"):
+        gptq(model, torch.randint(0, 256, (2, 8)), 4)  # found before anything changes
+    model = fresh()  # NaN activations from finite weights (a hook stands in for an overflow): found midway
+    model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda m, i, out: out * float("nan"))
     with pytest.raises(ValueError, match=r"activations entering layers.0.mlp.up_proj hold non-finite"):
         gptq(model, torch.randint(0, 256, (2, 8)), 4)
     with pytest.raises(ValueError, match=r"H must be a finite \[64, 64\]"):

@@ -137,10 +137,14 @@ def set_backend(model, backend: str, layers=None) -> None:
     """Switch fused layers (all, or the indices in `layers`) and their W4A16Linears to `backend`
     ("auto" | "triton" | "torch"), e.g. to run one layer in Triton's interpreter on a CPU."""
     all_layers = decoder_layers(model)
-    for i in range(len(all_layers)) if layers is None else layers:
-        layer = all_layers[i]
-        if not isinstance(layer.__dict__.get("forward"), functools.partial):
+    chosen = list(range(len(all_layers)) if layers is None else layers)
+    for i in chosen:  # every layer checked before any changes
+        if not (isinstance(i, int) and 0 <= i < len(all_layers)):
+            raise ValueError(f"set_backend: layer index {i!r} is outside 0..{len(all_layers) - 1}.")
+        if not isinstance(all_layers[i].__dict__.get("forward"), functools.partial):
             raise ValueError(f"set_backend: layer {i} is not fused; call fuse(model) first.")
+    for i in chosen:
+        layer = all_layers[i]
         layer.forward = functools.partial(fused_decoder_forward, layer, backend=backend)
         for module in layer.modules():
             if isinstance(module, W4A16Linear):
