@@ -108,8 +108,7 @@ def load(name: str = "smollm2-135m", device=None, dtype=None):
     return model.to(device).eval(), tokenizer
 
 
-def _read(spec: ModelSpec, dtype, device=None):
-    device = torch.device("cpu") if device is None else device
+def _read(spec: ModelSpec, dtype, device=torch.device("cpu")):
     if spec.source == "random":
         return tiny_llama_random(dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -11,12 +11,16 @@
 (submodules, parameters, buffers, sizes), each parameter's and buffer's tensor, and the config. The
 snapshot holds references, not copies, so it costs nothing; this works because labkit's transforms never
 write into a tensor the model already holds: they install new tensors or new modules (`replace_data`).
+The replaced tensors stay alive until the call returns, so a call that rewrites every decoder weight (Wanda,
+SparseGPT, GPTQ with pack=False) holds the decoder's old weights beside the new ones at its end.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +109,20 @@ def check_data(model: nn.Module, where: str, finite: bool = True) -> None:
                     f"{where}: {name} holds non-finite values (NaN or inf); the model is left unchanged. "
                     f"Reload it (labkit.models.load) or find the step that produced them."
                 )
+
+
+def check_count(value, name: str, example: int = 8) -> int:
+    """A positive integer argument (a batch size, a number of steps or columns); bool is not a count."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r}: need a positive integer, e.g. {example}.")
+    return int(value)
+
+
+def check_damping(value, name: str = "percdamp") -> float:
+    """A finite, non-negative dampening fraction (λ = percdamp · mean(diag H))."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+        raise ValueError(f"{name}={value!r}: need a finite non-negative fraction of mean(diag H), e.g. 0.01.")
+    return float(value)
 
 
 def replace_data(tensor: torch.Tensor, new: torch.Tensor) -> None:

@@ -106,6 +106,8 @@ def fuse(
     check_llama(model, "labkit.kernels.llama.fuse")
     if w4a16:
         check_model(model, "labkit.kernels.llama.fuse(w4a16=True)")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+            raise ValueError(f"fuse: group_size={group_size!r}: need a positive even integer, e.g. 128.")
     act = getattr(model.config, "hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"fuse: the fused MLP computes SiLU(gate) · up; this model's hidden_act is {act!r}.")

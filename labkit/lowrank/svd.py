@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..models import check_llama, set_module
-from ..transform import all_or_nothing, check_model, record
+from ..transform import all_or_nothing, check_count, check_damping, check_model, record
 from ..walk import Hessian, calibration_walk, check_calibration
 
 TARGETS = (
@@ -326,6 +326,8 @@ def svd(
         )
     if activation_aware:
         check_calibration(calibration, model)
+        check_count(batch_size, "batch_size")
+        check_damping(percdamp)
     start = time.perf_counter()
     layers: dict[str, LayerRank] = {}
 

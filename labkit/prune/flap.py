@@ -37,7 +37,7 @@ import time
 import torch
 
 from ..models import check_llama
-from ..transform import all_or_nothing, check_model, record
+from ..transform import all_or_nothing, check_count, check_model, record
 from ..walk import ColumnStats, calibration_walk, check_calibration
 from .structured import (
     StructuredReport,
@@ -193,6 +193,7 @@ def flap(
                 "flap needs calibration token ids [n_samples, seqlen], or stats from labkit.prune.flap_stats."
             )
         check_calibration(calibration, model)
+        check_count(batch_size, "batch_size")
         stats = flap_stats(model, calibration, device=device, batch_size=batch_size)
     scores = flap_scores(model, stats)
     keep_groups, keep_channels = flap_allocation(model, scores, ratio)

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models import check_llama, linear_layers, set_module
-from ..transform import all_or_nothing, check_model, record
+from ..transform import all_or_nothing, check_count, check_model, record
 from ..walk import check_calibration
 from .structured import (
     StructuredReport,
@@ -194,6 +194,7 @@ def llm_pruner(
     check_model(model, "prune.llm_pruner", after=("quantize", "lowrank"))
     if calibration is not None:
         check_calibration(calibration, model)
+    check_count(batch_size, "batch_size", 1)
     layers = default_layers(len(model.model.layers)) if layers is None else check_layers(model, layers)
     if isinstance(recover_steps, bool) or not isinstance(recover_steps, int) or recover_steps < 0:
         raise ValueError(f"recover_steps={recover_steps!r}: need an integer >= 0 (0 = no recovery fine-tune).")
@@ -278,6 +279,8 @@ def lora_recover(
         raise ValueError(f"rank={rank!r}: need a positive integer rank for the LoRA adapters, e.g. 8.")
     check_model(model, "prune.lora_recover")
     check_calibration(data, model)
+    check_count(steps, "steps", 10)
+    check_count(batch_size, "batch_size", 4)
     flags = {p: p.requires_grad for p in model.parameters()}
     generator = torch.Generator().manual_seed(seed)
     wrapped = {}

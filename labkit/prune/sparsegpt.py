@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from ..transform import all_or_nothing, replace_data
+from ..transform import all_or_nothing, check_count, check_damping, replace_data
 from ..walk import Hessian, calibration_walk, check_calibration, inverse_hessian_cholesky
 from .masks import (
     PruneReport,
@@ -174,9 +174,9 @@ def sparsegpt(
     check_pruneable(model, "prune.sparsegpt")
     check_divisible(weight_linears(model), nm)
     _check_blocksize(blocksize, nm)
-    if not 0 <= percdamp < float("inf"):
-        raise ValueError(f"percdamp={percdamp!r}: need a finite non-negative fraction of mean(diag H), e.g. 0.01.")
+    check_damping(percdamp)
     check_calibration(calibration, model)
+    check_count(batch_size, "batch_size")
     start = time.perf_counter()
 
     def make_stats(name, linear):

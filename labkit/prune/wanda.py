@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ..transform import all_or_nothing, replace_data
+from ..transform import all_or_nothing, check_count, replace_data
 from ..walk import ColumnStats, calibration_walk, check_calibration
 from .masks import (
     PruneReport,
@@ -65,6 +65,7 @@ def wanda(
     check_pruneable(model, "prune.wanda")
     check_divisible(weight_linears(model), nm)
     check_calibration(calibration, model)
+    check_count(batch_size, "batch_size")
     start = time.perf_counter()
 
     def make_stats(name, linear):

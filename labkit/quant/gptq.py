@@ -23,7 +23,7 @@ import time
 import torch
 
 from .. import walk
-from ..transform import all_or_nothing, check_model, record, replace_data
+from ..transform import all_or_nothing, check_count, check_damping, check_model, record, replace_data
 from .formats import check_bits, check_group_size, check_weight, find_params, group_index, quantize_codes, round_to_grid
 from .qlinear import QuantLinear, QuantReport, check_model_settings, set_module
 
@@ -215,11 +215,10 @@ def gptq(
         raise ValueError(
             "keep_zeros=True needs an integer zero point (float_offset=False): only then is 0 exactly on the grid."
         )
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"blocksize={blocksize!r}: need a positive integer number of columns, e.g. 128.")
-    if not 0 <= percdamp < float("inf"):
-        raise ValueError(f"percdamp={percdamp!r}: need a finite non-negative fraction of mean(diag H), e.g. 0.01.")
+    check_count(blocksize, "blocksize", 128)
+    check_damping(percdamp)
     walk.check_calibration(calibration, model)
+    check_count(batch_size, "batch_size")
     report = QuantReport("GPTQ", bits, group_size, sym, float_offset, act_order, packed=pack)
     start = time.perf_counter()
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import decoder_layers, linear_layers, set_module
-from ..transform import all_or_nothing, check_model, record
+from ..transform import all_or_nothing, check_count, check_model, record
 from ..walk import check_calibration
 from .int8 import Int8Linear, check_threshold, int8_linears, matmul_path
 
@@ -62,6 +62,7 @@ def llm_int8(model, threshold: float = 6.0, calibration: torch.Tensor | None = N
     check_model(model, "quant.llm_int8")
     if calibration is not None:
         check_calibration(calibration, model)
+        check_count(batch_size, "batch_size", 4)
     report = Int8Report("LLM.int8()", f"threshold {threshold:g}")
     start = time.perf_counter()
     report.layers, report.params = to_int8(model, "llm.int8", threshold)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import walk
-from ..transform import all_or_nothing, check_model, record, replace_data
+from ..transform import all_or_nothing, check_count, check_model, record, replace_data
 from .int8 import int8_matmul, matmul_path
 from .llm_int8 import Int8Report, to_int8
 
@@ -83,6 +83,7 @@ def smooth(model, calibration: torch.Tensor, alpha: float = 0.5, device=None, ba
     check_alpha(alpha)
     check_model(model, "quant.smooth")
     walk.check_calibration(calibration, model)
+    check_count(batch_size, "batch_size")
     report = SmoothReport(alpha)
     start = time.perf_counter()
     watched = {names[0]: norm for norm, names in SMOOTH_GROUPS.items()}  # q_proj and gate_proj see each norm's output
