@@ -2,13 +2,15 @@
 
     @all_or_nothing
     def rtn(model, bits, ...):
-        check_data(model, "quant.rtn")                   # real data on a real device, finite weights
-        refuse_second(model, "quant.rtn", QUANTIZERS)    # a model is quantized once
-        ...change the model...
-        record(model, "RTN", "W4 g32")                   # labkit.transform.history(model) tells what was done
+        check_model(model, "quant.rtn")             # a Llama with real (not meta), finite weights, not yet quantized
+        ...check every other argument and every layer, then change the model...
+        record(model, "RTN", "W4 g32", "quantize")  # labkit.transform.history(model) tells what was done
 
-`all_or_nothing` restores the model when the call raises, at any point: every module's attributes
-(submodules, parameters, buffers, sizes), each parameter's and buffer's tensor, and the config. The
+Pruning then quantizing is allowed (lesson 12: SparseGPT 2:4, then GPTQ with keep_zeros); anything after a
+quantization is refused with a message, since the weights are then codes, not the float weights a method expects.
+
+`all_or_nothing` restores the model when the call raises, at any point (an interrupt included): every module's
+attributes (submodules, parameters, buffers, sizes), each parameter's and buffer's tensor, and the config. The
 snapshot holds references, not copies, so it costs nothing; this works because labkit's transforms never
 write into a tensor the model already holds: they install new tensors or new modules (`replace_data`).
 The replaced tensors stay alive until the call returns, so a call that rewrites every decoder weight (Wanda,
@@ -35,7 +37,7 @@ class Compression:
 
     method: str
     setting: str
-    kind: str  # "quantize" | "prune" | "lowrank"
+    kind: str  # "prune" | "quantize" | "lowrank" | "smooth" (SmoothQuant's equivalent rescaling)
 
 
 ATTRIBUTE = "labkit_compression"  # a list of Compression on the model (survives copy.deepcopy and .to())
