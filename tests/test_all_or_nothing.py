@@ -330,3 +330,23 @@ def test_transforms_that_need_data_name_the_meta_device(name, model, cal):
     meta = model.to("meta")
     with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight is on the meta device"):
         TRANSFORMS[name](meta, cal)
+
+
+def test_all_or_nothing_undoes_moves_new_modules_attributes_and_config(model):
+    # what a failing walk on a GPU leaves behind, imitated on the CPU: a layer converted by .to() (the walk moves
+    # each layer to the compute device), a module replaced, an attribute and the config changed, in-place-free
+    @transform.all_or_nothing
+    def half_done(m):
+        m.model.layers[0].to(torch.float64)
+        m.model.layers[1].mlp.down_proj = torch.nn.Linear(160, 64)
+        m.model.layers[1].self_attn.num_key_value_groups = 7
+        m.config.intermediate_size = 1
+        transform.record(m, "half", "done", "prune")
+        raise KeyboardInterrupt  # an interrupt (Ctrl-C in a notebook) restores the model too
+
+    before = state(model)
+    with pytest.raises(KeyboardInterrupt):
+        half_done(model)
+    assert_unchanged(model, before)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    assert model.model.layers[1].self_attn.num_key_value_groups == 2
