@@ -215,13 +215,10 @@ def llama_sequential(
                 gptq[name].quantizer = Quantizer()
                 gptq[name].quantizer.configure(wbits, perchannel=True, sym=sym, fp16_scales=fp16_scales)
 
-            def add_batch(name):
-                def tmp(_, inp, out):
-                    gptq[name].add_batch(inp[0].data, out.data)
-
-                return tmp
-
-            handles = [subset[name].register_forward_hook(add_batch(name)) for name in subset]
+            handles = [
+                subset[name].register_forward_hook(lambda _, inp, out, g=gptq[name]: g.add_batch(inp[0].data, out.data))
+                for name in subset
+            ]
             for j in range(len(inps)):
                 layer(inps[j], **cache[j])
             for h in handles:
@@ -231,7 +228,6 @@ def llama_sequential(
                 gptq[name].free()
         inps = [layer(inps[j], **cache[j]) for j in range(len(inps))]  # the next layer's inputs
         layers[i] = layer
-        del gptq
 
 
 # --- the comparison -----------------------------------------------------------------------------------
@@ -275,7 +271,7 @@ def smoke() -> None:
         ours = quant.gptq_quantize_weight(W, H, bits, gs, act_order=act)[0]
         same = torch.equal(ours, linear.weight.data)
         print(
-            f"one layer W{bits} {'g%d' % gs if gs else 'per-channel'}{' act-order' if act else ''}: "
+            f"one layer W{bits} {f'g{gs}' if gs else 'per-channel'}{' act-order' if act else ''}: "
             f"labkit == reference: {same}"
         )
         assert same, "labkit and the reference disagree on the same layer and Hessian"
@@ -321,18 +317,18 @@ def main(argv=None):
     try:
         seeds = [int(x) for x in args.seeds.split(",")]
     except ValueError:
-        raise SystemExit(f"--seeds={args.seeds!r}: use comma-separated integers, e.g. 0,1,2.")
+        raise SystemExit(f"--seeds={args.seeds!r}: use comma-separated integers, e.g. 0,1,2.") from None
 
     torch.manual_seed(0)
-    model, tokenizer = models.load(
-        P.model, device=P.device, dtype=P.dtype
-    )  # fills the pristine copy; later loads copy it
+    # This load fills the pristine copy; later loads copy it.
+    model, tokenizer = models.load(P.model, device=P.device, dtype=P.dtype)
     del model
     test_ids = data.test_tokens(tokenizer)
     calibs = {seed: data.calibration(tokenizer, P.calib_samples, P.seqlen, seed=seed) for seed in seeds}
     print(
         f"{P.name} profile: {P.model}, {P.calib_samples} calibration samples of {P.seqlen} tokens (seeds {seeds}), "
-        f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; {torch.get_num_threads()} threads; "
+        f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; "
+        f"{torch.get_num_threads()} threads; "
         f"reference scales in {'fp16' if args.fp16_scales else 'fp32'}"
     )
     print(
@@ -344,7 +340,7 @@ def main(argv=None):
         bits, gs = table[key]
         for order in args.act_order.split(","):
             act = orders[order]
-            name = f"W{bits} {'g%d' % gs if gs else 'per-channel'}{' act-order' if act else ''}"
+            name = f"W{bits} {f'g{gs}' if gs else 'per-channel'}{' act-order' if act else ''}"
             runs = []
             for seed in seeds:
                 ppl_l, sec_l = run(P, test_ids, calibs[seed], bits, gs, act, "labkit")
