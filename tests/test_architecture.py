@@ -1,11 +1,13 @@
 """labkit's import graph, read from the source with `ast` (every import statement, also those inside
 functions): pruning does not need distillation, the kernels use labkit.quant only through its 4-bit
 layout, and no module or package imports itself back through others. Each rule is also run on a small
-hand-made graph that breaks it, so a rule that could never fail would show here."""
+hand-made graph that breaks it, so a rule that could never fail would show here. Last, the README's
+lesson -> module map names exactly the modules the package has."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,43 @@ def test_find_cycle_on_small_graphs():
 @pytest.mark.parametrize("package", ["labkit.prune", "labkit.distill", "labkit.kernels", "labkit.quant"])
 def test_packages_are_found(package):
     assert package in GRAPH and len(in_package(package)) > 2
+
+
+# --- the README's lesson -> module map --------------------------------------------------------------
+
+NOT_IN_THE_MAP = {"course.py"}  # the runner of the lessons (python -m labkit.course), not a technique
+
+
+def lesson_map(readme: str) -> dict[str, set[str]]:
+    """{lesson: module paths under labkit/} from the README's table rows `| NN | modules |`, where
+    `dir/` (`a.py`, `b.py`) names dir/a.py and dir/b.py, and any other `x.py` or `dir/x.py` itself."""
+    lessons = {}
+    for lesson, cell in re.findall(r"^\s*\| (\d\d) \| ([^|]+) \|\s*$", readme, re.M):
+        paths = set()
+        for folder, inside in re.findall(r"`(\w+)/` \(([^)]*)\)", cell):
+            paths.update(f"{folder}/{name}" for name in re.findall(r"`([\w.]+\.py)`", inside))
+        rest = re.sub(r"`(\w+)/` \(([^)]*)\)", "", cell)
+        paths.update(re.findall(r"`([\w/]+\.py)`", rest))
+        lessons[lesson] = paths
+    return lessons
+
+
+def test_readme_lesson_map_matches_the_package():
+    mapped = lesson_map((LABKIT.parent / "README.md").read_text())
+    assert sorted(mapped) == [f"{i:02d}" for i in range(13)], f"the map should have lessons 00-12; has {sorted(mapped)}"
+    named = set().union(*mapped.values())
+    modules = {
+        str(path.relative_to(LABKIT))
+        for path in LABKIT.rglob("*.py")
+        if not path.name.startswith("_") and path.parts[-2] != "check"
+    } - NOT_IN_THE_MAP
+    assert not named - modules, f"the README's map names modules that do not exist: {sorted(named - modules)}"
+    assert not modules - named, f"modules missing from the README's lesson map: {sorted(modules - named)}"
+
+
+def test_lesson_map_parser():
+    readme = (
+        "| 01 | `00_baseline` | not the map |\n"
+        "  | 07 | `distill/` (`losses.py`, `trainer.py`), `prune/depth.py` (ShortGPT, `drop_layers`), `lora.py` |\n"
+    )
+    assert lesson_map(readme) == {"07": {"distill/losses.py", "distill/trainer.py", "prune/depth.py", "lora.py"}}
