@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from labkit import distill, evaluate, models
+from labkit import distill, evaluate, models, prune
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,7 +124,7 @@ def test_loss_errors():
     for beta in (0, 1, 1.5):
         with pytest.raises(ValueError, match=f"beta={beta}"):
             distill.jsd(s, t, beta=beta)
-    with pytest.raises(ValueError, match="student logits have 5 .* teacher logits 7"):
+    with pytest.raises(ValueError, match=r"student logits have 5 .* teacher logits 7"):
         distill.reverse_kl(s, torch.zeros(2, 7))
     with pytest.raises(ValueError, match="mask selects no tokens"):
         distill.forward_kl(s, t, mask=torch.zeros(2, dtype=torch.bool))
@@ -136,12 +136,12 @@ def test_loss_errors():
 
 
 def test_drop_layers_keeps_the_model_runnable(teacher, data):
-    student = distill.drop_layers(teacher)  # every other layer: [0]
+    student = prune.drop_layers(teacher)  # every other layer: [0]
     assert len(student.model.layers) == 1 and student.config.num_hidden_layers == 1
     assert len(teacher.model.layers) == 2  # the teacher is untouched
     assert student(data).logits.shape == teacher(data).logits.shape
     torch.testing.assert_close(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)
-    second = distill.drop_layers(teacher, keep=[1])
+    second = prune.drop_layers(teacher, keep=[1])
     assert second.model.layers[0].self_attn.layer_idx == 0  # renumbered for the KV cache
     out = second.generate(data[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 9)
@@ -154,7 +154,7 @@ def test_drop_layers_keeps_the_model_runnable(teacher, data):
 def test_drop_layers_errors(teacher):
     for keep in ([2], [1, 0], [0, 0], []):
         with pytest.raises(ValueError, match="increasing list of distinct layer indices"):
-            distill.drop_layers(teacher, keep=keep)
+            prune.drop_layers(teacher, keep=keep)
 
 
 def test_fresh_student_shares_vocabulary(teacher):
@@ -173,7 +173,7 @@ def test_fresh_student_shares_vocabulary(teacher):
 
 
 def test_distill_lowers_the_divergence_and_is_deterministic(teacher, data):
-    student = distill.drop_layers(teacher, keep=[0])
+    student = prune.drop_layers(teacher, keep=[0])
     before = kl_on(student, teacher, data)
     teacher_state = copy.deepcopy(teacher.state_dict())
     curve = distill.distill(student, teacher, data, steps=8, lr=2e-3, batch_size=4, grad_accum=2, progress=False)
@@ -183,7 +183,7 @@ def test_distill_lowers_the_divergence_and_is_deterministic(teacher, data):
     for name, value in teacher.state_dict().items():  # the teacher never changes
         torch.testing.assert_close(value, teacher_state[name])
     again = distill.distill(
-        distill.drop_layers(teacher, keep=[0]),
+        prune.drop_layers(teacher, keep=[0]),
         teacher,
         data,
         steps=8,
@@ -196,7 +196,7 @@ def test_distill_lowers_the_divergence_and_is_deterministic(teacher, data):
 
 
 def test_on_policy_distillation(teacher, data):
-    student = distill.drop_layers(teacher, keep=[0])
+    student = prune.drop_layers(teacher, keep=[0])
     before = kl_on(student, teacher, data)
     curve = distill.distill(
         student,
@@ -228,13 +228,13 @@ def test_sample_with_cache_matches_full_forward(teacher, data):
 
 def test_finetune_lowers_cross_entropy(teacher):
     pattern = (torch.arange(24)[None] + 7 * torch.arange(8)[:, None]) % 256  # next token = this one + 1
-    student = distill.drop_layers(teacher, keep=[0])
+    student = prune.drop_layers(teacher, keep=[0])
     curve = distill.finetune(student, pattern, steps=10, lr=3e-3, progress=False)
     assert curve[-1] < 0.7 * curve[0]
 
 
 def test_distill_argument_errors(teacher, data):
-    student = distill.drop_layers(teacher, keep=[0])
+    student = prune.drop_layers(teacher, keep=[0])
     with pytest.raises(ValueError, match="loss='kl'"):
         distill.distill(student, teacher, data, steps=1, loss="kl", progress=False)
     with pytest.raises(ValueError, match="steps=0"):
@@ -273,7 +273,7 @@ def test_layer_states_are_the_layer_boundaries(teacher, data):
 
 
 def test_block_influence_is_one_minus_cosine(teacher, data):
-    bi = distill.block_influence(teacher, data)
+    bi = prune.block_influence(teacher, data)
     states, _ = distill.layer_states(teacher, data)
     assert len(bi) == 2
     cos = torch.nn.functional.cosine_similarity(states[1], states[2], dim=-1).mean().item()
@@ -282,7 +282,7 @@ def test_block_influence_is_one_minus_cosine(teacher, data):
     with torch.no_grad():  # a layer whose attention and MLP add nothing leaves the stream unchanged: BI = 0
         identity.model.layers[1].self_attn.o_proj.weight.zero_()
         identity.model.layers[1].mlp.down_proj.weight.zero_()
-    assert distill.block_influence(identity, data)[1] == pytest.approx(0, abs=1e-6)
+    assert prune.block_influence(identity, data)[1] == pytest.approx(0, abs=1e-6)
 
 
 def test_blockwise_distill_replaces_a_span(teacher, data):

@@ -1,4 +1,4 @@
-"""Structured pruning (labkit.prune.structured, flap, llm_pruner) on the tiny random Llama (GQA: 4 query / 2 KV heads)."""
+"""Structured pruning (prune.structured, flap, llm_pruner) and LoRA recovery on the tiny Llama (4 q / 2 KV heads)."""
 
 import copy
 
@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from labkit import models, prune
+from labkit.lora import LoRALinear, lora_recover
 
 
 @pytest.fixture(scope="module")
@@ -227,16 +228,16 @@ def test_llm_pruner_skips_layers(model, calibration):
 def test_lora_recovery_merges_back(model, calibration, batch):
     prune.llm_pruner(model, calibration, 0.3)
     flags = [p.requires_grad for p in model.parameters()]
-    report = prune.lora_recover(model, calibration, steps=3, lr=1e-3, batch_size=2)
+    report = lora_recover(model, calibration, steps=3, lr=1e-3, batch_size=2)
     assert len(report["loss"]) == 3 and report["seconds"] > 0
-    assert not any(isinstance(m, prune.LoRALinear) for m in model.modules())
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == flags
     assert torch.isfinite(logits(model, batch)).all()
 
 
 def test_lora_linear_merge_is_exact():
     base = nn.Linear(6, 4)
-    lora = prune.LoRALinear(base, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
+    lora = LoRALinear(base, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         lora.B.normal_()
     x = torch.randn(3, 6)
@@ -266,8 +267,6 @@ def test_bad_calibration_and_arguments(model):
         prune.flap(model, torch.zeros(2, 8), 0.2)
     with pytest.raises(ValueError, match=r"calibration must be a LongTensor"):
         prune.llm_pruner(model, torch.zeros(8, dtype=torch.long), 0.2)
-    with pytest.raises(ValueError, match=r"recover_steps=-1"):
-        prune.llm_pruner(model, torch.zeros(2, 8, dtype=torch.long), 0.2, recover_steps=-1)
     with pytest.raises(ValueError, match=r"layers=\[5\]"):
         prune.llm_pruner(model, torch.zeros(2, 8, dtype=torch.long), 0.2, layers=[5])
     with pytest.raises(ValueError, match=r"flap needs calibration"):
