@@ -12,6 +12,7 @@ describe_student(student, teacher)     parameters and weight bytes, and their ra
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..evaluate import weight_bytes
 from ..models import check_llama, parameter_count
+from ..walk import layer_states
 
 
 def vocab_size(model) -> int:
@@ -81,12 +83,10 @@ def block_influence(model, tokens: torch.Tensor, batch_size: int = 8) -> list[fl
     drop. tokens: [n, seqlen]. Returns one value per layer; keep the largest:
     keep = sorted(sorted(range(L), key=bi.__getitem__)[L - n_keep:]).
     """
-    from .trainer import layer_states
-
     states, _ = layer_states(model, tokens, batch_size)
     return [
         1 - torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
-        for a, b in zip(states[:-1], states[1:])
+        for a, b in itertools.pairwise(states)
     ]
 
 
