@@ -7,6 +7,6 @@ Technique packages: labkit.prune, labkit.quant, labkit.distill, labkit.lowrank, 
 labkit.serving (import them by name; labkit.kernels loads Triton only when a kernel first runs).
 """
 
-from . import data, evaluate, models, profiles, results, walk
+from . import data, evaluate, models, profiles, results, threads, walk
 
 __version__ = "0.1.0"
