@@ -131,12 +131,17 @@ def capture(
     check_calibration(tokens, model, name=name)
     inner = model.model
     stations = [*inner.layers, inner.norm]  # the modules that receive boundary 0..L
-    wanted = list(range(len(stations))) if boundaries is None else list(boundaries)
-    if not wanted or any(isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < len(stations) for b in wanted):
+    wanted = list(range(len(stations))) if boundaries is None else boundaries
+    if (
+        not isinstance(wanted, (list, tuple, range))
+        or not wanted
+        or any(isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < len(stations) for b in wanted)
+    ):
         raise ValueError(
-            f"boundaries={boundaries!r}: need indices in 0..{len(inner.layers)} (i < {len(inner.layers)}: the "
-            f"input of decoder layer i; {len(inner.layers)}: the last layer's output), or None for all."
+            f"boundaries={boundaries!r}: need a list of indices in 0..{len(inner.layers)} (i < {len(inner.layers)}: "
+            f"the input of decoder layer i; {len(inner.layers)}: the last layer's output), e.g. [0], or None for all."
         )
+    wanted = list(wanted)
     last = max(wanted)
     seen: dict = {}  # this batch: boundary -> hidden states, and "kwargs"
 
@@ -184,6 +189,7 @@ def layer_inputs(model, tokens: torch.Tensor, index: int, batch_size: int = 8) -
     every window, so any batch of the inputs can be replayed with them. One forward per batch,
     stopped at layer `index`.
     """
+    check_llama(model, "layer_inputs")
     n_layers = len(model.model.layers)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n_layers:
         raise ValueError(f"index={index!r}: the model has decoder layers 0..{n_layers - 1}.")

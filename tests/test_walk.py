@@ -226,8 +226,9 @@ def test_capture_removes_its_hooks_after_an_error(tiny):
     finally:
         handle.remove()
     assert all(not m._forward_pre_hooks for m in stations)
-    with pytest.raises(ValueError, match=r"boundaries=\[3\]: need indices in 0..2"):
-        walk.capture(model, CALIB, [3])
+    for bad in ([3], [], 1, [True]):
+        with pytest.raises(ValueError, match=r"boundaries=.*: need a list of indices in 0..2"):
+            walk.capture(model, CALIB, bad)
     with pytest.raises(ValueError, match=r"index=2: the model has decoder layers 0..1"):
         walk.layer_inputs(model, CALIB, 2)
     assert all(not m._forward_pre_hooks for m in stations)
