@@ -40,7 +40,7 @@ the criteria are checked on the means.
 Where the time goes differs: labkit runs each layer on batches of 8 calibration samples (the
 reference, one sample at a time); while observing a group of linears it stops each forward pass as
 soon as the group has seen its inputs (labkit.walk: q/k/v need only the input norm, not the layer);
-and it quantizes on one CPU thread (labkit.quant.gptq._one_thread), while the reference splits its
+and it quantizes on one CPU thread (gptq(..., threads=1), the default), while the reference splits its
 many tiny per-column operations across all threads, which costs little on a quiet machine and a great
 deal on a shared one.
 
@@ -228,6 +228,7 @@ def llama_sequential(
                 gptq[name].free()
         inps = [layer(inps[j], **cache[j]) for j in range(len(inps))]  # the next layer's inputs
         layers[i] = layer
+        del gptq
 
 
 # --- the comparison -----------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def smoke() -> None:
         ref.quantizer = Quantizer()
         ref.quantizer.configure(bits, fp16_scales=True)
         ref.fasterquant(groupsize=gs or -1, actorder=act)
-        ours = quant.gptq_quantize_weight(W, H, bits, gs, act_order=act)[0]
+        ours = quant.gptq_quantize_weight(W, H, bits, gs, act_order=act).weight
         same = torch.equal(ours, linear.weight.data)
         print(
             f"one layer W{bits} {f'g{gs}' if gs else 'per-channel'}{' act-order' if act else ''}: "
@@ -320,8 +321,9 @@ def main(argv=None):
         raise SystemExit(f"--seeds={args.seeds!r}: use comma-separated integers, e.g. 0,1,2.") from None
 
     torch.manual_seed(0)
-    # This load fills the pristine copy; later loads copy it.
-    model, tokenizer = models.load(P.model, device=P.device, dtype=P.dtype)
+    model, tokenizer = models.load(
+        P.model, device=P.device, dtype=P.dtype
+    )  # fills the pristine copy; later loads copy it
     del model
     test_ids = data.test_tokens(tokenizer)
     calibs = {seed: data.calibration(tokenizer, P.calib_samples, P.seqlen, seed=seed) for seed in seeds}

@@ -8,6 +8,6 @@ labkit.kernels, labkit.serving, labkit.parallel (import them by name; labkit.ker
 only when a kernel first runs). The README's "For contributors" maps each lesson to its modules.
 """
 
-from . import data, evaluate, models, profiles, results, walk
+from . import data, evaluate, models, profiles, results, threads, walk
 
 __version__ = "0.1.0"

@@ -239,8 +239,12 @@ def test_distill_argument_errors(teacher, data):
         distill.distill(student, teacher, data, steps=1, loss="kl", progress=False)
     with pytest.raises(ValueError, match="steps=0"):
         distill.distill(student, teacher, data, steps=0, progress=False)
-    with pytest.raises(ValueError, match=r"LongTensor of token windows \[n, seqlen\]"):
+    with pytest.raises(ValueError, match=r"data must be a LongTensor of token ids"):
         distill.finetune(student, data.float(), steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"data holds 0 windows of 24 tokens"):  # not an endless wait for a batch
+        distill.finetune(student, data[:0], steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"data holds 8 windows of 1 tokens; need .* seqlen >= 2"):
+        distill.distill(student, teacher, data[:, :1], steps=1, progress=False)
     with pytest.raises(ValueError, match="temperature=0"):
         distill.distill(student, teacher, data, steps=1, temperature=0, progress=False)
 

@@ -9,10 +9,11 @@
 Losses (losses.py): forward_kl (Hinton et al., 2015), reverse_kl, jsd (GKD's generalized JSD,
 Agarwal et al., 2024), hidden_mse. Loops (trainer.py): distill (off- or on-policy), finetune,
 blockwise_distill (one block against its teacher block, or against the span of teacher layers it
-replaces: layer_states gives every layer boundary in one pass). Students (students.py); depth
-pruning (drop_layers, ShortGPT's block_influence) is labkit.prune.depth.
+replaces: layer_states, from labkit.walk, gives every layer boundary in one pass). Students (students.py);
+depth pruning (drop_layers, ShortGPT's block_influence) is labkit.prune.depth.
 """
 
+from ..walk import layer_inputs, layer_states  # the walk owns layer capture; here for block-wise distillation
 from .losses import (
     LOSSES,
     check_beta,
@@ -32,7 +33,7 @@ from .students import (
     fresh_student,
     vocab_size,
 )
-from .trainer import batches, blockwise_distill, check_tokens, distill, finetune, layer_inputs, layer_states, sample
+from .trainer import batches, blockwise_distill, distill, finetune, sample
 
 __all__ = [
     "LOSSES",
@@ -43,7 +44,6 @@ __all__ = [
     "check_beta",
     "check_logits",
     "check_temperature",
-    "check_tokens",
     "check_vocab",
     "describe_student",
     "distill",

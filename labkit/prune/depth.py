@@ -12,13 +12,14 @@ distill (labkit.distill, lesson 07).
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..models import check_llama
-from ..walk import capture_layer0_inputs
+from ..walk import layer_states
 
 
 def drop_layers(model, keep: list[int] | None = None):
@@ -65,16 +66,8 @@ def block_influence(model, tokens: torch.Tensor, batch_size: int = 8) -> list[fl
     keep = sorted(sorted(range(L), key=bi.__getitem__)[L - n_keep:]).
     """
     check_llama(model, "block_influence")
-    device = next(model.parameters()).device
-    batches = capture_layer0_inputs(model, tokens, device, batch_size)  # the walk: x_0, batch by batch
-    influence = []
-    for layer in model.model.layers:
-        outputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in batches]  # x_{i+1}
-        x_in = torch.cat([hidden for hidden, _ in batches]).float()  # [n, seqlen, hidden]
-        x_out = torch.cat([hidden for hidden, _ in outputs]).float()
-        influence.append(1 - F.cosine_similarity(x_in, x_out, dim=-1).mean().item())
-        batches = outputs
-    return influence
+    states, _ = layer_states(model, tokens, batch_size)  # x_0 ... x_L from one forward pass per batch
+    return [1 - F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item() for a, b in itertools.pairwise(states)]
 
 
 __all__ = ["block_influence", "drop_layers"]
