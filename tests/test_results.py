@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 
@@ -68,18 +69,59 @@ def test_every_reference_states_value_tolerance_and_origin():
             assert ref["value"] > 0 and 0 < ref["rtol"] <= limit and ref["origin"], key
 
 
-def test_update_mode_writes_measured_cpu_reference(tmp_path, monkeypatch):
+def test_check_keeps_what_it_measured_and_never_writes_references(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path / "results"))
     refs = tmp_path / "references.json"
-    refs.write_text(json.dumps({"k": {"gpu": {"value": 5.68, "rtol": 0.01, "origin": "paper"}}}))
+    refs.write_text(json.dumps({"k": {"cpu": {"value": 10.0, "rtol": 0.01, "origin": "o"}}}))
     monkeypatch.setattr(results, "REFERENCES_FILE", refs)
-    monkeypatch.setenv("LABKIT_UPDATE_REFERENCES", "1")
-    assert results.check_reference("k", 12.345678, "cpu", "local:x").startswith("OK k")
-    stored = json.loads(refs.read_text())["k"]
-    assert stored["cpu"] == {"value": 12.3457, "rtol": 0.02, "origin": "measured by this code", "data": "local"}
-    assert stored["gpu"]["value"] == 5.68  # published numbers are never overwritten
-    monkeypatch.delenv("LABKIT_UPDATE_REFERENCES")
+    before = refs.read_text()
     with pytest.raises(AssertionError):
-        results.check_reference("k", 20.0, "cpu", "local:x")
+        results.check_reference("k", 12.345678, "cpu", "local:x")
+    assert results.check_reference("k", 10.01, "cpu", "hub:w").startswith("OK k")
+    assert refs.read_text() == before  # a check only checks
+    assert results.measured("cpu") == {"k": {"key": "k", "value": 10.01, "data": "hub"}}  # the last one wins
+    assert results.measured("gpu") == {}
+
+
+def test_update_references_writes_measured_cpu_values_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path / "results"))
+    refs = tmp_path / "references.json"
+    published = {"value": 5.68, "rtol": 0.01, "origin": "paper"}
+    old = {"value": 3.0, "rtol": 0.03, "origin": "o"}
+    refs.write_text(json.dumps({"05/k": {"gpu": published}, "06/old": {"cpu": old}}))
+    monkeypatch.setattr(results, "REFERENCES_FILE", refs)
+    with pytest.raises(LookupError, match="No measured CPU-profile values"):
+        results.update_references()
+    for key, value in (("05/k", 12.345678), ("06/old", 3.5), ("07/other", 1.0)):
+        with pytest.raises((AssertionError, KeyError)):  # no CPU reference yet, or outside it
+            results.check_reference(key, value, "cpu", "local:x")
+    with pytest.raises(AssertionError):
+        results.check_reference("05/k", 6.0, "gpu")  # measured on the GPU profile: never written
+    changes = results.update_references(["05", "06"])
+    assert changes == [("05/k", None, 12.3457), ("06/old", 3.0, 3.5)]
+    stored = json.loads(refs.read_text())
+    assert stored["05/k"] == {
+        "gpu": published,  # published numbers are never overwritten
+        "cpu": {"value": 12.3457, "rtol": 0.02, "origin": "measured by this code", "data": "local"},
+    }
+    assert stored["06/old"]["cpu"] == {**old, "value": 3.5, "data": "local"}  # keeps its tolerance and origin
+    assert "07/other" not in stored
+    assert results.check_reference("05/k", 12.3457, "cpu", "local:x").startswith("OK 05/k")
+    with pytest.raises(LookupError):
+        results.update_references(["05"], since=time.time() + 60)  # nothing measured since
+
+
+def test_update_references_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path / "results"))
+    refs = tmp_path / "references.json"
+    refs.write_text(json.dumps({"01/k": {"cpu": {"value": 2.0, "rtol": 0.01, "origin": "o"}}}))
+    monkeypatch.setattr(results, "REFERENCES_FILE", refs)
+    with pytest.raises(SystemExit, match="No measured CPU-profile values"):
+        results.main(["update-references", "01"])
+    results.check_reference("01/k", 2.01, "cpu", "local:x")
+    results.main(["update-references", "01"])
+    assert "01/k: 2.0 -> 2.01" in capsys.readouterr().out
+    assert json.loads(refs.read_text())["01/k"]["cpu"]["value"] == 2.01
 
 
 def test_require_returns_rows_in_order_and_names_what_is_missing():

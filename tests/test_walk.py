@@ -28,7 +28,7 @@ def layer_inputs(model, calib):
 
 
 def test_walk_sees_exactly_what_the_model_computes(tiny):
-    model, _ = tiny
+    model = tiny
     expected = layer_inputs(model, CALIB)
     seen = []
 
@@ -43,7 +43,7 @@ def test_walk_sees_exactly_what_the_model_computes(tiny):
 
 
 def test_changes_propagate_to_later_layers(tiny):
-    model, _ = tiny
+    model = tiny
     seen = {}
 
     def update(i, layer, stats):
@@ -57,7 +57,7 @@ def test_changes_propagate_to_later_layers(tiny):
 
 
 def test_sequential_groups_see_inputs_after_earlier_changes(tiny):
-    model, _ = tiny
+    model = tiny
     seen = {}
 
     def update(i, layer, stats):
@@ -90,7 +90,7 @@ def test_hessian_and_column_stats_match_direct_formulas():
 
 
 def test_layers_return_to_their_device_and_errors(tiny):
-    model, _ = tiny
+    model = tiny
     walk.calibration_walk(model, CALIB, lambda n, lin: None, lambda i, layer, s: None, device="cpu")
     assert all(p.device.type == "cpu" for p in model.parameters())
     with pytest.raises(ValueError, match=r"LongTensor of token ids shaped \[n_samples, seqlen\]; got \(24,\)"):
@@ -106,7 +106,7 @@ def test_layers_return_to_their_device_and_errors(tiny):
 def test_observation_stops_once_the_group_has_its_inputs(tiny):
     # q/k/v's inputs need only the input norm: nothing after them runs while they are observed,
     # and each statistic still receives every batch exactly once
-    model, _ = tiny
+    model = tiny
     calls = {"o_proj": 0, "down_proj": 0}
     layer0 = model.model.layers[0]
     hooks = [
