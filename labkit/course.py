@@ -2,6 +2,7 @@
 
     python -m labkit.course                 # executed copies go to build/executed/
     python -m labkit.course --in-place 00   # re-execute lesson 00 and store its outputs (authors)
+    python -m labkit.course --update-references 01   # store lesson 01's newly measured CPU references (authors)
 
 Executed notebooks keep their outputs but not live widget views (tqdm bars, sliders): those need
 a running kernel, and a stored copy of them would render as an error in the book.
@@ -45,15 +46,21 @@ def strip_widgets(nb) -> None:
         cell.outputs = kept
 
 
-def execute(path: Path, out_path: Path, timeout: int = 1800) -> float:
-    """Execute one notebook top to bottom in its own folder; returns the seconds it took."""
+def execute(path: Path, out_path: Path, timeout: int = 1800, allow_errors: bool = False) -> float:
+    """Execute one notebook top to bottom in its own folder; returns the seconds it took.
+
+    allow_errors: run every cell even after one raised (the errors stay in the stored outputs)."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        allow_errors=allow_errors,
+        resources={"metadata": {"path": str(path.parent)}},
     ).execute()
     strip_widgets(nb)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,13 +73,23 @@ def main(argv=None) -> None:
     parser.add_argument("select", nargs="*", help="lesson prefixes to run, e.g. 00 03 (default: all)")
     parser.add_argument("--in-place", action="store_true", help="store outputs in notebooks/ (authors only)")
     parser.add_argument("--out", default=str(ROOT / "build" / "executed"), help="folder for executed copies")
+    parser.add_argument(
+        "--update-references",
+        action="store_true",
+        help="authors, after a deliberate change: run the lessons (a failed check does not stop them), store the "
+        "CPU-profile values their checks measured in labkit/references.json, then re-run them --in-place",
+    )
     args = parser.parse_args(argv)
 
     from . import profiles, results
 
     profile = profiles.get()
     print(f"Profile {profile.name!r}: {profile.model}, seqlen {profile.seqlen}. Results go to {results.results_dir()}.")
-    for path in lessons(select=args.select):
+    selected = lessons(select=args.select)
+    if args.update_references:
+        update_references(selected, Path(args.out), profile.name)
+        args.in_place = True
+    for path in selected:
         target = path if args.in_place else Path(args.out) / path.name
         print(f"  running {path.name} ...", flush=True)
         seconds = execute(path, target)
@@ -80,6 +97,25 @@ def main(argv=None) -> None:
     rows = results.load_rows(profile.name)
     print(f"\nResults ({profile.name} profile, {len(rows)} rows):\n")
     print(results.table(rows) if rows else "(no rows recorded)")
+
+
+def update_references(paths: list[Path], out: Path, profile: str) -> None:
+    """Run `paths` to measure, then write what their reference checks measured to references.json (CPU only)."""
+    from . import results
+
+    if profile != "cpu":
+        raise SystemExit(
+            f"--update-references stores CPU-profile references; this is the {profile!r} profile "
+            "(published GPU-profile values are never overwritten). Set LABKIT_PROFILE=cpu."
+        )
+    start = time.time()
+    for path in paths:
+        print(f"  measuring {path.name} ...", flush=True)
+        execute(path, out / path.name, allow_errors=True)
+    changes = results.update_references([path.name[:2] for path in paths], since=start)
+    for key, old, new in changes:
+        print(f"  {key}: {'(new)' if old is None else old} -> {new}")
+    print(f"  {len(changes)} CPU-profile reference(s) written to {results.REFERENCES_FILE}; storing the outputs:")
 
 
 if __name__ == "__main__":

@@ -154,9 +154,11 @@ def check_reference(key: str, value: float, profile: str, data: str | None = Non
     differ), so that case is reported, not checked. Raises AssertionError (naming both numbers)
     when outside the tolerance; otherwise returns a one-line verdict made only of stored values,
     so it prints identically on every run.
+
+    The measured value is also kept in the results folder (`measured_dir(profile)`), where
+    `python -m labkit.results update-references` finds it; references.json itself is never written here.
     """
-    if os.environ.get("LABKIT_UPDATE_REFERENCES") == "1" and profile == "cpu":
-        _update_reference(key, value, profile, data)
+    _keep_measured(key, value, profile, data)
     ref = reference(key, profile)
     target, rtol, origin = ref["value"], ref["rtol"], ref["origin"]
     ref_kind, run_kind = ref.get("data"), (data or "").split(":")[0] or None
@@ -174,23 +176,92 @@ def check_reference(key: str, value: float, profile: str, data: str | None = Non
     return f"OK {key}: within ±{100 * rtol:g}% of the {profile}-profile reference {target:g} ({origin})"
 
 
-def _update_reference(key: str, value: float, profile: str, data: str | None, rtol: float = 0.02) -> None:
-    """Authors only (LABKIT_UPDATE_REFERENCES=1): store a freshly measured CPU-profile value.
+def measured_dir(profile: str) -> Path:
+    """Where check_reference keeps the last value measured for each reference key of `profile`."""
+    return results_dir() / "measured" / profile
 
-    Keeps an existing entry's tolerance and origin; a new entry gets rtol 2% (compressed models
-    go through masks and factorizations whose ties can break differently on other CPUs)."""
-    import fcntl  # authors' machines only (Linux/macOS); several lessons may update at once
 
-    with open(REFERENCES_FILE.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        refs = references()
-        entry = refs.setdefault(key, {}).setdefault(profile, {"rtol": rtol, "origin": "measured by this code"})
-        entry["value"] = round(float(value), 4)
-        entry["data"] = (data or "local").split(":")[0]
-        tmp = REFERENCES_FILE.with_suffix(".tmp")
-        tmp.write_text(json.dumps(refs, indent=2) + "\n")
-        tmp.replace(REFERENCES_FILE)
+def _measured_path(key: str, profile: str) -> Path:
+    return measured_dir(profile) / (key.replace("/", "--") + ".json")  # keys look like "05/gptq-w4/perplexity"
+
+
+def _keep_measured(key: str, value: float, profile: str, data: str | None) -> None:
+    path = _measured_path(key, profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "value": float(value), "data": (data or "local").split(":")[0]}))
+    tmp.replace(path)  # atomic: lessons run in parallel under nbval may check at once
+
+
+def measured(profile: str, since: float | None = None) -> dict[str, dict]:
+    """The values check_reference last measured on `profile`: {key: {"key", "value", "data"}}.
+
+    since: a time.time() value; only values measured after it."""
+    paths = [p for p in sorted(measured_dir(profile).glob("*.json")) if since is None or p.stat().st_mtime >= since]
+    return {e["key"]: e for e in (json.loads(p.read_text()) for p in paths)}
+
+
+def update_references(
+    prefixes: list[str] | None = None, since: float | None = None, rtol: float = 0.02
+) -> list[tuple[str, float | None, float]]:
+    """Authors only: store the last measured CPU-profile values in references.json.
+
+    prefixes: reference keys to update, by prefix (a lesson number such as "05", or a whole key);
+    None updates every measured key. since: only values measured after this time.time().
+    Only CPU-profile entries are written: published GPU-profile values are never overwritten. An
+    existing entry keeps its tolerance and origin; a new entry gets rtol 2% (compressed models go
+    through masks and factorizations whose ties can break differently on other CPUs).
+    Returns the changes as (key, old value or None, new value).
+    """
+    found = measured("cpu", since)
+    if prefixes:
+        found = {k: e for k, e in found.items() if any(k.startswith(p) for p in prefixes)}
+    if not found:
+        raise LookupError(
+            f"No measured CPU-profile values{' for ' + str(prefixes) if prefixes else ''} in {measured_dir('cpu')}. "
+            "Run the lessons on the CPU profile first (python -m labkit.course ...): each reference check keeps "
+            "what it measured there."
+        )
+    refs = references()
+    changes = []
+    for key, e in sorted(found.items()):
+        if not math.isfinite(e["value"]):
+            raise ValueError(f"{key}: the measured value is {e['value']}; a reference must be finite.")
+        entry = refs.setdefault(key, {}).setdefault("cpu", {"rtol": rtol, "origin": "measured by this code"})
+        old = entry.get("value")
+        entry["value"] = round(e["value"], 4)
+        entry["data"] = e["data"]
+        changes.append((key, old, entry["value"]))
+    tmp = REFERENCES_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(refs, indent=2) + "\n")
+    tmp.replace(REFERENCES_FILE)
+    return changes
 
 
 def field_names() -> list[str]:
     return [f.name for f in fields(Row)]
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m labkit.results",
+        description="Store the CPU-profile values that the lessons' reference checks last measured in "
+        "labkit/references.json (published GPU-profile values are never overwritten).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    update = commands.add_parser("update-references", help="write the last measured CPU-profile values")
+    update.add_argument("prefixes", nargs="*", help="reference keys by prefix, e.g. 05 (default: every measured key)")
+    args = parser.parse_args(argv)
+    try:
+        changes = update_references(args.prefixes or None)
+    except LookupError as err:
+        raise SystemExit(str(err)) from err
+    for key, old, new in changes:
+        print(f"{key}: {'(new)' if old is None else old} -> {new}")
+    print(f"{len(changes)} CPU-profile reference(s) written to {REFERENCES_FILE}.")
+
+
+if __name__ == "__main__":
+    main()
