@@ -12,6 +12,10 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 REFERENCES_FILE = Path(__file__).with_name("references.json")
 
@@ -64,6 +68,50 @@ def record(row: Row) -> Row:
     tmp.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     tmp.replace(path)  # atomic: a crash never leaves a half-written file
     return row
+
+
+def record_run(
+    profile: Profile,
+    lesson: str,
+    method: str,
+    setting: str,
+    *,
+    params: int,
+    weight_bytes: int,
+    perplexity: float | None,
+    data: str,
+    eval_windows: int | None,
+    seqlen: int | None = None,
+    runtime_bytes: int | None = None,
+    tokens_per_s: float | None = None,
+    device: str | None = None,
+    note: str = "",
+) -> Row:
+    """Record one measured row under `profile`'s protocol; returns the Row.
+
+    The profile gives the row's profile name, model, and (unless given) the perplexity's seqlen and
+    the device. eval_windows: the test windows the perplexity averaged (profile.eval_windows, or
+    profile.sweep_windows for a sweep); data: where the test text came from (labkit.data.Text.source).
+    """
+    return record(
+        Row(
+            lesson=lesson,
+            method=method,
+            setting=setting,
+            profile=profile.name,
+            model=profile.model,
+            params=params,
+            weight_bytes=weight_bytes,
+            runtime_bytes=runtime_bytes,
+            tokens_per_s=tokens_per_s,
+            perplexity=perplexity,
+            seqlen=profile.seqlen if seqlen is None else seqlen,
+            eval_windows=eval_windows,
+            data=data,
+            device=str(profile.device) if device is None else device,
+            note=note,
+        )
+    )
 
 
 def table(rows: list[Row]) -> str:
@@ -146,19 +194,22 @@ def reference(key: str, profile: str) -> dict:
     return refs[key][profile]
 
 
-def check_reference(key: str, value: float, profile: str, data: str | None = None) -> str:
+def check_reference(key: str, value: float, profile: str, data: str | None = None, *, missing_ok: bool = False) -> str:
     """Compare a measured `value` with the stored reference for `profile`, within its tolerance.
 
     data: the source of the test text (labkit.data.Text.source). A reference measured on the
     local copy of WikiText-2 is not comparable with a run on the Hub's copy (their blank lines
     differ), so that case is reported, not checked. Raises AssertionError (naming both numbers)
     when outside the tolerance; otherwise returns a one-line verdict made only of stored values,
-    so it prints identically on every run.
+    so it prints identically on every run. missing_ok: when `key` has no value for this profile
+    (a toy run that no published number matches), say so instead of raising KeyError.
 
     The measured value is also kept in the results folder (`measured_dir(profile)`), where
     `python -m labkit.results update-references` finds it; references.json itself is never written here.
     """
     _keep_measured(key, value, profile, data)
+    if missing_ok and profile not in references().get(key, {profile: None}):
+        return f"no {profile}-profile reference for {key}; measured {value:.4g}"
     ref = reference(key, profile)
     target, rtol, origin = ref["value"], ref["rtol"], ref["origin"]
     ref_kind, run_kind = ref.get("data"), (data or "").split(":")[0] or None

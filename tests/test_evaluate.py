@@ -94,3 +94,14 @@ def test_format_bytes():
     assert evaluate.format_bytes(512) == "512 B"
     assert evaluate.format_bytes(3 * 2**20) == "3.0 MiB"
     assert evaluate.format_bytes(13.5 * 2**30) == "13.5 GiB"
+
+
+def test_best_time_keeps_the_fastest_call_after_the_warmup(monkeypatch):
+    clock = iter([0.0, 5.0, 10.0, 12.0, 20.0, 23.0])  # the timed calls take 5, 2 and 3 s
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert evaluate.best_time(lambda: calls.append(1), repeats=3, warmup=2) == 2.0
+    assert len(calls) == 5  # two untimed warm-up calls, then three timed ones
+    for repeats, warmup in ((0, 0), (1, -1)):
+        with pytest.raises(ValueError, match=f"repeats={repeats}, warmup={warmup}"):
+            evaluate.best_time(lambda: None, repeats=repeats, warmup=warmup)

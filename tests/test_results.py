@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from labkit import results
+from labkit import profiles, results
 
 
 def row(**kw):
@@ -67,6 +67,40 @@ def test_every_reference_states_value_tolerance_and_origin():
             # perplexity of a broken model (plain SVD's 20061) that only its order of magnitude checks.
             limit = 0.05 if profile == "cpu" else 0.5
             assert ref["value"] > 0 and 0 < ref["rtol"] <= limit and ref["origin"], key
+
+
+def test_check_reference_missing_ok_reports_a_profile_without_reference(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    refs = tmp_path / "references.json"
+    refs.write_text(json.dumps({"k": {"cpu": {"value": 10.0, "rtol": 0.01, "origin": "o"}}}))
+    monkeypatch.setattr(results, "REFERENCES_FILE", refs)
+    msg = results.check_reference("k", 12.3456, "gpu", missing_ok=True)
+    assert msg == "no gpu-profile reference for k; measured 12.35"
+    assert results.check_reference("k", 10.0, "cpu", missing_ok=True).startswith("OK k")
+    with pytest.raises(AssertionError):
+        results.check_reference("k", 12.0, "cpu", missing_ok=True)  # a reference that exists is checked
+    with pytest.raises(KeyError, match="has no value for profile 'gpu'"):
+        results.check_reference("k", 12.0, "gpu")
+    with pytest.raises(KeyError, match="No reference number 'typo'"):
+        results.check_reference("typo", 1.0, "cpu", missing_ok=True)  # an unknown key is a mistake, not a toy run
+
+
+def test_record_run_fills_the_protocol_from_the_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    P = profiles.PROFILES["cpu"]
+    got = results.record_run(
+        P, "05_gptq", "GPTQ", "W4", params=10, weight_bytes=40, perplexity=20.0, data="local:x", eval_windows=8
+    )
+    assert results.load_rows("cpu") == [got]
+    assert got == row(lesson="05_gptq", method="GPTQ", setting="W4", model=P.model, runtime_bytes=None,
+                      tokens_per_s=None, eval_windows=8)  # fmt: skip
+    other = results.record_run(
+        P, "03_structured", "FLaP", "20%", params=1, weight_bytes=2, perplexity=None, data="hub:w", eval_windows=None,
+        seqlen=128, runtime_bytes=3, tokens_per_s=4.5, device="cuda:0", note="n",
+    )  # fmt: skip
+    assert (other.seqlen, other.device, other.runtime_bytes, other.tokens_per_s) == (128, "cuda:0", 3, 4.5)
+    with pytest.raises(TypeError):  # which windows the perplexity averaged must be said
+        results.record_run(P, "05_gptq", "GPTQ", "W4", params=10, weight_bytes=40, perplexity=1.0, data="x")
 
 
 def test_check_keeps_what_it_measured_and_never_writes_references(tmp_path, monkeypatch):
