@@ -11,6 +11,7 @@ a running kernel, and a stored copy of them would render as an error in the book
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -46,10 +47,10 @@ def strip_widgets(nb) -> None:
         cell.outputs = kept
 
 
-def execute(path: Path, out_path: Path, timeout: int = 1800, allow_errors: bool = False) -> float:
+def execute(path: Path, out_path: Path, timeout: int = 1800, env: dict[str, str] | None = None) -> float:
     """Execute one notebook top to bottom in its own folder; returns the seconds it took.
 
-    allow_errors: run every cell even after one raised (the errors stay in the stored outputs)."""
+    env: the kernel's environment variables (default: this process's)."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -59,9 +60,8 @@ def execute(path: Path, out_path: Path, timeout: int = 1800, allow_errors: bool 
         nb,
         timeout=timeout,
         kernel_name="python3",
-        allow_errors=allow_errors,
         resources={"metadata": {"path": str(path.parent)}},
-    ).execute()
+    ).execute(**({} if env is None else {"env": env}))  # env=None would reach the kernel launcher as None
     strip_widgets(nb)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out_path)
@@ -76,8 +76,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--update-references",
         action="store_true",
-        help="authors, after a deliberate change: run the lessons (a failed check does not stop them), store the "
-        "CPU-profile values their checks measured in labkit/references.json, then re-run them --in-place",
+        help="authors, after a deliberate change: run the lessons with their reference checks only measuring, store "
+        "the CPU-profile values measured in labkit/references.json, then re-run the lessons --in-place",
     )
     args = parser.parse_args(argv)
 
@@ -109,9 +109,10 @@ def update_references(paths: list[Path], out: Path, profile: str) -> None:
             "(published GPU-profile values are never overwritten). Set LABKIT_PROFILE=cpu."
         )
     start = time.time()
+    env = {**os.environ, results.MEASURE_ONLY_ENV: "1"}  # this run's kernels only
     for path in paths:
         print(f"  measuring {path.name} ...", flush=True)
-        execute(path, out / path.name, allow_errors=True)
+        execute(path, out / path.name, env=env)
     changes = results.update_references([path.name[:2] for path in paths], since=start)
     for key, old, new in changes:
         print(f"  {key}: {'(new)' if old is None else old} -> {new}")

@@ -3,6 +3,8 @@
 Rows live in $LABKIT_RESULTS_DIR/<profile>.json (default ~/.cache/labkit/results), keyed by
 (lesson, method, setting): re-running a lesson replaces its rows. Reference numbers that the
 lessons check live in labkit/references.json, per profile, each with its tolerance and origin.
+Each check also keeps the value it measured under measured/<profile>/ in the same folder; only the
+explicit command `python -m labkit.results update-references` copies those into references.json.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ if TYPE_CHECKING:
     from .profiles import Profile
 
 REFERENCES_FILE = Path(__file__).with_name("references.json")
+# Set by `python -m labkit.course --update-references` for its measuring run only: every check
+# keeps its value and compares nothing, so one run measures every key, even those that moved.
+MEASURE_ONLY_ENV = "LABKIT_MEASURE_ONLY"
 
 
 @dataclass
@@ -208,6 +213,8 @@ def check_reference(key: str, value: float, profile: str, data: str | None = Non
     `python -m labkit.results update-references` finds it; references.json itself is never written here.
     """
     _keep_measured(key, value, profile, data)
+    if os.environ.get(MEASURE_ONLY_ENV) == "1":
+        return f"MEASURED {key}: {value:.6g} on the {profile} profile, not compared (labkit.course --update-references)"
     if missing_ok and profile not in references().get(key, {profile: None}):
         return f"no {profile}-profile reference for {key}; measured {value:.4g}"
     ref = reference(key, profile)

@@ -1,4 +1,5 @@
 import json
+import os
 import time
 
 import pytest
@@ -143,6 +144,44 @@ def test_update_references_writes_measured_cpu_values_only(tmp_path, monkeypatch
     assert results.check_reference("05/k", 12.3457, "cpu", "local:x").startswith("OK 05/k")
     with pytest.raises(LookupError):
         results.update_references(["05"], since=time.time() + 60)  # nothing measured since
+
+
+def test_measure_only_mode_keeps_values_and_compares_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv(results.MEASURE_ONLY_ENV, "1")
+    msg = results.check_reference("00_baseline/perplexity", 1e9, "cpu", "local:x")  # far off: no error
+    assert msg.startswith("MEASURED 00_baseline/perplexity: 1e+09 on the cpu profile")
+    assert results.check_reference("new/key", 2.5, "cpu").startswith("MEASURED new/key")  # no reference yet
+    assert set(results.measured("cpu")) == {"00_baseline/perplexity", "new/key"}
+
+
+def test_course_update_references_measures_in_a_kernel_then_stores(tmp_path, monkeypatch, capsys):
+    """The measuring run's kernel gets the measure-only switch (this process does not), then the
+    command writes references.json and re-runs the lesson in place, where the check now passes."""
+    import nbformat
+
+    from labkit import course
+
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("LABKIT_PROFILE", "cpu")
+    refs = tmp_path / "references.json"
+    refs.write_text(json.dumps({"99/k": {"cpu": {"value": 1.0, "rtol": 0.01, "origin": "o"}}}))
+    monkeypatch.setattr(results, "REFERENCES_FILE", refs)
+    lesson = tmp_path / "99_toy.ipynb"
+    code = (
+        "import json, os\nfrom pathlib import Path\nfrom labkit import results\n"
+        f"results.REFERENCES_FILE = Path({str(refs)!r})\n"
+        "print(results.check_reference('99/k', 2.0, 'cpu', 'local:x'))"
+    )
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]), lesson)
+    monkeypatch.setattr(course, "lessons", lambda select=None: [lesson])
+    course.main(["--update-references", "--out", str(tmp_path / "executed"), "99"])
+    assert results.MEASURE_ONLY_ENV not in os.environ
+    measured_copy = nbformat.read(tmp_path / "executed" / lesson.name, as_version=4)
+    assert measured_copy.cells[0].outputs[0]["text"].startswith("MEASURED 99/k: 2 on the cpu profile")
+    assert json.loads(refs.read_text())["99/k"]["cpu"]["value"] == 2.0
+    assert nbformat.read(lesson, as_version=4).cells[0].outputs[0]["text"].startswith("OK 99/k")  # stored in place
+    assert "99/k: 1.0 -> 2.0" in capsys.readouterr().out
 
 
 def test_update_references_command(tmp_path, monkeypatch, capsys):
