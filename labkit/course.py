@@ -3,6 +3,7 @@
     python -m labkit.course                 # executed copies go to build/executed/
     python -m labkit.course --in-place 00   # re-execute lesson 00 and store its outputs (authors)
     python -m labkit.course --update-references 01   # store lesson 01's newly measured CPU references (authors)
+    python -m labkit.course --store-measured 01      # store what lesson 01's checks last measured, run nothing
 
 Executed notebooks keep their outputs but not live widget views (tqdm bars, sliders): those need
 a running kernel, and a stored copy of them would render as an error in the book.
@@ -79,9 +80,23 @@ def main(argv=None) -> None:
         help="authors, after a deliberate change: run the lessons with their reference checks only measuring, store "
         "the CPU-profile values measured in labkit/references.json, then re-run the lessons --in-place",
     )
+    parser.add_argument(
+        "--store-measured",
+        action="store_true",
+        help="authors: run nothing; store the CPU-profile values the selected lessons' checks last measured (e.g. "
+        "in JupyterLab) in labkit/references.json",
+    )
     args = parser.parse_args(argv)
 
     from . import profiles, results
+
+    if args.store_measured:
+        try:
+            changes = results.update_references(args.select or None)
+        except LookupError as err:
+            raise SystemExit(str(err)) from err
+        print_changes(changes)
+        return
 
     profile = profiles.get()
     print(f"Profile {profile.name!r}: {profile.model}, seqlen {profile.seqlen}. Results go to {results.results_dir()}.")
@@ -113,10 +128,16 @@ def update_references(paths: list[Path], out: Path, profile: str) -> None:
     for path in paths:
         print(f"  measuring {path.name} ...", flush=True)
         execute(path, out / path.name, env=env)
-    changes = results.update_references([path.name[:2] for path in paths], since=start)
+    print_changes(results.update_references([path.name[:2] for path in paths], since=start))
+    print("  storing the outputs:")
+
+
+def print_changes(changes: list[tuple[str, float | None, float]]) -> None:
+    from . import results
+
     for key, old, new in changes:
         print(f"  {key}: {'(new)' if old is None else old} -> {new}")
-    print(f"  {len(changes)} CPU-profile reference(s) written to {results.REFERENCES_FILE}; storing the outputs:")
+    print(f"  {len(changes)} CPU-profile reference(s) written to {results.REFERENCES_FILE}.")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Rows live in $LABKIT_RESULTS_DIR/<profile>.json (default ~/.cache/labkit/results
 (lesson, method, setting): re-running a lesson replaces its rows. Reference numbers that the
 lessons check live in labkit/references.json, per profile, each with its tolerance and origin.
 Each check also keeps the value it measured under measured/<profile>/ in the same folder; only the
-explicit command `python -m labkit.results update-references` copies those into references.json.
+authors' command `python -m labkit.course --update-references` (or `--store-measured`) copies them
+into references.json.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def check_reference(key: str, value: float, profile: str, data: str | None = Non
     (a toy run that no published number matches), say so instead of raising KeyError.
 
     The measured value is also kept in the results folder (`measured_dir(profile)`), where
-    `python -m labkit.results update-references` finds it; references.json itself is never written here.
+    `python -m labkit.course --update-references` finds it; references.json itself is never written here.
     """
     _keep_measured(key, value, profile, data)
     if os.environ.get(MEASURE_ONLY_ENV) == "1":
@@ -277,8 +278,8 @@ def update_references(
     if not found:
         raise LookupError(
             f"No measured CPU-profile values{' for ' + str(prefixes) if prefixes else ''} in {measured_dir('cpu')}. "
-            "Run the lessons on the CPU profile first (python -m labkit.course ...): each reference check keeps "
-            "what it measured there."
+            "Run the lessons on the CPU profile first (python -m labkit.course ..., or in JupyterLab): each "
+            "reference check keeps what it measured there."
         )
     refs = references()
     changes = []
@@ -298,28 +299,3 @@ def update_references(
 
 def field_names() -> list[str]:
     return [f.name for f in fields(Row)]
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m labkit.results",
-        description="Store the CPU-profile values that the lessons' reference checks last measured in "
-        "labkit/references.json (published GPU-profile values are never overwritten).",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    update = commands.add_parser("update-references", help="write the last measured CPU-profile values")
-    update.add_argument("prefixes", nargs="*", help="reference keys by prefix, e.g. 05 (default: every measured key)")
-    args = parser.parse_args(argv)
-    try:
-        changes = update_references(args.prefixes or None)
-    except LookupError as err:
-        raise SystemExit(str(err)) from err
-    for key, old, new in changes:
-        print(f"{key}: {'(new)' if old is None else old} -> {new}")
-    print(f"{len(changes)} CPU-profile reference(s) written to {REFERENCES_FILE}.")
-
-
-if __name__ == "__main__":
-    main()

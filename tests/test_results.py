@@ -184,15 +184,18 @@ def test_course_update_references_measures_in_a_kernel_then_stores(tmp_path, mon
     assert "99/k: 1.0 -> 2.0" in capsys.readouterr().out
 
 
-def test_update_references_command(tmp_path, monkeypatch, capsys):
+def test_store_measured_command_writes_without_running(tmp_path, monkeypatch, capsys):
+    from labkit import course
+
     monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path / "results"))
     refs = tmp_path / "references.json"
     refs.write_text(json.dumps({"01/k": {"cpu": {"value": 2.0, "rtol": 0.01, "origin": "o"}}}))
     monkeypatch.setattr(results, "REFERENCES_FILE", refs)
+    monkeypatch.setattr(course, "execute", lambda *a, **kw: pytest.fail("--store-measured runs no lesson"))
     with pytest.raises(SystemExit, match="No measured CPU-profile values"):
-        results.main(["update-references", "01"])
+        course.main(["--store-measured", "01"])
     results.check_reference("01/k", 2.01, "cpu", "local:x")
-    results.main(["update-references", "01"])
+    course.main(["--store-measured", "01"])
     assert "01/k: 2.0 -> 2.01" in capsys.readouterr().out
     assert json.loads(refs.read_text())["01/k"]["cpu"]["value"] == 2.01
 
