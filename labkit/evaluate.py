@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import math
@@ -133,10 +134,8 @@ def _rss() -> int:
 def _release_free_memory() -> None:
     """Return freed heap memory to the OS, so that RSS tracks live memory (glibc only)."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def peak_memory(model, fn, *args, **kwargs):
@@ -247,6 +246,28 @@ def generation_speed(
     first, total = min(times[1]), min(times[new_tokens])
     decode = max(total - first, 1e-9)
     return Speed((new_tokens - 1) / decode, first, new_tokens, ids.shape[1], str(device))
+
+
+def best_time(fn, repeats: int = 15, warmup: int = 0) -> float:
+    """Seconds taken by the fastest of `repeats` calls of fn(), after `warmup` untimed calls.
+
+    The fastest run is the least disturbed by other processes, so it is the best estimate of
+    what fn itself costs. With CUDA, the device is synchronized before and after each call, so
+    the kernels fn queued are counted, not just their launch.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats}, warmup={warmup}: need repeats >= 1 and warmup >= 0.")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    for _ in range(warmup):
+        fn()
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def measure_generation(model, tokenizer, prompt: str = "The history of the city", new_tokens: int = 64):

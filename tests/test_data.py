@@ -48,8 +48,8 @@ def test_bad_split():
         data.wikitext2("train")
 
 
-def test_calibration_windows_are_seeded_slices_of_validation(local_copy, tiny):
-    _, tok = tiny
+def test_calibration_windows_are_seeded_slices_of_validation(local_copy, tiny_tokenizer):
+    tok = tiny_tokenizer
     stream = data.tokens(tok, "validation")[0]
     a = data.calibration(tok, 5, 64, seed=0)
     assert a.shape == (5, 64) and a.dtype == torch.long
@@ -60,8 +60,8 @@ def test_calibration_windows_are_seeded_slices_of_validation(local_copy, tiny):
         assert len(starts) >= 1
 
 
-def test_calibration_bad_arguments(local_copy, tiny):
-    _, tok = tiny
+def test_calibration_bad_arguments(local_copy, tiny_tokenizer):
+    tok = tiny_tokenizer
     with pytest.raises(ValueError, match="n_samples=0"):
         data.calibration(tok, 0, 64)
     with pytest.raises(ValueError, match="seqlen=1"):

@@ -8,21 +8,13 @@ import torch
 
 from labkit import distill, evaluate, models, prune
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared 2-core machine two OpenMP threads
-    spinning against other processes made these tests 10-40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    model, _ = models.load("tiny-llama-random", device="cpu")
-    return model
+@pytest.fixture
+def teacher(tiny):
+    """The tiny model in the teacher's role (fresh for each test, like `tiny`)."""
+    return tiny
 
 
 @pytest.fixture(scope="module")

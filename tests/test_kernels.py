@@ -54,13 +54,7 @@ TOL = {
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: on a shared 2-core machine, intra-op threads spin against each other (100x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(actual, expected, dtype, scale=1.0):
@@ -176,7 +170,7 @@ def test_paged_attention_input_errors(monkeypatch):
         paged_attention_decode(q, k, v, tables, ctx, backend="cuda")
     if DEVICE == "cpu":
         monkeypatch.setattr(_triton, "interpreted", lambda: False)  # as if TRITON_INTERPRET were unset
-        with pytest.raises(ValueError, match="Triton compiles for a CUDA GPU.*TRITON_INTERPRET=1"):
+        with pytest.raises(ValueError, match=r"Triton compiles for a CUDA GPU.*TRITON_INTERPRET=1"):
             call()
 
 
@@ -229,7 +223,7 @@ def llama_cos_sin(batch, seq_len, head_dim, dtype, offset=0, base=10000.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 3, 7, 24), (3, 4, 5, 64)])
 def test_rotary_matches_reference(shape, dtype):
-    batch, heads, seq_len, head_dim = shape
+    batch, _heads, seq_len, head_dim = shape
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
     cos, sin = llama_cos_sin(batch, seq_len, head_dim, dtype, offset=11)
     scale = x.abs().max().item()
@@ -260,7 +254,7 @@ def test_fused_input_errors(monkeypatch):
         silu_and_mul(torch.randn(3, 7, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="same shape and dtype"):
         swiglu(x, x[:, :16].contiguous(), backend="triton")
-    with pytest.raises(ValueError, match="x must be .batch, num_heads, seq_len, head_dim. with an even head_dim"):
+    with pytest.raises(ValueError, match=r"x must be .batch, num_heads, seq_len, head_dim. with an even head_dim"):
         rotary(
             torch.randn(2, 3, 5, 7, device=DEVICE),
             torch.randn(5, 7, device=DEVICE),
@@ -354,7 +348,7 @@ def test_w4a16_input_errors():
         w4a16_matmul(x, qweight, scales, zeros, 32, backend="triton")
     with pytest.raises(ValueError, match="x has 63 input features, the weight 64"):
         w4a16_matmul(torch.randn(2, 63, device=DEVICE), qweight, scales, zeros, 16, backend="triton")
-    with pytest.raises(ValueError, match="codes must lie in 0..15"):
+    with pytest.raises(ValueError, match=r"codes must lie in 0..15"):
         w4a16_from_codes(torch.full((2, 4), 16), torch.ones(2, 1), torch.zeros(2, 1), 4)
     with pytest.raises(ValueError, match="in_features=5 must be even"):
         w4a16_from_codes(torch.zeros(2, 5, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1), 5)

@@ -4,8 +4,8 @@ import torch
 from labkit import models
 
 
-def test_tiny_model_shapes_and_tokenizer(tiny):
-    model, tok = tiny
+def test_tiny_model_shapes_and_tokenizer(tiny, tiny_tokenizer):
+    model, tok = tiny, tiny_tokenizer
     c = model.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (2, 4, 2, 256)
     ids = tok("héllo\n").input_ids
@@ -52,7 +52,7 @@ def test_missing_gguf_package_error():
 
 
 def test_parameter_breakdown_sums_to_count(tiny):
-    model, _ = tiny
+    model = tiny
     rows = models.parameter_breakdown(model)
     assert sum(c for _, _, c in rows) == models.parameter_count(model)
     assert ("layer 1", "down_proj", 160 * 64) in rows

@@ -18,16 +18,6 @@ from labkit.threads import num_threads
 BITS = (2, 3, 4, 8)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return models.load("tiny-llama-random", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-
-
 def fresh():
     return models.load("tiny-llama-random", device="cpu")[0]
 
@@ -304,7 +294,7 @@ def test_quantlinear_act_order_and_stored_bytes():
 
 
 def test_rtn_model(tiny, calibration):
-    model, _ = tiny
+    model = tiny
     dense_bytes = evaluate.weight_bytes(model)
     linear_bytes = sum(
         p.numel() * 4 for layer in model.model.layers for p in (m.weight for m in models.linear_layers(layer).values())

@@ -28,7 +28,7 @@ def layer_inputs(model, calib):
 
 
 def test_walk_sees_exactly_what_the_model_computes(tiny):
-    model, _ = tiny
+    model = tiny
     expected = layer_inputs(model, CALIB)
     seen = []
 
@@ -43,7 +43,7 @@ def test_walk_sees_exactly_what_the_model_computes(tiny):
 
 
 def test_changes_propagate_to_later_layers(tiny):
-    model, _ = tiny
+    model = tiny
     seen = {}
 
     def update(i, layer, stats):
@@ -57,7 +57,7 @@ def test_changes_propagate_to_later_layers(tiny):
 
 
 def test_sequential_groups_see_inputs_after_earlier_changes(tiny):
-    model, _ = tiny
+    model = tiny
     seen = {}
 
     def update(i, layer, stats):
@@ -90,7 +90,7 @@ def test_hessian_and_column_stats_match_direct_formulas():
 
 
 def test_layers_return_to_their_device_and_errors(tiny):
-    model, _ = tiny
+    model = tiny
     walk.calibration_walk(model, CALIB, lambda n, lin: None, lambda i, layer, s: None, device="cpu")
     assert all(p.device.type == "cpu" for p in model.parameters())
     with pytest.raises(ValueError, match=r"LongTensor of token ids shaped \[n_samples, seqlen\]; got \(24,\)"):
@@ -106,7 +106,7 @@ def test_layers_return_to_their_device_and_errors(tiny):
 def test_observation_stops_once_the_group_has_its_inputs(tiny):
     # q/k/v's inputs need only the input norm: nothing after them runs while they are observed,
     # and each statistic still receives every batch exactly once
-    model, _ = tiny
+    model = tiny
     calls = {"o_proj": 0, "down_proj": 0}
     layer0 = model.model.layers[0]
     hooks = [
@@ -166,7 +166,7 @@ def watched(model):
 
 
 def test_capture_one_layer_stops_there_and_sees_each_batch_once(tiny):
-    model, _ = tiny
+    model = tiny
     with torch.no_grad():
         expected = model(CALIB, output_hidden_states=True).hidden_states  # [L + 1] x [5, 24, 64]
     counter = Counter(watched(model))
@@ -186,7 +186,7 @@ def test_capture_one_layer_stops_there_and_sees_each_batch_once(tiny):
 
 
 def test_capture_all_boundaries(tiny):
-    model, _ = tiny
+    model = tiny
     with torch.no_grad():
         hidden = model(CALIB, output_hidden_states=True).hidden_states
     counter = Counter(watched(model))
@@ -212,7 +212,7 @@ def test_capture_all_boundaries(tiny):
 
 
 def test_capture_removes_its_hooks_after_an_error(tiny):
-    model, _ = tiny
+    model = tiny
     inner = model.model
     stations = [*inner.layers, inner.norm]
 
@@ -236,7 +236,7 @@ def test_capture_removes_its_hooks_after_an_error(tiny):
 
 
 def test_calibration_check_rejects_empty_sets_and_short_windows(tiny):
-    model, _ = tiny
+    model = tiny
     for empty in (CALIB[:0], CALIB[:, :0]):
         with pytest.raises(ValueError, match=r"calibration holds \d+ windows of \d+ tokens; need at least one"):
             walk.calibration_walk(model, empty, lambda n, lin: None, lambda i, layer, s: None)
