@@ -4,7 +4,7 @@
     model, tokenizer = models.load("smollm2-135m")
 
 Technique packages: labkit.prune, labkit.quant, labkit.distill, labkit.lowrank, labkit.kernels,
-labkit.serving (import them by name; labkit.kernels loads Triton only when a kernel first runs).
+labkit.serving (import them by name; `import labkit` never imports Triton, labkit.kernels does).
 """
 
 from . import data, evaluate, models, profiles, results, walk

@@ -11,7 +11,9 @@ Layouts (shapes are the documentation):
     context_lens [num_seqs] int32                                      tokens in cache, new one included
 Token t of sequence s is at k_cache[block_tables[s, t // block_size], t % block_size].
 Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads), as
-transformers' repeat_kv does.
+transformers' repeat_kv does. One program serves a KV head and all its query heads, with tl.dot
+(whose tiles are at least 16 rows: the group is padded to 16); with one query head per KV head
+(LLaMA-7B) a dot would be 15/16 padding, so the kernel multiplies and sums instead.
 
 Memory traffic of one decode step (what bounds its speed): every cached K and V element is read
 once, 2 · context · num_kv_heads · head_dim · bytes per sequence; q, the output and the block table
