@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -63,13 +64,7 @@ class Case:
     name: str
     kernel: object  # a labkit.kernels._triton.jit kernel (its .fn is the Python function)
     args: dict
-    meta: dataclasses.InitVar[dict]  # what the launcher passes besides args: constexprs and num_warps
-    constexprs: dict = dataclasses.field(init=False)
-    options: dict = dataclasses.field(init=False)  # compile options (num_warps, num_stages)
-
-    def __post_init__(self, meta):
-        self.options = {k: v for k, v in meta.items() if k in ("num_warps", "num_stages")}
-        self.constexprs = {k: v for k, v in meta.items() if k not in self.options}
+    meta: dict  # what the launcher passes besides args: constexprs, and num_warps where it sets them
 
 
 @dataclasses.dataclass
@@ -143,8 +138,6 @@ def targets(archs=tuple(ARCHS)) -> list[tuple[int, torch.dtype]]:
 def _signature(fn, args: dict, constexprs: dict):
     """The signature and attributes triton.jit would derive at a launch with these arguments:
     tensors are 16-byte aligned pointers, ints that are multiples of 16 get the divisibility hint."""
-    import inspect
-
     names = list(inspect.signature(fn).parameters)
     signature, attrs = {}, {}
     for i, name in enumerate(names):
@@ -203,13 +196,14 @@ def compile_case(case: Case, arch: int, dtype: torch.dtype, **options) -> Compil
             "(labkit.kernels.offline.compile_report does)."
         )
     row = Compiled(case.name, arch, str(dtype).removeprefix("torch."))
-    fn = JITFunction(case.kernel.fn)
-    signature, attrs = _signature(case.kernel.fn, case.args, case.constexprs)
+    launch_options = {k: v for k, v in case.meta.items() if k in ("num_warps", "num_stages")}
+    constexprs = {k: v for k, v in case.meta.items() if k not in launch_options}
+    signature, attrs = _signature(case.kernel.fn, case.args, constexprs)
     try:
         compiled = triton.compile(
-            ASTSource(fn, signature, case.constexprs, attrs),
+            ASTSource(JITFunction(case.kernel.fn), signature, constexprs, attrs),
             target=GPUTarget("cuda", arch, 32),
-            options=case.options | options,
+            options=launch_options | options,
         )
     except Exception as err:  # a kernel that no longer compiles is a result to report, not a crash
         row.error = f"{type(err).__name__}: {str(err).strip()[-600:]}"
