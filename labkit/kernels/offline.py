@@ -121,6 +121,10 @@ def cases(dtype: torch.dtype, shapes: dict = LLAMA_7B) -> list[Case]:
             paged_attention._launch_meta(heads, heads // 4, d, dt),
         ),
     ]
+    if dtype == torch.float16:  # groups narrower than a K step (not the GPU profile's): scales loaded per byte
+        w4_g16 = w4_args(16) | dict(n_groups=H // 16, group_size=16)
+        meta = fused._w4a16_meta(16, 16, dt)
+        all_cases.append(Case(f"w4a16 decode [16x{H}] g16", fused._w4a16_matmul_kernel, w4_g16, meta))
     if dtype == torch.float32:  # fp32 only matters for the tl.dot kernels' shared memory (see the docstring)
         all_cases = [c for c in all_cases if "w4a16 prefill" in c.name or "GQA" in c.name]
     return all_cases
