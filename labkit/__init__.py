@@ -4,8 +4,8 @@
     model, tokenizer = models.load("smollm2-135m")
 
 Technique packages: labkit.prune, labkit.quant, labkit.distill, labkit.lora, labkit.lowrank,
-labkit.kernels, labkit.serving, labkit.parallel (import them by name; labkit.kernels loads Triton
-only when a kernel first runs). The README's "For contributors" maps each lesson to its modules.
+labkit.kernels, labkit.serving, labkit.parallel (import them by name; `import labkit` never imports
+Triton, labkit.kernels does). The README's "For contributors" maps each lesson to its modules.
 """
 
 from . import data, evaluate, models, profiles, results, threads, walk

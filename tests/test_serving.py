@@ -226,6 +226,31 @@ def test_engine_on_triton_kernels(tiny, tiny_tokenizer):
         assert out.token_ids == hf_greedy(model, tok, prompt, 4)
 
 
+def test_engine_checks_block_tables_once_per_step_on_cpu(tiny, tiny_tokenizer, monkeypatch):
+    """The attention kernel's value checks would sync the GPU in every layer; the engine checks the
+    tables it builds on the CPU, once per decode step, and tells the kernel not to check again."""
+    from labkit.serving import engine as engine_module
+
+    checked, attention_checks = [], []
+    real_check, real_attention = engine_module.check_block_tables, engine_module.paged_attention_decode
+
+    def check(block_tables, context_lens, *args):
+        checked.append((block_tables.device.type, context_lens.device.type))
+        return real_check(block_tables, context_lens, *args)
+
+    def attention(*args, check_values=True, **kwargs):
+        attention_checks.append(check_values)
+        return real_attention(*args, check_values=check_values, **kwargs)
+
+    monkeypatch.setattr(engine_module, "check_block_tables", check)
+    monkeypatch.setattr(engine_module, "paged_attention_decode", attention)
+    model, tok = tiny, tiny_tokenizer
+    engine = Engine(model, tok, num_blocks=8, block_size=4, max_batch=2, backend="torch")
+    engine.generate(["ab", "cde", "f"], max_new_tokens=[3, 5, 2])
+    assert len(checked) == engine.stats["steps"] > 0 and set(checked) == {("cpu", "cpu")}
+    assert attention_checks == [False] * (engine.stats["steps"] * model.config.num_hidden_layers)
+
+
 def test_engine_errors(tiny, tiny_tokenizer):
     model, tok = tiny, tiny_tokenizer
     engine = Engine(model, tok, num_blocks=4, block_size=4, max_batch=2)
