@@ -9,6 +9,7 @@ blank lines), so every result records which source produced it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,15 @@ SPLITS = ("test", "validation")
 # Files under LABKIT_DATA_DIR: the raw test split, and the tokenized validation split (the raw
 # validation split is not shipped offline; calibration only needs plausible text).
 LOCAL_FILES = {"test": "wikitext-2-raw/wiki.test.raw", "validation": "wikitext-2/valid.txt"}
+# The copies this course ships (listed in the data folder's README): path -> (bytes, sha256). A
+# truncated or edited copy would give a perplexity over fewer or other windows without a word.
+KNOWN_COPIES = {
+    "wikitext-2-raw/wiki.test.raw": (1_290_547, "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"),
+    "wikitext-2/valid.txt": (1_121_681, "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
+    "wikitext-2/test.txt": (1_256_449, "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
+}
+# Any other copy (the Hub's) must hold at least this many characters: both splits have 1.1-1.3 million.
+MIN_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,40 @@ def _hub(split: str) -> Text:
     from datasets import load_dataset
 
     rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
-    return Text(split, "hub:wikitext-2-raw-v1", "\n\n".join(rows["text"]))  # as the GPTQ code does
+    text = "\n\n".join(rows["text"])  # as the GPTQ code does
+    check_length(text, f"the Hub's WikiText-2 {split!r} split (wikitext-2-raw-v1)")
+    return Text(split, "hub:wikitext-2-raw-v1", text)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per process for each (path, size, modification time)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_file(path: Path, relative: str) -> None:
+    """A local data file must be the copy KNOWN_COPIES lists for `relative` (size, then sha256);
+    a file not listed there is checked for MIN_CHARS when read."""
+    if relative not in KNOWN_COPIES:
+        return
+    size, digest = KNOWN_COPIES[relative]
+    stat = path.stat()
+    got = _sha256(str(path), stat.st_size, stat.st_mtime_ns) if stat.st_size == size else None
+    if stat.st_size != size or got != digest:
+        found = f"{stat.st_size:,} bytes" + (f" with sha256 {got}" if got else "")
+        raise ValueError(
+            f"{path} is not the WikiText-2 copy this course uses: expected {size:,} bytes with sha256 {digest}, "
+            f"found {found}. A truncated or edited file changes every perplexity; copy {relative} again from "
+            f"the course's data folder (its README lists each file), or unset LABKIT_DATA_DIR to read the Hub."
+        )
+
+
+def check_length(text: str, what: str) -> None:
+    if len(text) < MIN_CHARS:
+        raise ValueError(
+            f"{what} has {len(text):,} characters; a whole WikiText-2 split has over {MIN_CHARS:,}. "
+            f"The copy is truncated or empty: download it again."
+        )
 
 
 def _local(split: str, data_dir: Path) -> Text:
@@ -60,10 +103,13 @@ def _local(split: str, data_dir: Path) -> Text:
             f"LABKIT_DATA_DIR={str(data_dir)!r} has no {LOCAL_FILES[split]} (needed for WikiText-2 {split!r}). "
             f"Point LABKIT_DATA_DIR at a folder with that layout, or unset it to read the Hugging Face Hub."
         )
+    check_file(path, LOCAL_FILES[split])
     lines = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
     # Blank lines were dropped from the raw test copy; joining non-empty lines with "\n\n"
     # approximates "\n\n".join(dataset["text"]).
     text = "\n\n".join(line for line in lines if line.strip())
+    if LOCAL_FILES[split] not in KNOWN_COPIES:
+        check_length(text, str(path))
     return Text(split, f"local:{path}", text)
 
 
