@@ -28,9 +28,13 @@ from torch.nn import functional as F
 
 
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not 0 < temperature < math.inf  # NaN compares False: refused too
+    ):
         raise ValueError(
-            f"temperature={temperature!r}: need a number > 0 (1.0 = the model's own distribution; "
+            f"temperature={temperature!r}: need a finite number > 0 (1.0 = the model's own distribution; "
             f"Hinton et al. soften with 2 to 20)."
         )
     return float(temperature)
