@@ -49,8 +49,20 @@ def check_beta(beta) -> float:
     return float(beta)
 
 
+def _check_float_tensor(value, name: str, shape: str) -> None:
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 1 or value.shape[-1] < 1:
+        got = (
+            f"shape {tuple(value.shape)}, dtype {value.dtype}"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
+        raise ValueError(f"{name} must be a float tensor {shape}; got {got}.")
+
+
 def check_logits(student: torch.Tensor, teacher: torch.Tensor) -> None:
-    """Same vocabulary (last dim) and the same leading dims."""
+    """Float tensors [..., vocab] with the same vocabulary (last dim) and the same leading dims."""
+    _check_float_tensor(student, "student_logits", "[..., vocab]")
+    _check_float_tensor(teacher, "teacher_logits", "[..., vocab]")
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(
             f"vocabulary sizes differ: student logits have {student.shape[-1]} entries per token, "
@@ -68,6 +80,8 @@ def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     """Mean of per_token [...] over the positions where mask [...] is nonzero (all when mask is None)."""
     if mask is None:
         return per_token.mean()
+    if not isinstance(mask, torch.Tensor) or mask.is_complex():
+        raise ValueError(f"mask must be a bool or 0/1 tensor [...] or None; got {type(mask).__name__}.")
     if mask.shape != per_token.shape:
         raise ValueError(f"mask {tuple(mask.shape)} must have the logits' leading shape {tuple(per_token.shape)}.")
     mask = mask.to(per_token.device, per_token.dtype)
@@ -150,6 +164,8 @@ def hidden_mse(
 
     student_hidden, teacher_hidden: [..., hidden]; mask: [...] or None. Returns a scalar.
     """
+    _check_float_tensor(student_hidden, "student_hidden", "[..., hidden]")
+    _check_float_tensor(teacher_hidden, "teacher_hidden", "[..., hidden]")
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(
             f"hidden states differ in shape: student {tuple(student_hidden.shape)}, teacher "
