@@ -38,12 +38,23 @@ class Text:
     text: str
 
 
-@functools.lru_cache(maxsize=4)
 def wikitext2(split: str = "test") -> Text:
-    """WikiText-2 `split` ('test' or 'validation') as one string, documents joined by blank lines."""
-    if split not in SPLITS:
+    """WikiText-2 `split` ('test' or 'validation') as one string, documents joined by blank lines.
+
+    Read once per process for each split and LABKIT_DATA_DIR (clear_cache() forgets it)."""
+    if not isinstance(split, str) or split not in SPLITS:
         raise ValueError(f"split={split!r}: allowed splits are {SPLITS}.")
-    data_dir = os.environ.get("LABKIT_DATA_DIR")
+    return _wikitext2(split, os.environ.get("LABKIT_DATA_DIR") or None)
+
+
+def clear_cache() -> None:
+    """Forget the texts and token streams read so far (after changing the files in place)."""
+    _wikitext2.cache_clear()
+    _token_cache.clear()
+
+
+@functools.lru_cache(maxsize=8)
+def _wikitext2(split: str, data_dir: str | None) -> Text:
     if data_dir:
         return _local(split, Path(data_dir))
     try:
@@ -118,6 +129,11 @@ _token_cache: dict[tuple[str, str, int], torch.Tensor] = {}
 
 def tokens(tokenizer, split: str = "test") -> torch.Tensor:
     """The whole split tokenized as one stream: LongTensor [1, n_tokens] (cached per tokenizer)."""
+    if not callable(tokenizer) or not hasattr(tokenizer, "__len__"):
+        raise ValueError(
+            f"tokenizer must be a Hugging Face tokenizer (the second value of labkit.models.load); "
+            f"got {type(tokenizer).__name__}."
+        )
     corpus = wikitext2(split)
     key = (corpus.source, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
     if key not in _token_cache:
@@ -139,10 +155,12 @@ def calibration(tokenizer, n_samples: int, seqlen: int, seed: int = 0) -> torch.
     As in the GPTQ/SparseGPT code: each window starts at a uniformly random token position.
     Calibration never uses the test split, so it cannot leak into the perplexity.
     """
-    if not isinstance(n_samples, int) or n_samples < 1:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples={n_samples!r}: need a positive integer.")
-    if not isinstance(seqlen, int) or seqlen < 2:
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise ValueError(f"seqlen={seqlen!r}: need an integer of at least 2.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r}: need an integer in [0, 2**63).")
     stream = tokens(tokenizer, "validation")[0]
     if stream.numel() <= seqlen:
         raise ValueError(f"seqlen={seqlen} is longer than the validation split ({stream.numel()} tokens).")

@@ -102,11 +102,14 @@ def _check_device(device) -> torch.device:
     if device is None:
         return default_device()
     try:
-        return torch.device(device)
+        checked = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as err:
         raise ValueError(
             f"device={device!r} is not a device: use 'cpu', 'cuda', 'cuda:0' or a torch.device ({err})."
         ) from err
+    if checked.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but this machine has no CUDA GPU: use 'cpu' (or None to pick).")
+    return checked
 
 
 def _check_dtype(dtype, device: torch.device) -> torch.dtype:

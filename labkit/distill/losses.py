@@ -26,16 +26,20 @@ import numbers
 import torch
 from torch.nn import functional as F
 
+# Outside this range fp32 logits / τ overflow (τ → 0) or τ² does (τ → ∞): the loss would be NaN.
+TEMPERATURE_RANGE = (1e-6, 1e4)
+
 
 def check_temperature(temperature) -> float:
+    low, high = TEMPERATURE_RANGE
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, numbers.Real)
-        or not 0 < temperature < math.inf  # NaN compares False: refused too
+        or not low <= temperature <= high  # NaN compares False: refused too
     ):
         raise ValueError(
-            f"temperature={temperature!r}: need a finite number > 0 (1.0 = the model's own distribution; "
-            f"Hinton et al. soften with 2 to 20)."
+            f"temperature={temperature!r}: need a number in [{low:g}, {high:g}] (1.0 = the model's own "
+            f"distribution; Hinton et al. soften with 2 to 20; near 0 it approaches greedy decoding)."
         )
     return float(temperature)
 

@@ -77,10 +77,10 @@ def _check_training(steps, lr, batch_size, grad_accum, max_grad_norm, weight_dec
     _positive_int(steps, "steps")
     _positive_int(batch_size, "batch_size")
     _positive_int(grad_accum, "grad_accum")
-    _real(lr, "lr", 0, True, math.inf, "a finite learning rate > 0, e.g. 1e-4")
+    _real(lr, "lr", 0, True, 1, "a learning rate in (0, 1], e.g. 1e-4")  # AdamW moves each weight ~lr per step
     if max_grad_norm is not None:
         _real(max_grad_norm, "max_grad_norm", 0, True, math.inf, "a finite norm > 0, or None for no clipping")
-    _real(weight_decay, "weight_decay", 0, False, math.inf, "a finite decay >= 0 (AdamW's; 0 = none)")
+    _real(weight_decay, "weight_decay", 0, False, 1, "a decay in [0, 1] (AdamW's; 0 = none)")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r}: need an integer >= 0.")
 
