@@ -199,3 +199,15 @@ def test_the_net_words_an_answer_no_helper_foresaw(capsys):
 def test_passing_a_result_instead_of_the_function(capsys):
     assert check.lesson00.perplexity(3.5) is False
     assert "pass your function itself" in capsys.readouterr().out
+
+
+def test_the_answers_of_issue_17(capsys):
+    """NaN once passed as "✓ correct"; a NaN tensor and a NaN count once crashed the checker."""
+    assert not check.lesson00.perplexity(lambda nll: float("nan"))
+    assert "the perplexity is nan, not a finite number" in capsys.readouterr().out
+    assert not check.lesson01.bitmask_bytes(lambda w: float("nan"))
+    assert "is nan, not a finite number" in capsys.readouterr().out
+    assert not check.lesson01.wanda_score(lambda W, X: torch.full_like(W, math.nan))
+    assert "has 24 NaN or infinite entries of 24" in capsys.readouterr().out
+    assert not check.lesson08.factored_params(lambda out_f, in_f, r: float("nan"))
+    assert "is nan, not a finite number" in capsys.readouterr().out

@@ -20,7 +20,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from labkit import check, data, distill, evaluate, models, quant, results
@@ -123,6 +123,13 @@ TOKEN_IDS = st.one_of(
     max_windows=st.one_of(st.none(), ANY_INT),
     batch_size=ANY_INT,
 )
+# issue 17, case 5: each of these once gave a silent result or a bare exception
+@example(token_ids=torch.zeros(2, 32, dtype=torch.long), seqlen=16, max_windows=None, batch_size=1)
+@example(token_ids=torch.zeros(1, 64, dtype=torch.long), seqlen=0, max_windows=None, batch_size=1)
+@example(token_ids=torch.zeros(1, 64, dtype=torch.long), seqlen=1, max_windows=None, batch_size=1)
+@example(token_ids=torch.zeros(1, 64, dtype=torch.long), seqlen=16, max_windows=None, batch_size=0)
+@example(token_ids=torch.zeros(1, 64, dtype=torch.long), seqlen=16, max_windows=0, batch_size=1)
+@example(token_ids=torch.full((1, 64), 256), seqlen=16, max_windows=None, batch_size=1)
 def test_perplexity_arguments(token_ids, seqlen, max_windows, batch_size):
     model, _ = _tiny()
     before = snapshot(model)
@@ -333,6 +340,8 @@ def _run_training(call, student, name: str, value, ok: bool) -> None:
 
 @FUZZ
 @given(argument=_one_argument(DISTILL))
+@example(argument=("temperature", math.inf))  # issue 17, case 4: returned [nan], the student NaN
+@example(argument=("lr", math.nan))
 def test_distill_hyperparameters(argument):
     name, value = argument
     teacher, _ = _tiny()
@@ -486,6 +495,7 @@ def _dtype_ok(dtype) -> bool:
         ANY_INT,
     ),
 )
+@example(name="tiny-llama-random", device="cpu", dtype="float16")  # issue 17, case 10: "Invalid device string"
 def test_load_arguments(name, device, dtype):
     cuda = torch.cuda.is_available()
     bad = [
@@ -510,6 +520,8 @@ def test_load_arguments(name, device, dtype):
 
 @FUZZ
 @given(bits=st.one_of(ANY_FLOAT, st.sampled_from([4.0, True, 1, 5, 16, 8.0])))
+@example(bits=4.0)  # issue 17, case 10: NotImplementedError "lshift_cpu"
+@example(bits=True)
 def test_rtn_bits_must_be_a_supported_int(bits):
     assume(not (integer(bits) and bits in (2, 3, 4, 8)))
     model, _ = _tiny()
