@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,15 +59,51 @@ def load_rows(profile: str) -> list[Row]:
     path = _path(profile)
     if not path.exists():
         return []
-    return [Row(**r) for r in json.loads(path.read_text())]
+    try:
+        return [Row(**r) for r in json.loads(path.read_text(encoding="utf-8"))]
+    except (ValueError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(
+            f"{path} is not a readable results file ({type(err).__name__}: {str(err)[:200]}). It was cut off or "
+            f"edited by hand: move it away or delete it; re-running the lessons records their rows again."
+        ) from err
+
+
+_TEXT = ("lesson", "method", "setting", "profile", "model", "data", "device", "note")
+
+
+def _check_row(row: Row) -> None:
+    """Every field of the right type and range, named in the error: a bad value never reaches the file."""
+    if not isinstance(row, Row):
+        raise ValueError(f"row must be a labkit.results.Row, got {type(row).__name__}.")
+    for name in _TEXT:
+        if not isinstance(getattr(row, name), str):
+            raise ValueError(f"Row.{name}={getattr(row, name)!r}: need a string.")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", row.profile) or row.profile.startswith("."):
+        raise ValueError(f"Row.profile={row.profile!r}: need a profile name such as 'cpu' (it names the file).")
+    bounds = {"params": 0, "weight_bytes": 0, "runtime_bytes": 0, "tokens_per_s": 0, "perplexity": 1}
+    for name, low in bounds.items():
+        value = getattr(row, name)
+        if value is None and name in ("runtime_bytes", "tokens_per_s", "perplexity"):
+            continue
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < low:
+            raise ValueError(f"Row.{name}={value!r}: a recorded measurement must be a finite number >= {low}.")
+    for name, low in (("seqlen", 1), ("eval_windows", 1)):
+        value = getattr(row, name)
+        if value is None and name == "eval_windows":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(
+                f"Row.{name}={value!r}: need an integer >= {low}" + (" or None." if name == "eval_windows" else ".")
+            )
 
 
 def record(row: Row) -> Row:
-    """Add `row` to its profile's results, replacing a row with the same (lesson, method, setting)."""
-    for name in ("perplexity", "tokens_per_s"):
-        value = getattr(row, name)
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"Row.{name}={value}: a recorded measurement must be finite.")
+    """Add `row` to its profile's results, replacing a row with the same (lesson, method, setting).
+
+    A bad field raises ValueError naming it; a results file that cannot be read raises ValueError
+    naming the file. In both cases nothing is written."""
+    _check_row(row)
     key = (row.lesson, row.method, row.setting)
     rows = [r for r in load_rows(row.profile) if (r.lesson, r.method, r.setting) != key] + [row]
     path = _path(row.profile)

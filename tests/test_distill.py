@@ -241,6 +241,76 @@ def test_distill_argument_errors(teacher, data):
         distill.distill(student, teacher, data, steps=1, temperature=0, progress=False)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=math.inf), r"temperature=inf: need a number in \[1e-06, 10000\]"),
+        (dict(temperature=math.nan), r"temperature=nan"),
+        (dict(loss="jsd", beta=math.nan), r"beta=nan"),
+        (dict(beta=1.0), r"beta=1.0"),
+        (dict(lr=math.inf), r"lr=inf: need a learning rate in \(0, 1\]"),
+        (dict(lr=math.nan), r"lr=nan"),
+        (dict(weight_decay=-0.1), r"weight_decay=-0.1: need a decay in \[0, 1\]"),
+        (dict(weight_decay=math.inf), r"weight_decay=inf"),
+        (dict(max_grad_norm=math.nan), r"max_grad_norm=nan: need a finite norm > 0, or None"),
+        (dict(max_grad_norm="1"), r"max_grad_norm='1'"),
+        (dict(alpha_ce=math.nan), r"alpha_ce=nan: need a weight in \[0, 1\]"),
+        (dict(alpha_ce=1.5), r"alpha_ce=1.5"),
+        (dict(seed=1.5), r"seed=1.5: need an integer >= 0"),
+    ],
+)
+def test_distill_float_hyperparameters_are_finite_and_in_range(teacher, data, kwargs, match):
+    student = prune.drop_layers(teacher, keep=[0])
+    before = copy.deepcopy(student.state_dict())
+    with pytest.raises(ValueError, match=match):
+        distill.distill(student, teacher, data, steps=1, progress=False, **kwargs)
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=-1.0), dict(weight_decay=math.nan), dict(max_grad_norm=0)])
+def test_finetune_and_blockwise_check_their_floats(teacher, data, kwargs):
+    name = next(iter(kwargs))
+    student = prune.drop_layers(teacher, keep=[0])
+    with pytest.raises(ValueError, match=f"{name}="):
+        distill.finetune(student, data, steps=1, progress=False, **kwargs)
+    inputs = torch.randn(2, 4, 64)
+    with pytest.raises(ValueError, match=f"{name}="):
+        distill.blockwise_distill(student.model.layers[0], None, inputs, 1, targets=inputs, progress=False, **kwargs)
+
+
+def test_a_non_finite_loss_stops_before_the_update(teacher, data):
+    """Step 2's loss is NaN: the error names the step, and the student keeps its weights after step 1."""
+    calls = []
+
+    def loss_nan_at_step_2(student_logits, teacher_logits, mask=None):
+        calls.append(1)
+        value = distill.forward_kl(student_logits, teacher_logits, 2.0, mask)
+        return value * math.nan if len(calls) == 2 else value
+
+    one_step = prune.drop_layers(teacher, keep=[0])
+    distill.distill(one_step, teacher, data, steps=1, loss=loss_nan_at_step_2, progress=False)
+    calls.clear()
+    student = prune.drop_layers(teacher, keep=[0])
+    with pytest.raises(
+        FloatingPointError, match=r"training step 2 of 3: the loss is nan.*weights are those after step 1"
+    ):
+        distill.distill(student, teacher, data, steps=3, loss=loss_nan_at_step_2, progress=False)
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, one_step.state_dict()[name]), name
+    assert not student.training and all(p.grad is None for p in student.parameters())
+
+
+def test_a_non_finite_gradient_stops_before_the_update(teacher, data):
+    student = prune.drop_layers(teacher, keep=[0])
+    before = copy.deepcopy(student.state_dict())
+    student.lm_head.weight.register_hook(lambda grad: grad * math.inf)  # a finite loss, an infinite gradient
+    with pytest.raises(FloatingPointError, match=r"training step 1 of 2: the gradient norm is (inf|nan)"):
+        distill.finetune(student, data, steps=2, max_grad_norm=None, progress=False)
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_blockwise_distill_repairs_a_perturbed_block(teacher, data):
     inputs, kwargs = distill.layer_inputs(teacher, data, 1)  # [8, 24, 64] and the rotary cos/sin
     assert inputs.shape == (8, 24, 64)

@@ -42,6 +42,49 @@ def test_perplexity_bad_seqlen(tiny):
         evaluate.perplexity(model, torch.zeros(1, 10, dtype=torch.long), 32)
 
 
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        (torch.zeros(2, 64, dtype=torch.long), r"token_ids must be one stream.*\[1, n_tokens\].*got shape \[2, 64\]"),
+        (torch.zeros(1, 1, 64, dtype=torch.long), r"token_ids must be one stream.*got shape \[1, 1, 64\]"),
+        (torch.zeros(1, 64), r"token_ids must be one stream of integer token ids.*dtype torch.float32"),
+        (torch.zeros(1, 64, dtype=torch.bool), r"token_ids must be one stream.*dtype torch.bool"),
+        ([[1, 2, 3]], r"token_ids must be one stream.*got list"),
+        (torch.full((1, 64), 256), r"token_ids holds ids from 256 to 256; the model's vocabulary is 0..255"),
+        (torch.full((1, 64), -1), r"token_ids holds ids from -1 to -1"),
+    ],
+)
+def test_perplexity_refuses_token_ids_that_are_not_one_stream_of_valid_ids(tiny, ids, match):
+    model = tiny
+    with pytest.raises(ValueError, match=match):
+        evaluate.perplexity(model, ids, 16, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(seqlen=0), r"seqlen=0: need an integer >= 2"),
+        (dict(seqlen=1), r"seqlen=1: need an integer >= 2"),
+        (dict(seqlen=16.0), r"seqlen=16.0: need an integer >= 2"),
+        (dict(seqlen=16, batch_size=0), r"batch_size=0: need an integer >= 1"),
+        (dict(seqlen=16, max_windows=0), r"max_windows=0: need an integer >= 1 \(or None for all windows\)"),
+        (dict(seqlen=16, max_windows=True), r"max_windows=True"),
+    ],
+)
+def test_perplexity_bad_arguments_are_named(tiny, kwargs, match):
+    model = tiny
+    with pytest.raises(ValueError, match=match):
+        evaluate.perplexity(model, torch.zeros(1, 64, dtype=torch.long), progress=False, **kwargs)
+
+
+def test_perplexity_accepts_one_dimensional_and_int32_ids(tiny):
+    model = tiny
+    ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(2))
+    got = evaluate.perplexity(model, ids, 16, progress=False)
+    assert evaluate.perplexity(model, ids[0], 16, progress=False) == got
+    assert evaluate.perplexity(model, ids.int(), 16, progress=False) == got
+
+
 def test_weight_bytes_counts_dtype_tied_once_and_skips_nonpersistent(tiny):
     model = tiny
     n = sum(p.numel() for p in model.parameters())

@@ -33,9 +33,29 @@ def test_load_dtype_and_tied_embedding():
     assert models.parameter_count(model) == n_manual
 
 
+@pytest.mark.parametrize("name", ["float16", "fp16", "torch.float16", "half"])
+def test_load_accepts_dtype_names(name):
+    model, _ = models.load("tiny-llama-random", device="cpu", dtype=name)
+    assert next(model.parameters()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8", torch.int64, 16, True])
+def test_load_refuses_other_dtypes_by_name(dtype):
+    with pytest.raises(ValueError, match=r"dtype=.*allowed are torch.float32, torch.float16.*'bf16'"):
+        models.load("tiny-llama-random", device="cpu", dtype=dtype)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cpu:x", 3.5])
+def test_load_refuses_a_bad_device_by_name(device):
+    with pytest.raises(ValueError, match=r"device=.* is not a device: use 'cpu', 'cuda'"):
+        models.load("tiny-llama-random", device=device)
+
+
 def test_unknown_model_name_lists_allowed():
     with pytest.raises(ValueError, match=r"Unknown model name 'gpt-5'.*smollm2-135m.*tiny-llama-random"):
         models.load("gpt-5")
+    with pytest.raises(ValueError, match=r"Unknown model name \['tiny-llama-random'\]"):
+        models.load(["tiny-llama-random"])
 
 
 def test_non_llama_architecture_is_refused():

@@ -46,6 +46,48 @@ def test_record_refuses_non_finite(tmp_path, monkeypatch):
         results.record(row(perplexity=float("nan")))
 
 
+@pytest.mark.parametrize("content", ['[{"lesson": "00_baseline", "meth', "", "\xff\xfe", '{"a": 1}', '[{"lesson": 1}]'])
+def test_corrupt_results_file_is_named_with_the_fix(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    path = tmp_path / "cpu.json"
+    path.write_bytes(content.encode("latin-1"))
+    expected = rf"{path} is not a readable results file.*move it away or delete it"
+    with pytest.raises(ValueError, match=expected):
+        results.record(row())
+    with pytest.raises(ValueError, match=expected):
+        results.load_rows("cpu")
+    assert path.read_bytes() == content.encode("latin-1")  # left as it was, for the learner to look at
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("perplexity", 0.5),
+        ("perplexity", "20"),
+        ("tokens_per_s", -1.0),
+        ("weight_bytes", None),
+        ("params", True),
+        ("seqlen", 0),
+        ("seqlen", 512.0),
+        ("eval_windows", 0),
+        ("lesson", None),
+        ("profile", "../../etc"),
+        ("profile", ""),
+        ("note", 3),
+    ],
+)
+def test_record_names_a_bad_field_and_writes_nothing(tmp_path, monkeypatch, field, value):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=rf"Row\.{field}="):
+        results.record(row(**{field: value}))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_record_refuses_what_is_not_a_row():
+    with pytest.raises(ValueError, match=r"row must be a labkit\.results\.Row, got dict"):
+        results.record({"lesson": "00_baseline"})
+
+
 def test_check_reference_passes_fails_and_reports_incomparable():
     ref = results.reference("00_baseline/perplexity", "cpu")
     ok = results.check_reference("00_baseline/perplexity", ref["value"] * (1 + ref["rtol"] / 2), "cpu", "local:x")

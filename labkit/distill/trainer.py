@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 from collections.abc import Callable, Iterator
 
@@ -54,14 +55,24 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
-def _check_training(steps, lr, batch_size, grad_accum, max_grad_norm) -> None:
+def _real(value, name: str, low: float, low_open: bool, high: float, allowed: str) -> float:
+    """A finite real number in (low, high] or [low, high] (NaN, inf and bools refused), named in the error."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= low if low_open else value < low) or value > high:
+        raise ValueError(f"{name}={value!r}: need {allowed}.")
+    return float(value)
+
+
+def _check_training(steps, lr, batch_size, grad_accum, max_grad_norm, weight_decay=0.0, seed=0) -> None:
     _positive_int(steps, "steps")
     _positive_int(batch_size, "batch_size")
     _positive_int(grad_accum, "grad_accum")
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
-        raise ValueError(f"lr={lr!r}: need a learning rate > 0, e.g. 1e-4.")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm={max_grad_norm!r}: need a norm > 0, or None for no clipping.")
+    _real(lr, "lr", 0, True, 1, "a learning rate in (0, 1], e.g. 1e-4")  # AdamW moves each weight ~lr per step
+    if max_grad_norm is not None:
+        _real(max_grad_norm, "max_grad_norm", 0, True, math.inf, "a finite norm > 0, or None for no clipping")
+    _real(weight_decay, "weight_decay", 0, False, 1, "a decay in [0, 1] (AdamW's; 0 = none)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}: need an integer >= 0.")
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -94,21 +105,37 @@ def _train(
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     try:
-        for _ in bar:
+        for step in bar:
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(grad_accum):
                 loss = micro_loss()
+                value = loss.item()
+                if not math.isfinite(value):
+                    _stop(optimizer, step, steps, f"the loss is {value}")
                 (loss / grad_accum).backward()  # gradients add up over the micro-batches
-                total += loss.item()
+                total += value
             if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not torch.isfinite(norm):
+                _stop(optimizer, step, steps, f"the gradient norm is {norm.item()}")
             optimizer.step()
             curve.append(total / grad_accum)
             bar.set_postfix(loss=f"{curve[-1]:.4f}")
     finally:
         model.eval()
     return curve
+
+
+def _stop(optimizer, step: int, steps: int, what: str) -> None:
+    """A non-finite loss or gradient: stop before the update, so the weights stay those of the last good step."""
+    optimizer.zero_grad(set_to_none=True)
+    raise FloatingPointError(
+        f"training step {step + 1} of {steps}: {what}. Stopped before updating: the weights are those after "
+        f"step {step}. Lower lr, check the data and the model's weights for NaN/inf, or clip with max_grad_norm."
+    )
 
 
 # --- on-policy samples ------------------------------------------------------------------------------
@@ -123,6 +150,9 @@ def sample(
     prompts: [batch, prompt_len] -> [batch, prompt_len + new_tokens]. Seeded by `generator`
     (on the model's device), not by the global RNG.
     """
+    temperature = check_temperature(temperature)
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens={new_tokens!r}: need a positive integer.")
     # transformers 5.x renamed past_key_values to cache; accept either spelling
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
@@ -176,19 +206,22 @@ def distill(
         samples the rest (temperature 1, seeded), and the divergence is taken on the sampled
         tokens only: the student learns from its own mistakes, where it will be at inference.
     The teacher runs in eval mode under no_grad and is never changed; it may live on another device.
+    Errors: ValueError naming a bad argument (every float must be finite and in its range), before any
+    change; FloatingPointError when a step's loss or gradient is not finite, raised before that step's
+    update, so the student keeps the weights of the last good step.
     """
     check_vocab(student, teacher)
-    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm)
+    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm, weight_decay, seed)
     check_calibration(data, student, name="data", min_seqlen=2)
     temperature = check_temperature(temperature)
-    if isinstance(alpha_ce, bool) or not isinstance(alpha_ce, numbers.Real) or not 0 <= alpha_ce <= 1:
-        raise ValueError(f"alpha_ce={alpha_ce!r}: need a weight in [0, 1] for the cross-entropy term.")
+    beta = check_beta(beta)
+    alpha_ce = _real(alpha_ce, "alpha_ce", 0, False, 1, "a weight in [0, 1] for the cross-entropy term")
     if callable(loss):
         divergence = loss
     elif loss in LOSSES:
         divergence = functools.partial(LOSSES[loss], temperature=temperature)
         if loss == "jsd":
-            divergence = functools.partial(divergence, beta=check_beta(beta))
+            divergence = functools.partial(divergence, beta=beta)
     else:
         raise ValueError(
             f"loss={loss!r}: allowed are {list(LOSSES)} or a callable loss(student_logits, teacher_logits, mask=mask)."
@@ -261,7 +294,7 @@ def finetune(
     `distill` call, it sees exactly the same batches: the baseline for "distillation vs
     fine-tuning on the same token budget" (the teacher adds information, not tokens).
     """
-    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm)
+    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm, weight_decay, seed)
     check_calibration(data, student, name="data", min_seqlen=2)
     device = _device(student)
     stream = batches(data, batch_size, torch.Generator().manual_seed(seed))
@@ -307,7 +340,7 @@ def blockwise_distill(
     targets: [n, seqlen, hidden], the outputs to reproduce, instead of teacher_layer (pass None):
     e.g. states[j] of labkit.walk.layer_states for a student layer that replaces the teacher's layers i..j-1.
     """
-    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm)
+    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm, weight_decay, seed)
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 or not inputs.is_floating_point():
         got = f"{tuple(inputs.shape)} {inputs.dtype}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise ValueError(

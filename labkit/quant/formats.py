@@ -25,6 +25,8 @@ Shapes: w: [out_features, in_features]; codes: the same, uint8; scale, zero: [ou
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -34,8 +36,9 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def check_bits(bits) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits!r} is not supported: integer grids here have bits in {SUPPORTED_BITS}.")
+    # An integer, not 4.0 or True (4.0 == 4, but bit shifts need an int; True == 1).
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported: integer grids here have bits in {SUPPORTED_BITS} (an int).")
 
 
 def check_weight(w, what: str = "w") -> None:
