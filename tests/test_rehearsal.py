@@ -17,7 +17,7 @@ gptq = importlib.import_module("labkit.quant.gptq")
 
 @pytest.fixture(scope="module")
 def lesson00():
-    return rehearse(lambda r: plans.lesson00(r, windows=1, new_tokens=2), "lesson00")
+    return rehearse(lambda r: plans.lesson00(r, windows=2, new_tokens=2), "lesson00")
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,15 @@ def test_weights_alone_are_the_parameter_bytes():
 
 
 def test_lesson00_fits_a_t4_only_without_the_margin(lesson00):
-    """Lesson 00 today: the weights, then one window's working memory at batch 1 in evaluate.perplexity:
-    logits [1, 2048, 32000] fp16 (0.12 GiB), their fp32 copy for the loss and log_softmax's output (0.24 GiB
-    each): 0.49 GiB above the weights, 13.04 GiB in all. A T4 leaves 12.82 GiB with the 10% margin: the
-    plan fits the card (14.25 GiB after the CUDA context) but not with the margin. Says why, and fits an L4."""
-    assert WEIGHTS + 0.3 * GiB < lesson00.peak_gpu < WEIGHTS + 0.6 * GiB
+    """Lesson 00 today: the weights, then evaluate.perplexity's working memory at batch 1: logits
+    [1, 2048, 32000] fp16 (0.12 GiB), their fp32 copy for the loss and log_softmax's output (0.24 GiB each),
+    and, from the second window on, the previous window's fp32 logits, still referenced while the next
+    forward runs (0.24 GiB): 13.16 GiB in all. A T4 leaves 12.82 GiB with the 10% margin: the plan fits the
+    card (14.25 GiB after the CUDA context) but not with the margin. Says why, and fits an L4."""
+    assert WEIGHTS + 0.5 * GiB < lesson00.peak_gpu < WEIGHTS + 0.8 * GiB
     assert lesson00.phases["perplexity"][0] == lesson00.peak_gpu
     fit = fits(lesson00, "T4")
-    assert not fit.ok and fit.why.startswith("GPU peak 13.04 GiB > budget 12.82 GiB")
+    assert not fit.ok and fit.why.startswith("GPU peak 13.16 GiB > budget 12.82 GiB")
     assert fits(lesson00, "T4", margin=0.05).ok
     assert fits(lesson00, "L4").ok
     # the value the real run reads back from the GPU once per window

@@ -18,6 +18,7 @@ from .harness import (
     llama_7b_config,
     profile,
     rehearse,
+    table,
     tokens,
 )
 
@@ -39,5 +40,6 @@ __all__ = [
     "plans",
     "profile",
     "rehearse",
+    "table",
     "tokens",
 ]

@@ -13,7 +13,15 @@ Two devices. Fake CUDA tensors fail on a CPU-only torch build, so two fake CPU d
 
 FakeTensorMode refuses an op that mixes cpu:1 and cpu tensors, exactly as CUDA refuses cuda and cpu
 (0-dim CPU scalars excepted, as on CUDA), so a device mismatch crashes the rehearsal as it would
-crash Colab.
+crash Colab. The model "in CPU memory" is a fake model on HOST: its bytes are counted, none is used.
+Why not fake "cuda": on a CPU-only build, indexing (`t[None]`), `cumsum` and other ops that take a
+CUDA device guard before reaching Python raise "PyTorch is not linked with support for cuda devices".
+What the stand-in changes: code that branches on `device.type == "cuda"` (CUDA syncs, the GPU peak of
+evaluate.peak_memory) takes its CPU branch; torch.cuda.is_available() stays False, so plans pass
+`GPU` explicitly. Two fixes keep torch working on the stand-in, both only inside `rehearse`:
+nn.Module.to() on fake parameters fails in torch.utils.swap_tensors (FakeTensorMode's converter
+memo holds weak references to them; it is cleared before each swap), and torch.tensor(...,
+device=cpu:1) loses the device index (the result is re-made on GPU).
 
 Accounting. A dispatch mode above FakeTensorMode sees every op's outputs; each new storage is
 counted on its device (GPU sizes rounded up to 512 bytes like the CUDA caching allocator) until
@@ -28,7 +36,8 @@ Values the rehearsal cannot know. Code that looks at a tensor's values (`.item()
 (no out-of-range token, no NaN, generation not finished), numbers -> 1, `nonzero` -> no element
 (no dead input). Every query is recorded with its file:line in `Report.queries`: each one is a
 place where the real run synchronises the GPU, and the list shows the lead where a plan depends on
-data.
+data. A loop that ends on data (generation until EOS) is ended by the plan with
+`rehearsal.assume(part_of_the_line, lambda n: n >= steps)`; one asked MAX_REPEATS times raises.
 
 A plan is a function of the Rehearsal: it builds models with `llama_7b(device)`, calls labkit as a
 lesson would (with `GPU` where the profile says "cuda"), and may mark phases:
@@ -39,11 +48,13 @@ lesson would (with `GPU` where the profile says "cuda"), and may mark phases:
         with r.phase("perplexity"):
             evaluate.perplexity(model, tokens(1, 2 * 2048), 2048, progress=False)
 
-    report = rehearse(plan)          # Report: peak_gpu, peak_host, phases, queries, seconds
-    fits(report, RUNTIMES["T4"])     # Fit: ok, and why not
+    report = rehearse(plan)          # Report: peak_gpu, peak_host, phases, queries, notes, seconds
+    fits(report, "T4")               # Fit: ok, the budgets, and why not
+    print(table([report]))           # plan | peak GPU | peak host | fits T4, L4, A100-40, A100-80
 
 Loops that repeat the same shapes (perplexity windows, decoder layers, generated tokens) reach
-their peak in the first iterations; plans run a few of them and say so (`Report.notes`).
+their peak by the second iteration (not the first: evaluate.perplexity still holds one window's
+logits while the next forward runs); plans run two or more of them and say so (`Report.notes`).
 """
 
 from __future__ import annotations
@@ -176,7 +187,7 @@ class Query:
     site: str  # file:line: source, where the value was asked for
     op: str  # what asked: item/bool (_local_scalar_dense), nonzero, equal, allclose
     produced_by: str  # the op that made the tensor
-    answer: object
+    answer: object  # the last answer given
     count: int = 1
 
 
@@ -383,6 +394,20 @@ def rehearse(plan: Callable[[Rehearsal], object], name: str | None = None) -> Re
 
 
 # --- building blocks for plans -------------------------------------------------------------------
+
+
+def table(reports: list[Report], runtimes=("T4", "L4", "A100-40", "A100-80"), margin: float = MARGIN) -> str:
+    """A Markdown table: plan | peak GPU GiB | peak host GiB | fits each runtime (with `margin`)."""
+    head = "| plan | peak GPU GiB | peak host GiB | " + " | ".join(runtimes) + " |"
+    rows = [head, "|" + "---|" * (3 + len(runtimes))]
+    for r in reports:
+        marks = []
+        for name in runtimes:
+            fit = fits(r, name, margin)
+            short = [d for d in ("GPU", "host") if f"{d} peak" in fit.why]
+            marks.append("yes" if fit.ok else "no: " + " + ".join(short))
+        rows.append(f"| {r.plan} | {r.peak_gpu / GiB:.2f} | {r.peak_host / GiB:.2f} | " + " | ".join(marks) + " |")
+    return "\n".join(rows)
 
 
 def llama_7b_config(dtype=torch.float16):
