@@ -251,8 +251,11 @@ def calibration_walk(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
     device = torch.device(device)
-    layer0 = capture(model, calibration, [0], batch_size=batch_size, device=device, name="calibration")
-    batches = [(states[0], kwargs) for states, kwargs in layer0]  # the inputs of layer 0, batch by batch
+    # The inputs of layer 0, batch by batch (no other reference kept: each layer's outputs replace them).
+    batches = [
+        (states[0], kwargs)
+        for states, kwargs in capture(model, calibration, [0], batch_size=batch_size, device=device, name="calibration")
+    ]
     results = []
     for index, layer in enumerate(tqdm(model.model.layers, desc=desc, leave=False)):
         home = next(layer.parameters()).device

@@ -9,7 +9,6 @@ only a few iterations (their peak is reached in the first ones); each plan notes
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import torch
 
@@ -75,11 +74,10 @@ def calibration_walk(
         raise ValueError(f"method={method!r}: allowed are 'gptq', 'sparsegpt'.")
     if resident not in ("gpu", "host"):
         raise ValueError(f"resident={resident!r}: allowed are 'gpu', 'host'.")
-    gptq = importlib.import_module("labkit.quant.gptq")
     with r.phase("load"):
         model = llama_7b(GPU if resident == "gpu" else HOST)
     calibration = tokens(samples, seqlen)  # [samples, seqlen] on the host, as data.calibration makes it
-    sequential = gptq.TRUE_SEQUENTIAL if method == "gptq" else None
+    sequential = walk.SEQUENTIAL_GROUPS if method == "gptq" else None  # GPTQ's true-sequential groups
     groups = len(sequential) if sequential else 1
     done = {"updates": 0}
 
