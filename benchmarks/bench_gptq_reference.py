@@ -40,7 +40,7 @@ the criteria are checked on the means.
 Where the time goes differs: labkit runs each layer on batches of 8 calibration samples (the
 reference, one sample at a time); while observing a group of linears it stops each forward pass as
 soon as the group has seen its inputs (labkit.walk: q/k/v need only the input norm, not the layer);
-and it quantizes on one CPU thread (labkit.quant.gptq._one_thread), while the reference splits its
+and it quantizes on one CPU thread (gptq(..., threads=1), the default), while the reference splits its
 many tiny per-column operations across all threads, which costs little on a quiet machine and a great
 deal on a shared one.
 
@@ -215,13 +215,10 @@ def llama_sequential(
                 gptq[name].quantizer = Quantizer()
                 gptq[name].quantizer.configure(wbits, perchannel=True, sym=sym, fp16_scales=fp16_scales)
 
-            def add_batch(name):
-                def tmp(_, inp, out):
-                    gptq[name].add_batch(inp[0].data, out.data)
-
-                return tmp
-
-            handles = [subset[name].register_forward_hook(add_batch(name)) for name in subset]
+            handles = [
+                subset[name].register_forward_hook(lambda _, inp, out, g=gptq[name]: g.add_batch(inp[0].data, out.data))
+                for name in subset
+            ]
             for j in range(len(inps)):
                 layer(inps[j], **cache[j])
             for h in handles:
@@ -272,10 +269,10 @@ def smoke() -> None:
         ref.quantizer = Quantizer()
         ref.quantizer.configure(bits, fp16_scales=True)
         ref.fasterquant(groupsize=gs or -1, actorder=act)
-        ours = quant.gptq_quantize_weight(W, H, bits, gs, act_order=act)[0]
+        ours = quant.gptq_quantize_weight(W, H, bits, gs, act_order=act).weight
         same = torch.equal(ours, linear.weight.data)
         print(
-            f"one layer W{bits} {'g%d' % gs if gs else 'per-channel'}{' act-order' if act else ''}: "
+            f"one layer W{bits} {f'g{gs}' if gs else 'per-channel'}{' act-order' if act else ''}: "
             f"labkit == reference: {same}"
         )
         assert same, "labkit and the reference disagree on the same layer and Hessian"
@@ -321,7 +318,7 @@ def main(argv=None):
     try:
         seeds = [int(x) for x in args.seeds.split(",")]
     except ValueError:
-        raise SystemExit(f"--seeds={args.seeds!r}: use comma-separated integers, e.g. 0,1,2.")
+        raise SystemExit(f"--seeds={args.seeds!r}: use comma-separated integers, e.g. 0,1,2.") from None
 
     torch.manual_seed(0)
     model, tokenizer = models.load(
@@ -332,7 +329,8 @@ def main(argv=None):
     calibs = {seed: data.calibration(tokenizer, P.calib_samples, P.seqlen, seed=seed) for seed in seeds}
     print(
         f"{P.name} profile: {P.model}, {P.calib_samples} calibration samples of {P.seqlen} tokens (seeds {seeds}), "
-        f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; {torch.get_num_threads()} threads; "
+        f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; "
+        f"{torch.get_num_threads()} threads; "
         f"reference scales in {'fp16' if args.fp16_scales else 'fp32'}"
     )
     print(
@@ -344,7 +342,7 @@ def main(argv=None):
         bits, gs = table[key]
         for order in args.act_order.split(","):
             act = orders[order]
-            name = f"W{bits} {'g%d' % gs if gs else 'per-channel'}{' act-order' if act else ''}"
+            name = f"W{bits} {f'g{gs}' if gs else 'per-channel'}{' act-order' if act else ''}"
             runs = []
             for seed in seeds:
                 ppl_l, sec_l = run(P, test_ids, calibs[seed], bits, gs, act, "labkit")

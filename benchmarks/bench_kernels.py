@@ -32,9 +32,10 @@ import inspect
 import math
 import os
 import sys
+from functools import partial
 
 if "--smoke" in sys.argv:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first kernel launch
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (labkit.kernels imports it)
 
 import torch
 import torch.nn.functional as F
@@ -173,17 +174,18 @@ def bench_w4a16(report, device, dtype, shapes, rows_list, group_size, use_compil
             x = torch.randn(m, k, dtype=dtype, device=device)
             w4_bytes = qweight.numel() + 2 * scales.numel() * nb + (m * k + m * n) * nb
             name = f"w4a16 [{m}x{k}] @ [{k}x{n}]ᵀ g{group_size}"
-            dense_ms = bench_ms(lambda: F.linear(x, dense), device)
+            dense_ms = bench_ms(partial(F.linear, x, dense), device)
             report.add(name, f"dense {str(dtype)[6:]}", dense_ms, n * k * nb + (m * k + m * n) * nb)
+            w4 = (x, qweight, scales, zeros, group_size)
             compare(
                 report,
                 name,
                 w4_bytes,
                 device,
-                lambda: K.w4a16_matmul(x, qweight, scales, zeros, group_size, backend="triton"),
-                lambda: K.w4a16_matmul_torch(x, qweight, scales, zeros, group_size),
+                partial(K.w4a16_matmul, *w4, backend="triton"),
+                partial(K.w4a16_matmul_torch, *w4),
                 # torch.compile at decode size only: one compilation per weight shape
-                comp and m == rows_list[0] and (lambda: comp(x, qweight, scales, zeros, group_size)),
+                partial(comp, *w4) if comp and m == rows_list[0] else None,
             )
             print(f"  -> triton W4A16 vs dense {str(dtype)[6:]} matmul: {dense_ms / report.rows[-1]['ms']:.2f}x")
 
@@ -213,16 +215,16 @@ def bench_paged_attention(report, device, dtype, configs, block_size):
         vc = v[tables.long()].reshape(batch, -1, kv_heads, head_dim)[:, :ctx].transpose(1, 2).contiguous()
         group = heads // kv_heads
         kc, vc = kc.repeat_interleave(group, 1), vc.repeat_interleave(group, 1)  # [batch, heads, ctx, d]
-        sdpa_ms = bench_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], kc, vc), device)
+        sdpa_ms = bench_ms(partial(F.scaled_dot_product_attention, q[:, :, None], kc, vc), device)
         report.add(name, "sdpa contig.", sdpa_ms, nbytes)
         if batch * ctx <= 64 * 1024:  # the reference loops over sequences in Python: keep it short
-            ref_ms = bench_ms(lambda: K.paged_attention_decode_torch(q, k, v, tables, lens), device, rep_ms=50)
+            ref_ms = bench_ms(partial(K.paged_attention_decode_torch, q, k, v, tables, lens), device, rep_ms=50)
             report.add(name, "torch ref", ref_ms, nbytes)
         report.add(
             name,
             "triton",
             bench_ms(
-                lambda: K.paged_attention_decode(q, k, v, tables, lens, backend="triton", check_values=False), device
+                partial(K.paged_attention_decode, q, k, v, tables, lens, backend="triton", check_values=False), device
             ),
             nbytes,
             sdpa_ms,
@@ -400,6 +402,12 @@ def paged_from(saved, batch, ctx, block_size, device):
 
 
 def bench_decode(report, device, dtype, layers, batch, ctx, cfg, group_size, block_size, cuda_graph, backend):
+    _bench_decode(report, device, dtype, layers, batch, ctx, cfg, group_size, block_size, cuda_graph, backend)
+    if device.type == "cuda":  # the model and caches were freed when _bench_decode returned
+        torch.cuda.empty_cache()
+
+
+def _bench_decode(report, device, dtype, layers, batch, ctx, cfg, group_size, block_size, cuda_graph, backend):
     model = build_model(cfg, layers, dtype, device)
     nb = torch.tensor([], dtype=dtype).element_size()
     head_dim = cfg["hidden"] // cfg["heads"]
@@ -441,9 +449,9 @@ def bench_decode(report, device, dtype, layers, batch, ctx, cfg, group_size, blo
             )
             note = "" if quant else f"; fused vs plain transformers: {(fused_ref - reference).abs().max().item():.3g}"
 
-            def step():
-                return decode_step(parts, next_ids, caches, tables, lens, slots, cos, sin, cfg, backend, group_size)
-
+            step = partial(
+                decode_step, parts, next_ids, caches, tables, lens, slots, cos, sin, cfg, backend, group_size
+            )
             logits = step().float()
             scale = fused_ref.abs().max().item()
             diff = (logits - fused_ref).abs().max().item()
@@ -478,10 +486,7 @@ def bench_decode(report, device, dtype, layers, batch, ctx, cfg, group_size, blo
             f"bandwidth limit {limit}",
             flush=True,
         )
-        del parts
-    del model, cache, saved, caches
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        del parts, step  # before the next variant builds its merged weights
 
 
 def main(argv=None):
@@ -498,7 +503,7 @@ def main(argv=None):
         device = torch.device("cpu")
         dtype = torch.float16
         if not K.triton_interpreted():
-            sys.exit("--smoke needs TRITON_INTERPRET=1 before the first kernel launch (the script sets it).")
+            sys.exit("--smoke needs TRITON_INTERPRET=1 before triton is imported (the script sets it).")
     else:
         if not torch.cuda.is_available():
             sys.exit(

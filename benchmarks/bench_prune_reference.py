@@ -131,11 +131,11 @@ def reference_prune(model, calibration, dev, method, sparsity, prunen=0, prunem=
     its linears in one pass, prune them, and pass the pruned layer's outputs on."""
     layers = model.model.layers
     inps, kwargs = catch_layer0_inputs(model, calibration, dev)
-    for i, layer in enumerate(layers):
+    for layer in layers:
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         pruners = {n: (SparseGPT if method == "sparsegpt" else Wanda)(m) for n, m in linears.items()}
         handles = [
-            m.register_forward_hook(lambda mod, inp, out, n=n: pruners[n].add_batch(inp[0].data))
+            m.register_forward_hook(lambda mod, inp, out, p=pruners[n]: p.add_batch(inp[0].data))
             for n, m in linears.items()
         ]
         for j in range(len(inps)):
@@ -236,7 +236,8 @@ def main(argv=None):
     print(
         f"{P.name} profile: {P.model}, {P.calib_samples} calibration samples of {P.seqlen} tokens"
         f"{' (reversed order)' if args.reversed else ''}, "
-        f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; {torch.get_num_threads()} threads"
+        f"perplexity on the first {P.eval_windows or 'all'} test windows of {P.seqlen}; "
+        f"{torch.get_num_threads()} threads"
     )
     print(
         f"{'setting':<24} {'ppl labkit':>10} {'ppl ref':>9} {'diff':>7} {'labkit s':>9} {'ref s':>8} "
@@ -252,8 +253,9 @@ def main(argv=None):
             fast = sec_l <= sec_r if method == "sparsegpt" else None
             all_ok &= close and fast is not False
             print(
-                f"{method + ' ' + pattern:<24} {ppl_l:>10.2f} {ppl_r:>9.2f} {100 * diff:>6.2f}% {sec_l:>9.1f} {sec_r:>8.1f} "
-                f"{sp_l:>4.1%}/{sp_r:.1%}  {'yes' if close else 'NO':>9}  {'-' if fast is None else 'yes' if fast else 'NO'}",
+                f"{method + ' ' + pattern:<24} {ppl_l:>10.2f} {ppl_r:>9.2f} {100 * diff:>6.2f}% "
+                f"{sec_l:>9.1f} {sec_r:>8.1f} {sp_l:>4.1%}/{sp_r:.1%}  {'yes' if close else 'NO':>9}  "
+                f"{'-' if fast is None else 'yes' if fast else 'NO'}",
                 flush=True,
             )
     print("all criteria met" if all_ok else "some criteria NOT met (see the table)")

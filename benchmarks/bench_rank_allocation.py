@@ -17,7 +17,8 @@ only the ranks differ. Allocations compared (labkit.lowrank.greedy_ranks on the 
                      validation windows (allocate_by_sensitivity; about 13 minutes on the CPU profile)
 
 Lesson 08 shows the first two; this script checks whether the obvious repairs of the greedy proxy
-help, and whether measuring the damage end to end does. Perplexity on the profile's `sweep_windows` test windows, as in the lesson.
+help, and whether measuring the damage end to end does. Perplexity on the profile's `sweep_windows` test
+windows, as in the lesson.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def main(argv=None) -> None:
     calib = data.calibration(tokenizer, P.calib_samples, P.seqlen, seed=0)
     spectra, shapes = lowrank.measure_spectra(model, calib)
     uniform = {name: lowrank.rank_for_ratio(inp, out, args.budget) for name, (out, inp) in shapes.items()}
-    floor = lambda x: {name: max(1, int(x * r)) for name, r in uniform.items()}
+
+    def floor(x):
+        return {name: max(1, int(x * r)) for name, r in uniform.items()}
+
     allocations = {
         "uniform": lambda: uniform,
         "greedy": lambda: lowrank.greedy_ranks(spectra, shapes, args.budget),

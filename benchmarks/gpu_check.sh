@@ -2,6 +2,9 @@
 # Everything about labkit.kernels that needs a CUDA GPU, in one call (about 5-8 minutes):
 #   1. tests: tests/test_kernels.py, test_kernels_llama.py and test_kernels_roofline.py with the kernels
 #      compiled for the GPU (TRITON_INTERPRET=0), not interpreted;
+#   1b. compile: every kernel compiled for sm75/80/89/90 and this GPU's arch at LLaMA-7B shapes
+#      (python -m labkit.kernels.offline): registers, spills, shared memory per kernel, in
+#      $LOGS/kernels_compile.json; fails on a spill or on shared memory over the arch's limit;
 #   2. bench: benchmarks/bench_kernels.py --quick (GB/s and % of peak per kernel against eager and
 #      torch.compile; a 4-layer LLaMA-7B-shaped decode step in fp16 and W4A16 against the bandwidth limit);
 #   3. lessons: the GPU code paths of lessons 09 and 10 on tiny-llama-random (no download): lesson 09's
@@ -41,6 +44,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 step tests 170 "$PY" -m pytest -q -o addopts="" -p no:cacheprovider --durations=5 \
     tests/test_kernels.py tests/test_kernels_llama.py tests/test_kernels_roofline.py
+
+ARCH=$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(); print(10 * a + b)" 2>/dev/null)
+step compile 150 "$PY" -m labkit.kernels.offline --arch $(printf '%s\n' 75 80 89 90 $ARCH | sort -un) \
+    --json "$LOGS/kernels_compile.json"
 
 step bench 220 "$PY" benchmarks/bench_kernels.py --quick
 

@@ -3,6 +3,8 @@ reference implementations (not by labkit, whose own walk is labkit.walk.calibrat
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -26,9 +28,7 @@ def catch_layer0_inputs(model, calibration: torch.Tensor, dev) -> tuple[list, li
 
     layers[0] = Catcher(layers[0])
     for j in range(calibration.shape[0]):
-        try:
+        with contextlib.suppress(ValueError):
             model(calibration[j : j + 1].to(dev), use_cache=False)
-        except ValueError:
-            pass
     layers[0] = layers[0].module
     return inps, kwargs

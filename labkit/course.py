@@ -2,6 +2,8 @@
 
     python -m labkit.course                 # executed copies go to build/executed/
     python -m labkit.course --in-place 00   # re-execute lesson 00 and store its outputs (authors)
+    python -m labkit.course --update-references 01   # store lesson 01's newly measured CPU references (authors)
+    python -m labkit.course --store-measured 01      # store what lesson 01's checks last measured, run nothing
 
 Executed notebooks keep their outputs but not live widget views (tqdm bars, sliders): those need
 a running kernel, and a stored copy of them would render as an error in the book.
@@ -10,6 +12,7 @@ a running kernel, and a stored copy of them would render as an error in the book
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -45,16 +48,21 @@ def strip_widgets(nb) -> None:
         cell.outputs = kept
 
 
-def execute(path: Path, out_path: Path, timeout: int = 1800) -> float:
-    """Execute one notebook top to bottom in its own folder; returns the seconds it took."""
+def execute(path: Path, out_path: Path, timeout: int = 1800, env: dict[str, str] | None = None) -> float:
+    """Execute one notebook top to bottom in its own folder; returns the seconds it took.
+
+    env: the kernel's environment variables (default: this process's)."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    ).execute(**({} if env is None else {"env": env}))  # env=None would reach the kernel launcher as None
     strip_widgets(nb)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out_path)
@@ -66,13 +74,37 @@ def main(argv=None) -> None:
     parser.add_argument("select", nargs="*", help="lesson prefixes to run, e.g. 00 03 (default: all)")
     parser.add_argument("--in-place", action="store_true", help="store outputs in notebooks/ (authors only)")
     parser.add_argument("--out", default=str(ROOT / "build" / "executed"), help="folder for executed copies")
+    parser.add_argument(
+        "--update-references",
+        action="store_true",
+        help="authors, after a deliberate change: run the lessons with their reference checks only measuring, store "
+        "the CPU-profile values measured in labkit/references.json, then re-run the lessons --in-place",
+    )
+    parser.add_argument(
+        "--store-measured",
+        action="store_true",
+        help="authors: run nothing; store the CPU-profile values the selected lessons' checks last measured (e.g. "
+        "in JupyterLab) in labkit/references.json",
+    )
     args = parser.parse_args(argv)
 
     from . import profiles, results
 
+    if args.store_measured:
+        try:
+            changes = results.update_references(args.select or None)
+        except LookupError as err:
+            raise SystemExit(str(err)) from err
+        print_changes(changes)
+        return
+
     profile = profiles.get()
     print(f"Profile {profile.name!r}: {profile.model}, seqlen {profile.seqlen}. Results go to {results.results_dir()}.")
-    for path in lessons(select=args.select):
+    selected = lessons(select=args.select)
+    if args.update_references:
+        update_references(selected, Path(args.out), profile.name)
+        args.in_place = True
+    for path in selected:
         target = path if args.in_place else Path(args.out) / path.name
         print(f"  running {path.name} ...", flush=True)
         seconds = execute(path, target)
@@ -80,6 +112,32 @@ def main(argv=None) -> None:
     rows = results.load_rows(profile.name)
     print(f"\nResults ({profile.name} profile, {len(rows)} rows):\n")
     print(results.table(rows) if rows else "(no rows recorded)")
+
+
+def update_references(paths: list[Path], out: Path, profile: str) -> None:
+    """Run `paths` to measure, then write what their reference checks measured to references.json (CPU only)."""
+    from . import results
+
+    if profile != "cpu":
+        raise SystemExit(
+            f"--update-references stores CPU-profile references; this is the {profile!r} profile "
+            "(published GPU-profile values are never overwritten). Set LABKIT_PROFILE=cpu."
+        )
+    start = time.time()
+    env = {**os.environ, results.MEASURE_ONLY_ENV: "1"}  # this run's kernels only
+    for path in paths:
+        print(f"  measuring {path.name} ...", flush=True)
+        execute(path, out / path.name, env=env)
+    print_changes(results.update_references([path.name[:2] for path in paths], since=start))
+    print("  storing the outputs:")
+
+
+def print_changes(changes: list[tuple[str, float | None, float]]) -> None:
+    from . import results
+
+    for key, old, new in changes:
+        print(f"  {key}: {'(new)' if old is None else old} -> {new}")
+    print(f"  {len(changes)} CPU-profile reference(s) written to {results.REFERENCES_FILE}.")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import math
@@ -23,6 +24,34 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _check_int(value, name: str, minimum: int, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: need an integer >= {minimum} ({meaning}).")
+
+
+def _check_stream(token_ids) -> torch.Tensor:
+    """token_ids [1, n] or [n] of integer ids -> the stream [n]; anything else is refused by name."""
+    ok = (
+        isinstance(token_ids, torch.Tensor)
+        and not token_ids.is_floating_point()
+        and not token_ids.is_complex()
+        and token_ids.dtype != torch.bool
+        and (token_ids.dim() == 1 or (token_ids.dim() == 2 and token_ids.shape[0] == 1))
+    )
+    if not ok:
+        got = (
+            f"shape {list(token_ids.shape)}, dtype {token_ids.dtype}"
+            if isinstance(token_ids, torch.Tensor)
+            else type(token_ids).__name__
+        )
+        raise ValueError(
+            f"token_ids must be one stream of integer token ids, shape [1, n_tokens] or [n_tokens]; got {got}. "
+            f"Pass labkit.data.test_tokens(tokenizer); for several texts, evaluate each stream separately "
+            f"(or concatenate them along dim 1)."
+        )
+    return token_ids.reshape(-1).long()  # long ids stay the same tensor
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -34,25 +63,37 @@ def perplexity(
 ) -> float:
     """Perplexity with the GPTQ paper's protocol.
 
-    token_ids: [1, n_tokens], one stream (e.g. the whole WikiText-2 test split). It is cut into
-    n_tokens // seqlen non-overlapping windows (the tail is dropped); the first `max_windows` of
-    them are evaluated. Each window predicts its tokens 2..seqlen from the ones before, with no
-    context carried across windows. ppl = exp(mean NLL over all predicted tokens).
+    token_ids: [1, n_tokens] (or [n_tokens]), one stream of integer ids (e.g. the whole WikiText-2
+    test split, as labkit.data.test_tokens returns it). It is cut into n_tokens // seqlen
+    non-overlapping windows (the tail is dropped); the first `max_windows` of them are evaluated.
+    Each window predicts its tokens 2..seqlen from the ones before, with no context carried across
+    windows. ppl = exp(mean NLL over all predicted tokens).
+    seqlen: an integer >= 2; max_windows: a positive integer or None (all); batch_size: windows per
+    forward pass, a positive integer. Bad arguments raise ValueError naming the argument.
     """
-    if token_ids.dim() == 1:
-        token_ids = token_ids[None]
+    stream = _check_stream(token_ids)
+    _check_int(seqlen, "seqlen", 2, "a window needs at least 2 tokens: one to read, one to predict")
+    if max_windows is not None:
+        _check_int(max_windows, "max_windows", 1, "or None for all windows")
+    _check_int(batch_size, "batch_size", 1, "windows per forward pass")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seqlen > max_pos:
         raise ValueError(
             f"seqlen={seqlen} is larger than the model's context ({max_pos} positions, "
             f"config.max_position_embeddings). Use seqlen <= {max_pos}."
         )
-    n_windows = token_ids.shape[1] // seqlen
+    n_windows = stream.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows < 1:
-        raise ValueError(f"token_ids has {token_ids.shape[1]} tokens: fewer than one window of seqlen={seqlen}.")
-    windows = token_ids[0, : n_windows * seqlen].view(n_windows, seqlen)
+        raise ValueError(f"token_ids has {stream.numel()} tokens: fewer than one window of seqlen={seqlen}.")
+    windows = stream[: n_windows * seqlen].view(n_windows, seqlen)
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and (windows.min() < 0 or windows.max() >= vocab):
+        raise ValueError(
+            f"token_ids holds ids from {windows.min().item()} to {windows.max().item()}; the model's vocabulary "
+            f"is 0..{vocab - 1}. Tokenize with the model's own tokenizer."
+        )
     device = _device(model)
     nll_sum = 0.0
     for start in tqdm(
@@ -133,10 +174,8 @@ def _rss() -> int:
 def _release_free_memory() -> None:
     """Return freed heap memory to the OS, so that RSS tracks live memory (glibc only)."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def peak_memory(model, fn, *args, **kwargs):
@@ -247,6 +286,28 @@ def generation_speed(
     first, total = min(times[1]), min(times[new_tokens])
     decode = max(total - first, 1e-9)
     return Speed((new_tokens - 1) / decode, first, new_tokens, ids.shape[1], str(device))
+
+
+def best_time(fn, repeats: int = 15, warmup: int = 0) -> float:
+    """Seconds taken by the fastest of `repeats` calls of fn(), after `warmup` untimed calls.
+
+    The fastest run is the least disturbed by other processes, so it is the best estimate of
+    what fn itself costs. With CUDA, the device is synchronized before and after each call, so
+    the kernels fn queued are counted, not just their launch.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats}, warmup={warmup}: need repeats >= 1 and warmup >= 0.")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    for _ in range(warmup):
+        fn()
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def measure_generation(model, tokenizer, prompt: str = "The history of the city", new_tokens: int = 64):

@@ -82,19 +82,65 @@ def default_dtype(device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+# dtype names load() accepts, besides torch.float32 / torch.float16 / torch.bfloat16 themselves
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def _check_device(device) -> torch.device:
+    if device is None:
+        return default_device()
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"device={device!r} is not a device: use 'cpu', 'cuda', 'cuda:0' or a torch.device ({err})."
+        ) from err
+    if checked.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but this machine has no CUDA GPU: use 'cpu' (or None to pick).")
+    return checked
+
+
+def _check_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else None
+    if name in DTYPES:
+        return DTYPES[name]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(
+        f"dtype={dtype!r}: allowed are torch.float32, torch.float16, torch.bfloat16, torch.float64 or their names "
+        f"{sorted(DTYPES)}; None picks fp16 on CUDA, fp32 on CPU."
+    )
+
+
 def load(name: str = "smollm2-135m", device=None, dtype=None):
     """Load model `name` from MODELS; returns (model, tokenizer), the model in eval mode.
 
-    device: defaults to CUDA when available, else CPU. dtype: fp16 on CUDA, fp32 on CPU.
+    device: defaults to CUDA when available, else CPU. dtype: a float torch.dtype or its name
+    ("float16", "bf16", ...: DTYPES); defaults to fp16 on CUDA, fp32 on CPU. Bad arguments raise
+    ValueError naming the argument and the allowed values.
     """
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(
             f"Unknown model name {name!r}. Allowed: {', '.join(MODELS)}. "
             "Add a ModelSpec to labkit.models.MODELS to use another Llama checkpoint."
         )
     spec = MODELS[name]
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    device = _check_device(device)
+    dtype = _check_dtype(dtype, device)
     key = (name, dtype)
     if spec.cache_in_memory and key in _pristine:
         model, tokenizer = _pristine[key]
@@ -108,7 +154,7 @@ def load(name: str = "smollm2-135m", device=None, dtype=None):
     return model.to(device).eval(), tokenizer
 
 
-def _read(spec: ModelSpec, dtype, device=torch.device("cpu")):
+def _read(spec: ModelSpec, dtype, device: torch.device):
     if spec.source == "random":
         return tiny_llama_random(dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer

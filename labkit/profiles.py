@@ -58,13 +58,16 @@ PROFILES = {
 }
 
 
-def get(name: str | None = None) -> Profile:
-    """The active profile: `name`, else $LABKIT_PROFILE, else 'gpu' if CUDA is available, else 'cpu'."""
+def get(name: str | None = None, *, rehearse: bool = False) -> Profile:
+    """The active profile: `name`, else $LABKIT_PROFILE, else 'gpu' if CUDA is available, else 'cpu'.
+
+    rehearse=True returns the profile even when its device is missing, for labkit.rehearsal, which runs
+    the GPU profile's code on fake tensors (use labkit.rehearsal.profile, which also swaps the device)."""
     name = name or os.environ.get("LABKIT_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
     if name not in PROFILES:
         raise ValueError(f"profile {name!r} (from the argument or LABKIT_PROFILE): allowed are {list(PROFILES)}.")
     profile = PROFILES[name]
-    if profile.device == "cuda" and not torch.cuda.is_available():
+    if profile.device == "cuda" and not torch.cuda.is_available() and not rehearse:
         raise RuntimeError(
             f"The {name!r} profile needs a CUDA GPU and torch sees none. Unset LABKIT_PROFILE (or set "
             f"LABKIT_PROFILE=cpu) to run the CPU profile, or use a GPU runtime (Colab: Runtime > Change runtime type)."

@@ -3,17 +3,29 @@
 Rows live in $LABKIT_RESULTS_DIR/<profile>.json (default ~/.cache/labkit/results), keyed by
 (lesson, method, setting): re-running a lesson replaces its rows. Reference numbers that the
 lessons check live in labkit/references.json, per profile, each with its tolerance and origin.
+Each check also keeps the value it measured under measured/<profile>/ in the same folder; only the
+authors' command `python -m labkit.course --update-references` (or `--store-measured`) copies them
+into references.json.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 REFERENCES_FILE = Path(__file__).with_name("references.json")
+# Set by `python -m labkit.course --update-references` for its measuring run only: every check
+# keeps its value and compares nothing, so one run measures every key, even those that moved.
+MEASURE_ONLY_ENV = "LABKIT_MEASURE_ONLY"
 
 
 @dataclass
@@ -47,15 +59,51 @@ def load_rows(profile: str) -> list[Row]:
     path = _path(profile)
     if not path.exists():
         return []
-    return [Row(**r) for r in json.loads(path.read_text())]
+    try:
+        return [Row(**r) for r in json.loads(path.read_text(encoding="utf-8"))]
+    except (ValueError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(
+            f"{path} is not a readable results file ({type(err).__name__}: {str(err)[:200]}). It was cut off or "
+            f"edited by hand: move it away or delete it; re-running the lessons records their rows again."
+        ) from err
+
+
+_TEXT = ("lesson", "method", "setting", "profile", "model", "data", "device", "note")
+
+
+def _check_row(row: Row) -> None:
+    """Every field of the right type and range, named in the error: a bad value never reaches the file."""
+    if not isinstance(row, Row):
+        raise ValueError(f"row must be a labkit.results.Row, got {type(row).__name__}.")
+    for name in _TEXT:
+        if not isinstance(getattr(row, name), str):
+            raise ValueError(f"Row.{name}={getattr(row, name)!r}: need a string.")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", row.profile) or row.profile.startswith("."):
+        raise ValueError(f"Row.profile={row.profile!r}: need a profile name such as 'cpu' (it names the file).")
+    bounds = {"params": 0, "weight_bytes": 0, "runtime_bytes": 0, "tokens_per_s": 0, "perplexity": 1}
+    for name, low in bounds.items():
+        value = getattr(row, name)
+        if value is None and name in ("runtime_bytes", "tokens_per_s", "perplexity"):
+            continue
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < low:
+            raise ValueError(f"Row.{name}={value!r}: a recorded measurement must be a finite number >= {low}.")
+    for name, low in (("seqlen", 1), ("eval_windows", 1)):
+        value = getattr(row, name)
+        if value is None and name == "eval_windows":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(
+                f"Row.{name}={value!r}: need an integer >= {low}" + (" or None." if name == "eval_windows" else ".")
+            )
 
 
 def record(row: Row) -> Row:
-    """Add `row` to its profile's results, replacing a row with the same (lesson, method, setting)."""
-    for name in ("perplexity", "tokens_per_s"):
-        value = getattr(row, name)
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"Row.{name}={value}: a recorded measurement must be finite.")
+    """Add `row` to its profile's results, replacing a row with the same (lesson, method, setting).
+
+    A bad field raises ValueError naming it; a results file that cannot be read raises ValueError
+    naming the file. In both cases nothing is written."""
+    _check_row(row)
     key = (row.lesson, row.method, row.setting)
     rows = [r for r in load_rows(row.profile) if (r.lesson, r.method, r.setting) != key] + [row]
     path = _path(row.profile)
@@ -64,6 +112,50 @@ def record(row: Row) -> Row:
     tmp.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     tmp.replace(path)  # atomic: a crash never leaves a half-written file
     return row
+
+
+def record_run(
+    profile: Profile,
+    lesson: str,
+    method: str,
+    setting: str,
+    *,
+    params: int,
+    weight_bytes: int,
+    perplexity: float | None,
+    data: str,
+    eval_windows: int | None,
+    seqlen: int | None = None,
+    runtime_bytes: int | None = None,
+    tokens_per_s: float | None = None,
+    device: str | None = None,
+    note: str = "",
+) -> Row:
+    """Record one measured row under `profile`'s protocol; returns the Row.
+
+    The profile gives the row's profile name, model, and (unless given) the perplexity's seqlen and
+    the device. eval_windows: the test windows the perplexity averaged (profile.eval_windows, or
+    profile.sweep_windows for a sweep); data: where the test text came from (labkit.data.Text.source).
+    """
+    return record(
+        Row(
+            lesson=lesson,
+            method=method,
+            setting=setting,
+            profile=profile.name,
+            model=profile.model,
+            params=params,
+            weight_bytes=weight_bytes,
+            runtime_bytes=runtime_bytes,
+            tokens_per_s=tokens_per_s,
+            perplexity=perplexity,
+            seqlen=profile.seqlen if seqlen is None else seqlen,
+            eval_windows=eval_windows,
+            data=data,
+            device=str(profile.device) if device is None else device,
+            note=note,
+        )
+    )
 
 
 def table(rows: list[Row]) -> str:
@@ -146,17 +238,24 @@ def reference(key: str, profile: str) -> dict:
     return refs[key][profile]
 
 
-def check_reference(key: str, value: float, profile: str, data: str | None = None) -> str:
+def check_reference(key: str, value: float, profile: str, data: str | None = None, *, missing_ok: bool = False) -> str:
     """Compare a measured `value` with the stored reference for `profile`, within its tolerance.
 
     data: the source of the test text (labkit.data.Text.source). A reference measured on the
     local copy of WikiText-2 is not comparable with a run on the Hub's copy (their blank lines
     differ), so that case is reported, not checked. Raises AssertionError (naming both numbers)
     when outside the tolerance; otherwise returns a one-line verdict made only of stored values,
-    so it prints identically on every run.
+    so it prints identically on every run. missing_ok: when `key` has no value for this profile
+    (a toy run that no published number matches), say so instead of raising KeyError.
+
+    The measured value is also kept in the results folder (`measured_dir(profile)`), where
+    `python -m labkit.course --update-references` finds it; references.json itself is never written here.
     """
-    if os.environ.get("LABKIT_UPDATE_REFERENCES") == "1" and profile == "cpu":
-        _update_reference(key, value, profile, data)
+    _keep_measured(key, value, profile, data)
+    if os.environ.get(MEASURE_ONLY_ENV) == "1":
+        return f"MEASURED {key}: {value:.6g} on the {profile} profile, not compared (labkit.course --update-references)"
+    if missing_ok and profile not in references().get(key, {profile: None}):
+        return f"no {profile}-profile reference for {key}; measured {value:.4g}"
     ref = reference(key, profile)
     target, rtol, origin = ref["value"], ref["rtol"], ref["origin"]
     ref_kind, run_kind = ref.get("data"), (data or "").split(":")[0] or None
@@ -174,22 +273,66 @@ def check_reference(key: str, value: float, profile: str, data: str | None = Non
     return f"OK {key}: within ±{100 * rtol:g}% of the {profile}-profile reference {target:g} ({origin})"
 
 
-def _update_reference(key: str, value: float, profile: str, data: str | None, rtol: float = 0.02) -> None:
-    """Authors only (LABKIT_UPDATE_REFERENCES=1): store a freshly measured CPU-profile value.
+def measured_dir(profile: str) -> Path:
+    """Where check_reference keeps the last value measured for each reference key of `profile`."""
+    return results_dir() / "measured" / profile
 
-    Keeps an existing entry's tolerance and origin; a new entry gets rtol 2% (compressed models
-    go through masks and factorizations whose ties can break differently on other CPUs)."""
-    import fcntl  # authors' machines only (Linux/macOS); several lessons may update at once
 
-    with open(REFERENCES_FILE.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        refs = references()
-        entry = refs.setdefault(key, {}).setdefault(profile, {"rtol": rtol, "origin": "measured by this code"})
-        entry["value"] = round(float(value), 4)
-        entry["data"] = (data or "local").split(":")[0]
-        tmp = REFERENCES_FILE.with_suffix(".tmp")
-        tmp.write_text(json.dumps(refs, indent=2) + "\n")
-        tmp.replace(REFERENCES_FILE)
+def _measured_path(key: str, profile: str) -> Path:
+    return measured_dir(profile) / (key.replace("/", "--") + ".json")  # keys look like "05/gptq-w4/perplexity"
+
+
+def _keep_measured(key: str, value: float, profile: str, data: str | None) -> None:
+    path = _measured_path(key, profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "value": float(value), "data": (data or "local").split(":")[0]}))
+    tmp.replace(path)  # atomic: lessons run in parallel under nbval may check at once
+
+
+def measured(profile: str, since: float | None = None) -> dict[str, dict]:
+    """The values check_reference last measured on `profile`: {key: {"key", "value", "data"}}.
+
+    since: a time.time() value; only values measured after it."""
+    paths = [p for p in sorted(measured_dir(profile).glob("*.json")) if since is None or p.stat().st_mtime >= since]
+    return {e["key"]: e for e in (json.loads(p.read_text()) for p in paths)}
+
+
+def update_references(
+    prefixes: list[str] | None = None, since: float | None = None, rtol: float = 0.02
+) -> list[tuple[str, float | None, float]]:
+    """Authors only: store the last measured CPU-profile values in references.json.
+
+    prefixes: reference keys to update, by prefix (a lesson number such as "05", or a whole key);
+    None updates every measured key. since: only values measured after this time.time().
+    Only CPU-profile entries are written: published GPU-profile values are never overwritten. An
+    existing entry keeps its tolerance and origin; a new entry gets rtol 2% (compressed models go
+    through masks and factorizations whose ties can break differently on other CPUs).
+    Returns the changes as (key, old value or None, new value).
+    """
+    found = measured("cpu", since)
+    if prefixes:
+        found = {k: e for k, e in found.items() if any(k.startswith(p) for p in prefixes)}
+    if not found:
+        raise LookupError(
+            f"No measured CPU-profile values{' for ' + str(prefixes) if prefixes else ''} in {measured_dir('cpu')}. "
+            "Run the lessons on the CPU profile first (python -m labkit.course ..., or in JupyterLab): each "
+            "reference check keeps what it measured there."
+        )
+    refs = references()
+    changes = []
+    for key, e in sorted(found.items()):
+        if not math.isfinite(e["value"]):
+            raise ValueError(f"{key}: the measured value is {e['value']}; a reference must be finite.")
+        entry = refs.setdefault(key, {}).setdefault("cpu", {"rtol": rtol, "origin": "measured by this code"})
+        old = entry.get("value")
+        entry["value"] = round(e["value"], 4)
+        entry["data"] = e["data"]
+        changes.append((key, old, entry["value"]))
+    tmp = REFERENCES_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(refs, indent=2) + "\n")
+    tmp.replace(REFERENCES_FILE)
+    return changes
 
 
 def field_names() -> list[str]:

@@ -1,4 +1,5 @@
-"""The layer-by-layer calibration walk shared by GPTQ, SparseGPT, Wanda, FLaP and activation-aware SVD.
+"""The layer-by-layer calibration walk shared by GPTQ, SparseGPT, Wanda, FLaP and activation-aware SVD,
+and the one place that runs a model up to a decoder-layer boundary and captures what arrives there.
 
     capture the inputs of decoder layer 0 on the calibration batch
     for each decoder layer:
@@ -12,10 +13,16 @@ Only one decoder layer (plus the calibration activations) is on the compute devi
 so a 7B model in fp16 (13.5 GB) can be compressed on a 16 GB GPU while it lives in CPU memory.
 Because each layer sees the outputs of the already-compressed layers before it, later layers
 correct for earlier layers' errors, as in the GPTQ and SparseGPT papers.
+
+`capture` (forward pre-hooks, the pass stopped as soon as what was asked for is recorded) gives the
+walk its layer-0 inputs and block-wise distillation its layer inputs (`layer_inputs`) and every layer
+boundary (`layer_states`). `check_calibration` is the one check of a token-id set, `SEQUENTIAL_GROUPS`
+the one list of a decoder layer's linears in the order they are calibrated one group after the other.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,22 +31,22 @@ from tqdm.auto import tqdm
 
 from .models import check_llama, linear_layers
 
+# GPTQ's "true sequential" order inside a decoder layer: each group is changed after the ones before it,
+# and is calibrated on the inputs that the already-changed linears produce (GPTQ; SVD-LLM with
+# sequential=True). Inside a group the order does not change any result: every linear of a group is
+# observed on the same inputs before any of them is changed, and each is changed from its own statistic;
+# only the order of a report's entries (and which linear an error names first) follows it. Listed in the
+# model's own order.
+SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
 
 class _Stop(Exception):
     """Ends a forward pass early, once what it was run for has been recorded."""
-
-
-class _Catcher(nn.Module):
-    """Stands in for decoder layer 0: records what the model passes to it, then stops the forward."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-        self.seen: list[tuple[torch.Tensor, dict]] = []
-
-    def forward(self, hidden_states, **kwargs):
-        self.seen.append((hidden_states, kwargs))
-        raise _Stop
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,34 +74,9 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> tuple[t
     return torch.linalg.cholesky(Hinv, upper=True), dead
 
 
-@torch.no_grad()
-def capture_layer0_inputs(model, calibration: torch.Tensor, device, batch_size: int = 8):
-    """Inputs of decoder layer 0: a list of (hidden_states [b, seqlen, hidden], kwargs) per batch.
-
-    The kwargs are exactly what the model passes to its layers (rotary cos/sin, attention mask,
-    position ids), captured rather than rebuilt, so the walk replays the model's own computation.
-    """
-    check_calibration(calibration, model)
-    inner = model.model
-    homes = [(m, next(iter([*m.parameters(), *m.buffers()])).device) for m in (inner.embed_tokens, inner.rotary_emb)]
-    for m, _ in homes:
-        m.to(device)
-    catcher = _Catcher(inner.layers[0])
-    inner.layers[0] = catcher
-    try:
-        for start in range(0, calibration.shape[0], batch_size):
-            try:
-                model(calibration[start : start + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        inner.layers[0] = catcher.layer
-        for m, home in homes:
-            m.to(home)
-    return catcher.seen
-
-
-def check_calibration(calibration, model=None) -> None:
+def check_calibration(calibration, model=None, *, name: str = "calibration", min_seqlen: int = 1) -> None:
+    """Raise a ValueError naming `name` unless `calibration` is a non-empty LongTensor of token ids
+    [n_samples, seqlen] with seqlen >= min_seqlen, and (given `model`) every id is in its vocabulary."""
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
         got = (
             f"{tuple(calibration.shape)} {calibration.dtype}"
@@ -102,18 +84,141 @@ def check_calibration(calibration, model=None) -> None:
             else type(calibration).__name__
         )
         raise ValueError(
-            f"calibration must be a LongTensor of token ids shaped [n_samples, seqlen]; got {got}. "
+            f"{name} must be a LongTensor of token ids shaped [n_samples, seqlen]; got {got}. "
             f"Make one with labkit.data.calibration(tokenizer, n_samples, seqlen)."
         )
-    if calibration.shape[0] == 0 or calibration.shape[1] == 0:
+    n, seqlen = calibration.shape
+    if n == 0 or seqlen < max(min_seqlen, 1):
         raise ValueError(
-            f"calibration is empty (shape {tuple(calibration.shape)}): need at least one sample of at least one "
-            f"token. Make one with labkit.data.calibration(tokenizer, n_samples, seqlen)."
+            f"{name} holds {n} windows of {seqlen} tokens; need at least one window with seqlen >= "
+            f"{max(min_seqlen, 1)}. Make one with labkit.data.calibration(tokenizer, n_samples, seqlen)."
         )
     if model is not None:
         vocab = model.config.vocab_size
-        if calibration.numel() and (calibration.min() < 0 or calibration.max() >= vocab):
-            raise ValueError(f"calibration holds token ids outside [0, {vocab}): was it made with another tokenizer?")
+        if calibration.min() < 0 or calibration.max() >= vocab:
+            raise ValueError(f"{name} holds token ids outside [0, {vocab}): was it made with another tokenizer?")
+
+
+# --- capture: what arrives at a decoder-layer boundary ---------------------------------------------
+
+
+@torch.no_grad()
+def capture(
+    model,
+    tokens: torch.Tensor,
+    boundaries: Sequence[int] | None = None,
+    *,
+    batch_size: int = 8,
+    device=None,
+    name: str = "tokens",
+) -> list[tuple[list[torch.Tensor], dict]]:
+    """What arrives at decoder-layer boundaries when `model` runs on `tokens` [n, seqlen], batch by batch.
+
+    Boundary i < L (L decoder layers) is the input of layer i; boundary L is the last layer's output, what
+    the final norm receives. boundaries: which ones to record (default: all, 0..L).
+    Returns, per batch of `batch_size` windows, (states, kwargs): states[k] [batch, seqlen, hidden] arrives
+    at boundaries[k]; kwargs are exactly what the model passes to its decoder layers (rotary cos/sin,
+    attention mask, position ids), captured rather than rebuilt, so a layer replayed on them repeats the
+    model's own computation.
+
+    Forward pre-hooks record; each pass stops as soon as the last boundary asked for is reached, so the
+    rest of the model does not run (boundary 0 costs only the embedding). The hooks are removed
+    afterwards, also on error. device: where the batches run; when given, the embedding and the rotary
+    module are moved there for the call and back afterwards (enough for boundary 0: the walk keeps the
+    layers elsewhere); by default the embedding's device. `name` names `tokens` in error messages.
+    """
+    check_llama(model, "capture")
+    check_calibration(tokens, model, name=name)
+    inner = model.model
+    stations = [*inner.layers, inner.norm]  # the modules that receive boundary 0..L
+    wanted = list(range(len(stations))) if boundaries is None else boundaries
+    if (
+        not isinstance(wanted, (list, tuple, range))
+        or not wanted
+        or any(isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < len(stations) for b in wanted)
+    ):
+        raise ValueError(
+            f"boundaries={boundaries!r}: need a list of indices in 0..{len(inner.layers)} (i < {len(inner.layers)}: "
+            f"the input of decoder layer i; {len(inner.layers)}: the last layer's output), e.g. [0], or None for all."
+        )
+    wanted = list(wanted)
+    last = max(wanted)
+    seen: dict = {}  # this batch: boundary -> hidden states, and "kwargs"
+
+    def recorder(boundary):
+        def hook(module, args, kwargs):
+            seen[boundary] = args[0] if args else kwargs["hidden_states"]
+            if boundary == 0:
+                seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if boundary == last:
+                raise _Stop  # everything asked for is recorded: the rest of the pass is not needed
+
+        return hook
+
+    homes = []
+    if device is not None:
+        device = torch.device(device)
+        homes = [
+            (m, next(iter([*m.parameters(), *m.buffers()])).device) for m in (inner.embed_tokens, inner.rotary_emb)
+        ]
+    else:
+        device = inner.embed_tokens.weight.device
+    hooks = [stations[b].register_forward_pre_hook(recorder(b), with_kwargs=True) for b in sorted({0, *wanted})]
+    out = []
+    try:
+        for m, _ in homes:
+            m.to(device)
+        for start in range(0, tokens.shape[0], batch_size):
+            seen.clear()
+            with contextlib.suppress(_Stop):
+                model(tokens[start : start + batch_size].to(device), use_cache=False)
+            out.append(([seen[b] for b in wanted], seen["kwargs"]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, home in homes:
+            m.to(home)
+    return out
+
+
+def layer_inputs(model, tokens: torch.Tensor, index: int, batch_size: int = 8) -> tuple[torch.Tensor, dict]:
+    """What decoder layer `index` of `model` receives on `tokens` [n, seqlen]:
+    (hidden states [n, seqlen, hidden], the keyword arguments the model passes to its layers).
+
+    The kwargs (rotary cos/sin for positions 0..seqlen-1, mask None = causal) are shared by
+    every window, so any batch of the inputs can be replayed with them. One forward per batch,
+    stopped at layer `index`.
+    """
+    check_llama(model, "layer_inputs")
+    n_layers = len(model.model.layers)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n_layers:
+        raise ValueError(f"index={index!r}: the model has decoder layers 0..{n_layers - 1}.")
+    batches = capture(model, tokens, [index], batch_size=batch_size)
+    return torch.cat([states[0] for states, _ in batches]), _shared_kwargs(batches[0][1], "layer_inputs")
+
+
+def layer_states(model, tokens: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], dict]:
+    """Every decoder layer's input, and the last layer's output, from one forward pass per batch:
+    (states, kwargs) with states[i] [n, seqlen, hidden] the input of layer i for i < L and states[L]
+    the last layer's output (before the final norm); kwargs as in layer_inputs.
+
+    states[j] is what the teacher's layers 0..j-1 make of the tokens, so the span of layers i..j-1
+    maps states[i] to states[j]: the targets of a student layer that replaces that span.
+    """
+    batches = capture(model, tokens, batch_size=batch_size)
+    states = [torch.cat(chunks) for chunks in zip(*(states for states, _ in batches))]
+    return states, _shared_kwargs(batches[0][1], "layer_states")
+
+
+def _shared_kwargs(kwargs: dict, caller: str) -> dict:
+    """The layer kwargs, if every window shares them (position ids per window would tie them to one batch)."""
+    cos, _ = kwargs["position_embeddings"]
+    if cos.shape[0] != 1:
+        raise ValueError(f"the model passes per-window position embeddings; {caller} needs shared ones.")
+    return kwargs
+
+
+# --- the walk -------------------------------------------------------------------------------------
 
 
 Stats = object  # anything with .add(x: Tensor [tokens, in_features])
@@ -146,7 +251,11 @@ def calibration_walk(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
     device = torch.device(device)
-    batches = capture_layer0_inputs(model, calibration, device, batch_size)
+    # The inputs of layer 0, batch by batch (no other reference kept: each layer's outputs replace them).
+    batches = [
+        (states[0], kwargs)
+        for states, kwargs in capture(model, calibration, [0], batch_size=batch_size, device=device, name="calibration")
+    ]
     results = []
     for index, layer in enumerate(tqdm(model.model.layers, desc=desc, leave=False)):
         home = next(layer.parameters()).device
@@ -186,10 +295,8 @@ def _observe(layer: nn.Module, linears: dict, stats: dict, batches: list) -> Non
     try:
         for hidden, kwargs in batches:
             seen.clear()
-            try:
+            with contextlib.suppress(_Stop):
                 layer(hidden, **kwargs)
-            except _Stop:
-                pass
     finally:
         for hook in hooks:
             hook.remove()

@@ -15,6 +15,7 @@ way to let a redirect settle), the test waits for the redirect's target to load.
 """
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -92,10 +93,8 @@ class Chromium:
         self.events = []  # (sessionId, method, params) not yet consumed
 
     def close(self):
-        try:
+        with contextlib.suppress(Exception):  # the browser may already be gone
             self.send("Browser.close", timeout=10)
-        except Exception:
-            pass
         for fd in (self.to_browser, self.from_browser):
             os.close(fd)
         try:

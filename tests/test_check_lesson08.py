@@ -42,7 +42,7 @@ def test_rank_r_approximation(capsys):
     assert "r smallest singular values" in capsys.readouterr().out
 
     def no_sigma(W, r):
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, _S, Vh = torch.linalg.svd(W, full_matrices=False)
         return U[:, :r] @ Vh[:r]
 
     assert not check.lesson08.rank_r_approximation(no_sigma)

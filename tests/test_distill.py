@@ -6,23 +6,15 @@ import math
 import pytest
 import torch
 
-from labkit import distill, evaluate, models
+from labkit import distill, evaluate, models, prune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared 2-core machine two OpenMP threads
-    spinning against other processes made these tests 10-40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    model, _ = models.load("tiny-llama-random", device="cpu")
-    return model
+@pytest.fixture
+def teacher(tiny):
+    """The tiny model in the teacher's role (fresh for each test, like `tiny`)."""
+    return tiny
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +116,7 @@ def test_loss_errors():
     for beta in (0, 1, 1.5):
         with pytest.raises(ValueError, match=f"beta={beta}"):
             distill.jsd(s, t, beta=beta)
-    with pytest.raises(ValueError, match="student logits have 5 .* teacher logits 7"):
+    with pytest.raises(ValueError, match=r"student logits have 5 .* teacher logits 7"):
         distill.reverse_kl(s, torch.zeros(2, 7))
     with pytest.raises(ValueError, match="mask selects no tokens"):
         distill.forward_kl(s, t, mask=torch.zeros(2, dtype=torch.bool))
@@ -136,12 +128,12 @@ def test_loss_errors():
 
 
 def test_drop_layers_keeps_the_model_runnable(teacher, data):
-    student = distill.drop_layers(teacher)  # every other layer: [0]
+    student = prune.drop_layers(teacher)  # every other layer: [0]
     assert len(student.model.layers) == 1 and student.config.num_hidden_layers == 1
     assert len(teacher.model.layers) == 2  # the teacher is untouched
     assert student(data).logits.shape == teacher(data).logits.shape
     torch.testing.assert_close(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)
-    second = distill.drop_layers(teacher, keep=[1])
+    second = prune.drop_layers(teacher, keep=[1])
     assert second.model.layers[0].self_attn.layer_idx == 0  # renumbered for the KV cache
     out = second.generate(data[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 9)
@@ -154,7 +146,7 @@ def test_drop_layers_keeps_the_model_runnable(teacher, data):
 def test_drop_layers_errors(teacher):
     for keep in ([2], [1, 0], [0, 0], []):
         with pytest.raises(ValueError, match="increasing list of distinct layer indices"):
-            distill.drop_layers(teacher, keep=keep)
+            prune.drop_layers(teacher, keep=keep)
 
 
 def test_fresh_student_shares_vocabulary(teacher):
@@ -173,7 +165,7 @@ def test_fresh_student_shares_vocabulary(teacher):
 
 
 def test_distill_lowers_the_divergence_and_is_deterministic(teacher, data):
-    student = distill.drop_layers(teacher, keep=[0])
+    student = prune.drop_layers(teacher, keep=[0])
     before = kl_on(student, teacher, data)
     teacher_state = copy.deepcopy(teacher.state_dict())
     curve = distill.distill(student, teacher, data, steps=8, lr=2e-3, batch_size=4, grad_accum=2, progress=False)
@@ -183,7 +175,7 @@ def test_distill_lowers_the_divergence_and_is_deterministic(teacher, data):
     for name, value in teacher.state_dict().items():  # the teacher never changes
         torch.testing.assert_close(value, teacher_state[name])
     again = distill.distill(
-        distill.drop_layers(teacher, keep=[0]),
+        prune.drop_layers(teacher, keep=[0]),
         teacher,
         data,
         steps=8,
@@ -196,7 +188,7 @@ def test_distill_lowers_the_divergence_and_is_deterministic(teacher, data):
 
 
 def test_on_policy_distillation(teacher, data):
-    student = distill.drop_layers(teacher, keep=[0])
+    student = prune.drop_layers(teacher, keep=[0])
     before = kl_on(student, teacher, data)
     curve = distill.distill(
         student,
@@ -228,21 +220,95 @@ def test_sample_with_cache_matches_full_forward(teacher, data):
 
 def test_finetune_lowers_cross_entropy(teacher):
     pattern = (torch.arange(24)[None] + 7 * torch.arange(8)[:, None]) % 256  # next token = this one + 1
-    student = distill.drop_layers(teacher, keep=[0])
+    student = prune.drop_layers(teacher, keep=[0])
     curve = distill.finetune(student, pattern, steps=10, lr=3e-3, progress=False)
     assert curve[-1] < 0.7 * curve[0]
 
 
 def test_distill_argument_errors(teacher, data):
-    student = distill.drop_layers(teacher, keep=[0])
+    student = prune.drop_layers(teacher, keep=[0])
     with pytest.raises(ValueError, match="loss='kl'"):
         distill.distill(student, teacher, data, steps=1, loss="kl", progress=False)
     with pytest.raises(ValueError, match="steps=0"):
         distill.distill(student, teacher, data, steps=0, progress=False)
-    with pytest.raises(ValueError, match=r"LongTensor of token windows \[n, seqlen\]"):
+    with pytest.raises(ValueError, match=r"data must be a LongTensor of token ids"):
         distill.finetune(student, data.float(), steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"data holds 0 windows of 24 tokens"):  # not an endless wait for a batch
+        distill.finetune(student, data[:0], steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"data holds 8 windows of 1 tokens; need .* seqlen >= 2"):
+        distill.distill(student, teacher, data[:, :1], steps=1, progress=False)
     with pytest.raises(ValueError, match="temperature=0"):
         distill.distill(student, teacher, data, steps=1, temperature=0, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=math.inf), r"temperature=inf: need a number in \[1e-06, 10000\]"),
+        (dict(temperature=math.nan), r"temperature=nan"),
+        (dict(loss="jsd", beta=math.nan), r"beta=nan"),
+        (dict(beta=1.0), r"beta=1.0"),
+        (dict(lr=math.inf), r"lr=inf: need a learning rate in \(0, 1\]"),
+        (dict(lr=math.nan), r"lr=nan"),
+        (dict(weight_decay=-0.1), r"weight_decay=-0.1: need a decay in \[0, 1\]"),
+        (dict(weight_decay=math.inf), r"weight_decay=inf"),
+        (dict(max_grad_norm=math.nan), r"max_grad_norm=nan: need a finite norm > 0, or None"),
+        (dict(max_grad_norm="1"), r"max_grad_norm='1'"),
+        (dict(alpha_ce=math.nan), r"alpha_ce=nan: need a weight in \[0, 1\]"),
+        (dict(alpha_ce=1.5), r"alpha_ce=1.5"),
+        (dict(seed=1.5), r"seed=1.5: need an integer >= 0"),
+    ],
+)
+def test_distill_float_hyperparameters_are_finite_and_in_range(teacher, data, kwargs, match):
+    student = prune.drop_layers(teacher, keep=[0])
+    before = copy.deepcopy(student.state_dict())
+    with pytest.raises(ValueError, match=match):
+        distill.distill(student, teacher, data, steps=1, progress=False, **kwargs)
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=-1.0), dict(weight_decay=math.nan), dict(max_grad_norm=0)])
+def test_finetune_and_blockwise_check_their_floats(teacher, data, kwargs):
+    name = next(iter(kwargs))
+    student = prune.drop_layers(teacher, keep=[0])
+    with pytest.raises(ValueError, match=f"{name}="):
+        distill.finetune(student, data, steps=1, progress=False, **kwargs)
+    inputs = torch.randn(2, 4, 64)
+    with pytest.raises(ValueError, match=f"{name}="):
+        distill.blockwise_distill(student.model.layers[0], None, inputs, 1, targets=inputs, progress=False, **kwargs)
+
+
+def test_a_non_finite_loss_stops_before_the_update(teacher, data):
+    """Step 2's loss is NaN: the error names the step, and the student keeps its weights after step 1."""
+    calls = []
+
+    def loss_nan_at_step_2(student_logits, teacher_logits, mask=None):
+        calls.append(1)
+        value = distill.forward_kl(student_logits, teacher_logits, 2.0, mask)
+        return value * math.nan if len(calls) == 2 else value
+
+    one_step = prune.drop_layers(teacher, keep=[0])
+    distill.distill(one_step, teacher, data, steps=1, loss=loss_nan_at_step_2, progress=False)
+    calls.clear()
+    student = prune.drop_layers(teacher, keep=[0])
+    with pytest.raises(
+        FloatingPointError, match=r"training step 2 of 3: the loss is nan.*weights are those after step 1"
+    ):
+        distill.distill(student, teacher, data, steps=3, loss=loss_nan_at_step_2, progress=False)
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, one_step.state_dict()[name]), name
+    assert not student.training and all(p.grad is None for p in student.parameters())
+
+
+def test_a_non_finite_gradient_stops_before_the_update(teacher, data):
+    student = prune.drop_layers(teacher, keep=[0])
+    before = copy.deepcopy(student.state_dict())
+    student.lm_head.weight.register_hook(lambda grad: grad * math.inf)  # a finite loss, an infinite gradient
+    with pytest.raises(FloatingPointError, match=r"training step 1 of 2: the gradient norm is (inf|nan)"):
+        distill.finetune(student, data, steps=2, max_grad_norm=None, progress=False)
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 def test_blockwise_distill_repairs_a_perturbed_block(teacher, data):
@@ -273,7 +339,7 @@ def test_layer_states_are_the_layer_boundaries(teacher, data):
 
 
 def test_block_influence_is_one_minus_cosine(teacher, data):
-    bi = distill.block_influence(teacher, data)
+    bi = prune.block_influence(teacher, data)
     states, _ = distill.layer_states(teacher, data)
     assert len(bi) == 2
     cos = torch.nn.functional.cosine_similarity(states[1], states[2], dim=-1).mean().item()
@@ -282,7 +348,7 @@ def test_block_influence_is_one_minus_cosine(teacher, data):
     with torch.no_grad():  # a layer whose attention and MLP add nothing leaves the stream unchanged: BI = 0
         identity.model.layers[1].self_attn.o_proj.weight.zero_()
         identity.model.layers[1].mlp.down_proj.weight.zero_()
-    assert distill.block_influence(identity, data)[1] == pytest.approx(0, abs=1e-6)
+    assert prune.block_influence(identity, data)[1] == pytest.approx(0, abs=1e-6)
 
 
 def test_blockwise_distill_replaces_a_span(teacher, data):

@@ -36,7 +36,6 @@ ARGUMENTS = {  # (what, argument): (call with the drawn value, strategy)
     ("prune.sparsegpt", "percdamp"): (lambda m, v: prune.sparsegpt(m, CAL, 0.5, percdamp=v), ANY),
     ("prune.flap", "ratio"): (lambda m, v: prune.flap(m, CAL, v), ANY),
     ("prune.llm_pruner", "ratio"): (lambda m, v: prune.llm_pruner(m, CAL, v), ANY),
-    ("prune.llm_pruner", "recover_steps"): (lambda m, v: prune.llm_pruner(m, CAL, 0.2, recover_steps=v), SMALL),
     ("quant.rtn", "bits"): (lambda m, v: quant.rtn(m, v, 32), ANY),
     ("quant.rtn", "group_size"): (lambda m, v: quant.rtn(m, 4, v), ANY),
     ("quant.gptq", "bits"): (lambda m, v: quant.gptq(m, CAL, v, 32), ANY),

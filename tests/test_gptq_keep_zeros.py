@@ -18,9 +18,9 @@ def _layer(rows=16, cols=64, seed=0):
 def test_keep_zeros_preserves_a_2_4_pattern(group_size, act_order, sym):
     W, H = _layer()
     W = W * ~prune.nm_mask(W.abs(), 2, 4)  # 2:4: the two smallest of every four are zero
-    Wq, *_ = gptq_quantize_weight(W, H, 4, group_size, sym=sym, act_order=act_order, keep_zeros=True)
+    Wq = gptq_quantize_weight(W, H, 4, group_size, sym=sym, act_order=act_order, keep_zeros=True).weight
     assert ((W == 0) & (Wq != 0)).sum() == 0  # every pruned weight is still exactly 0
-    plain, *_ = gptq_quantize_weight(W, H, 4, group_size, sym=sym, act_order=act_order)
+    plain = gptq_quantize_weight(W, H, 4, group_size, sym=sym, act_order=act_order).weight
     assert ((W == 0) & (plain != 0)).sum() > 0  # without it, GPTQ's updates fill the zeros
 
 

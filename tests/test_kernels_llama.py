@@ -28,18 +28,13 @@ else:
     pytest.skip("TRITON_INTERPRET is off and there is no CUDA GPU", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def tiny_model():
-    model, tok = models.load("tiny-llama-random", device=DEVICE, dtype=DTYPE)
-    return model, tok
+def tiny_on_device():
+    """A fresh tiny random Llama on the kernels' device and dtype (conftest's `tiny` is fp32 on CPU)."""
+    return models.load("tiny-llama-random", device=DEVICE, dtype=DTYPE)[0]
 
 
 def logits(model, ids):
@@ -47,8 +42,8 @@ def logits(model, ids):
         return model(ids).logits.float()
 
 
-def test_fused_layers_compute_the_same_model(tiny_model):
-    model, _ = tiny_model
+def test_fused_layers_compute_the_same_model(tiny_on_device):
+    model = tiny_on_device
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     ref = logits(model, ids)
     report = fused_llama.fuse(model, backend="triton")
@@ -57,8 +52,8 @@ def test_fused_layers_compute_the_same_model(tiny_model):
     assert (out - ref).abs().max().item() <= TOL * ref.abs().max().item()
 
 
-def test_w4a16_model_equals_the_fake_quantized_model(tiny_model):
-    model, tok = tiny_model
+def test_w4a16_model_equals_the_fake_quantized_model(tiny_on_device):
+    model = tiny_on_device
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     fake = copy.deepcopy(model)  # the same 4-bit weights, dequantized into ordinary nn.Linears
     for layer in models.decoder_layers(fake):
@@ -94,11 +89,27 @@ def test_float_offset_reproduces_a_q4_1_grid():
     assert packed.stored_bytes() == 8 * 32 + 2 * (8 * 2 * 4)  # codes + fp32 scales and zeros
 
 
-def test_fuse_input_errors(tiny_model):
-    model, _ = tiny_model
+def test_w4a16_holds_the_weights_of_labkit_quants_4bit_layout():
+    """W4A16Linear is a repacking of quant's QuantLinear: the same codes, the same weights, bit for bit."""
+    from labkit.quant.qlinear import QuantLinear
+
+    linear = torch.nn.Linear(64, 8)
+    for float_offset in (False, True):
+        quantized = QuantLinear.from_linear(linear, 4, 32, float_offset=float_offset)
+        packed = fused_llama.W4A16Linear.from_quant_linear(quantized, backend="torch")
+        assert torch.equal(packed.qweight.reshape(-1), quantized.qweight)  # the same nibbles in the same order
+        if not float_offset:  # (code - zero) · scale in fp32 on both sides; the float offset is rewritten as a zero
+            assert torch.equal(packed.dequantized_weight(), quantized.dequantized_weight())
+        torch.testing.assert_close(packed.dequantized_weight(), quantized.dequantized_weight(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="needs a 4-bit QuantLinear without act-order"):
+        fused_llama.W4A16Linear.from_quant_linear(QuantLinear.from_linear(linear, 3, 32))
+
+
+def test_fuse_input_errors(tiny_on_device):
+    model = tiny_on_device
     with pytest.raises(ValueError, match="group_size=48 must be even and divide"):
         fused_llama.fuse(model, w4a16=True, group_size=48)
-    with pytest.raises(ValueError, match="layer index 5 is outside 0..1"):
+    with pytest.raises(ValueError, match=r"layer index 5 is outside 0\.\.1"):
         fused_llama.fuse(model, layers=[5])
     with pytest.raises(ValueError, match="layer 0 is not fused"):
         fused_llama.set_backend(copy.deepcopy(model), "torch")

@@ -7,30 +7,7 @@ import torch
 
 from labkit import evaluate, lowrank, models
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads; two OpenMP threads on a shared 2-core machine are far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, _ = models.load("tiny-llama-random", device="cpu")
-    return model
-
-
-@pytest.fixture
-def model(tiny):
-    return copy.deepcopy(tiny)
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +35,7 @@ def output_error(W, W_hat, X):
 
 def test_full_rank_svd_reproduces_the_layer():
     W, X = correlated_layer()
-    A, B, s = lowrank.truncated_svd(W, 32)
+    A, B, _s = lowrank.truncated_svd(W, 32)
     layer = lowrank.LowRankLinear.from_factors(A, B)
     torch.testing.assert_close(layer(X), X @ W.T, rtol=1e-4, atol=1e-3)  # fp32 SVD of a 32 x 48 matrix
     torch.testing.assert_close(layer.weight, W, rtol=0, atol=1e-4)
@@ -78,7 +55,7 @@ def test_whitened_svd_minimises_the_output_error():
     W, X = correlated_layer()
     H = X.T @ X  # ∝ X Xᵀ in the docstring's [in, tokens] convention
     rank = 8
-    A, B, s = lowrank.truncated_svd(W, rank)
+    A, B, _s = lowrank.truncated_svd(W, rank)
     Aw, Bw, sw = lowrank.whitened_svd(W, H, rank)
     plain, whitened = output_error(W, B @ A, X), output_error(W, Bw @ Aw, X)
     assert whitened < 0.5 * plain  # same rank, far less output error
@@ -105,63 +82,67 @@ def test_whitening_dampens_a_singular_hessian():
 
 
 @pytest.mark.parametrize("aware", [False, True])
-def test_svd_at_full_rank_reproduces_the_model(model, tiny, calibration, tokens, aware):
+def test_svd_at_full_rank_reproduces_the_model(tiny, calibration, tokens, aware):
+    dense = copy.deepcopy(tiny)  # the unchanged model, to compare with
     kwargs = dict(activation_aware=True, calibration=calibration) if aware else {}
-    report = lowrank.svd(model, energy=1.0, **kwargs)
-    assert len(report.layers) == 14 and len(lowrank.lowrank_linears(model)) == 14
+    report = lowrank.svd(tiny, energy=1.0, **kwargs)
+    assert len(report.layers) == 14 and len(lowrank.lowrank_linears(tiny)) == 14
     assert all(layer.rank == layer.full_rank for layer in report.layers.values())
-    torch.testing.assert_close(model(tokens).logits, tiny(tokens).logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(tiny(tokens).logits, dense(tokens).logits, rtol=0, atol=1e-4)
 
 
-def test_param_ratio_removes_parameters(model, tiny, tokens):
-    report = lowrank.svd(model, param_ratio=0.8)
+def test_param_ratio_removes_parameters(tiny, tokens):
+    dense = copy.deepcopy(tiny)  # the unchanged model, to compare with
+    report = lowrank.svd(tiny, param_ratio=0.8)
     for layer in report.layers.values():
         assert layer.params_after <= 0.8 * layer.params_before
     linear_before = sum(layer.params_before for layer in report.layers.values())
     assert report.params_before == linear_before == 86016
-    removed = models.parameter_count(tiny) - models.parameter_count(model)
+    removed = models.parameter_count(dense) - models.parameter_count(tiny)
     assert removed == report.params_before - report.params_after  # real parameters, not a mask
-    assert evaluate.weight_bytes(tiny) - evaluate.weight_bytes(model) == 4 * removed
+    assert evaluate.weight_bytes(dense) - evaluate.weight_bytes(tiny) == 4 * removed
     assert report.method == "svd" and 0.75 < report.kept <= 0.8
-    assert torch.isfinite(model(tokens).logits).all()
-    q = model.model.layers[0].self_attn.q_proj
+    assert torch.isfinite(tiny(tokens).logits).all()
+    q = tiny.model.layers[0].self_attn.q_proj
     assert q.rank == 25 and q.A.weight.shape == (25, 64) and q.B.weight.shape == (64, 25)  # ⌊0.8·64·64/128⌋
 
 
-def test_rank_int_and_dict(model, tiny):
-    report = lowrank.svd(model, rank=8, targets=["mlp.gate_proj", "up_proj"])
+def test_rank_int_and_dict(tiny):
+    dense = copy.deepcopy(tiny)  # the unchanged model, to compare with
+    report = lowrank.svd(tiny, rank=8, targets=["mlp.gate_proj", "up_proj"])
     assert set(report.layers) == {f"layers.{i}.mlp.{n}" for i in (0, 1) for n in ("gate_proj", "up_proj")}
-    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
-    other = copy.deepcopy(tiny)
+    assert isinstance(tiny.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    other = copy.deepcopy(dense)
     report = lowrank.svd(other, rank={"layers.1.self_attn.k_proj": 3, "layers.0.mlp.down_proj": 10})
     assert report.ranks() == {"layers.1.self_attn.k_proj": 3, "layers.0.mlp.down_proj": 10}
     assert other.model.layers[1].self_attn.k_proj.rank == 3
-    with pytest.raises(ValueError, match="match no nn.Linear"):  # already factored
+    with pytest.raises(ValueError, match=r"match no nn.Linear"):  # already factored
         lowrank.svd(other, rank=2, targets=["layers.1.self_attn.k_proj"])
 
 
-def test_activation_aware_walk_reports_the_output_error(model, tiny, calibration):
+def test_activation_aware_walk_reports_the_output_error(tiny, calibration):
+    dense = copy.deepcopy(tiny)  # the unchanged model, to compare with
     seen = []  # inputs of layer 0's q_proj on the calibration data, in the dense model
-    hook = tiny.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    hook = dense.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     with torch.no_grad():
-        tiny(calibration)
+        dense(calibration)
     hook.remove()
     X = seen[0].reshape(-1, 64)
-    report = lowrank.svd(model, param_ratio=0.5, activation_aware=True, calibration=calibration)
+    report = lowrank.svd(tiny, param_ratio=0.5, activation_aware=True, calibration=calibration)
     assert report.method == "svd-llm"
-    W = tiny.model.layers[0].self_attn.q_proj.weight.detach()
-    W_hat = model.model.layers[0].self_attn.q_proj.weight.detach()
+    W = dense.model.layers[0].self_attn.q_proj.weight.detach()
+    W_hat = tiny.model.layers[0].self_attn.q_proj.weight.detach()
     relative = output_error(W, W_hat, X) / ((X @ W.T) ** 2).sum().item()
     assert relative == pytest.approx(report.layers["layers.0.self_attn.q_proj"].discarded, rel=1e-3)
-    plain = copy.deepcopy(tiny)
+    plain = copy.deepcopy(dense)
     lowrank.svd(plain, param_ratio=0.5)
     W_plain = plain.model.layers[0].self_attn.q_proj.weight.detach()
     assert output_error(W, W_hat, X) < output_error(W, W_plain, X)
 
 
-def test_sequential_walk_runs(model, calibration, tokens):
-    report = lowrank.svd(model, param_ratio=0.6, activation_aware=True, calibration=calibration, sequential=True)
-    assert len(report.layers) == 14 and torch.isfinite(model(tokens).logits).all()
+def test_sequential_walk_runs(tiny, calibration, tokens):
+    report = lowrank.svd(tiny, param_ratio=0.6, activation_aware=True, calibration=calibration, sequential=True)
+    assert len(report.layers) == 14 and torch.isfinite(tiny(tokens).logits).all()
 
 
 # --- rank allocation ----------------------------------------------------------------------------
@@ -205,32 +186,32 @@ def test_allocation_from_weights_alone(tiny):
 # --- errors -----------------------------------------------------------------------------------------
 
 
-def test_svd_errors(model, calibration):
-    with pytest.raises(ValueError, match="rank=0 for layers.0.self_attn.q_proj"):
-        lowrank.svd(model, rank=0)
+def test_svd_errors(tiny, calibration):
+    with pytest.raises(ValueError, match=r"rank=0 for layers.0.self_attn.q_proj"):
+        lowrank.svd(tiny, rank=0)
     with pytest.raises(ValueError, match=r"rank=33 for layers.0.self_attn.k_proj \(32 x 64\).*\[1, 32\]"):
-        lowrank.svd(model, rank=33)
+        lowrank.svd(tiny, rank=33)
     for ratio in (0, 1, 1.5):
         with pytest.raises(ValueError, match=f"param_ratio={ratio}"):
-            lowrank.svd(model, param_ratio=ratio)
+            lowrank.svd(tiny, param_ratio=ratio)
     for energy in (0, 1.5):
         with pytest.raises(ValueError, match=f"energy={energy}"):
-            lowrank.svd(model, energy=energy)
+            lowrank.svd(tiny, energy=energy)
     with pytest.raises(ValueError, match="exactly one of rank, param_ratio, energy; got none"):
-        lowrank.svd(model)
+        lowrank.svd(tiny)
     with pytest.raises(ValueError, match=r"exactly one .* got \['rank', 'energy'\]"):
-        lowrank.svd(model, rank=4, energy=0.9)
+        lowrank.svd(tiny, rank=4, energy=0.9)
     with pytest.raises(ValueError, match="activation_aware=True needs calibration"):
-        lowrank.svd(model, param_ratio=0.8, activation_aware=True)
+        lowrank.svd(tiny, param_ratio=0.8, activation_aware=True)
     with pytest.raises(ValueError, match=r"targets \['attn.q'\] match no nn.Linear"):
-        lowrank.svd(model, rank=4, targets=["attn.q"])
-    with pytest.raises(ValueError, match="rank names .* are not linears to factor"):
-        lowrank.svd(model, rank={"layers.7.mlp.up_proj": 4})
-    assert not lowrank.lowrank_linears(model)  # nothing was changed by the failed calls
+        lowrank.svd(tiny, rank=4, targets=["attn.q"])
+    with pytest.raises(ValueError, match=r"rank names .* are not linears to factor"):
+        lowrank.svd(tiny, rank={"layers.7.mlp.up_proj": 4})
+    assert not lowrank.lowrank_linears(tiny)  # nothing was changed by the failed calls
 
 
 def test_allocation_errors(tiny, calibration):
-    with pytest.raises(ValueError, match="budget=0.001 keeps 86 parameters, but even the lowest ranks allowed"):
+    with pytest.raises(ValueError, match=r"budget=0.001 keeps 86 parameters, but even the lowest ranks allowed"):
         lowrank.allocate_ranks(tiny, None, 0.001)
     for budget in (0, 1, 1.2):
         with pytest.raises(ValueError, match=f"budget={budget}"):
@@ -265,10 +246,11 @@ def test_sparse_plus_lowrank_module():
     assert residual[S != 0].min() >= residual[S == 0].max() - 1e-5
 
 
-def test_sparse_plus_lowrank_model(model, tiny, tokens):
-    report = lowrank.sparse_plus_lowrank(model, param_ratio=0.6, density=0.02)
-    assert report.bytes_after == evaluate.weight_bytes(model) - (evaluate.weight_bytes(tiny) - report.bytes_before)
-    assert report.kept < 0.7 and torch.isfinite(model(tokens).logits).all()
+def test_sparse_plus_lowrank_model(tiny, tokens):
+    dense = copy.deepcopy(tiny)  # the unchanged model, to compare with
+    report = lowrank.sparse_plus_lowrank(tiny, param_ratio=0.6, density=0.02)
+    assert report.bytes_after == evaluate.weight_bytes(tiny) - (evaluate.weight_bytes(dense) - report.bytes_before)
+    assert report.kept < 0.7 and torch.isfinite(tiny(tokens).logits).all()
     with pytest.raises(ValueError, match="density=1"):
         lowrank.decompose(torch.randn(4, 4), 2, 1.0)
     with pytest.raises(ValueError, match="rank=5 for a 4 x 4 matrix"):
@@ -292,28 +274,28 @@ def test_greedy_ranks_floor_and_absolute_costs():
         lowrank.greedy_ranks(spectra, shapes, 0.55, min_ranks={"steep": 2, "flat": 2})
 
 
-def test_allocate_by_sensitivity(model, calibration, tokens):
-    before = copy.deepcopy(model.state_dict())
-    alloc = lowrank.allocate_by_sensitivity(model, calibration, 0.7, tokens, ratios=(0.5, 0.8, 1.0))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is unchanged
+def test_allocate_by_sensitivity(tiny, calibration, tokens):
+    before = copy.deepcopy(tiny.state_dict())
+    alloc = lowrank.allocate_by_sensitivity(tiny, calibration, 0.7, tokens, ratios=(0.5, 0.8, 1.0))
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())  # the model is unchanged
     assert set(alloc.ratios) == set(lowrank.TARGETS) and alloc.kept <= 0.7
     assert len(alloc.sensitivity) == 3 * len(lowrank.TARGETS)
     assert all(alloc.sensitivity[k, 1.0] == 0.0 for k in lowrank.TARGETS)
     factored = {n for n in alloc.ranks}  # only kinds with a ratio below 1 are factored
     assert all(any(n.endswith(k) for n in factored) == (r < 1) for k, r in alloc.ratios.items())
     assert alloc.predicted == pytest.approx(sum(alloc.sensitivity[k, r] for k, r in alloc.ratios.items()))
-    total = sum(m.in_features * m.out_features for m in lowrank.factor_targets(model).values())
-    lowrank.svd(model, rank=alloc.ranks, activation_aware=True, calibration=calibration)
-    factored = sum(m.rank * (m.in_features + m.out_features) for m in lowrank.lowrank_linears(model).values())
+    total = sum(m.in_features * m.out_features for m in lowrank.factor_targets(tiny).values())
+    lowrank.svd(tiny, rank=alloc.ranks, activation_aware=True, calibration=calibration)
+    factored = sum(m.rank * (m.in_features + m.out_features) for m in lowrank.lowrank_linears(tiny).values())
     whole = [k for k, r in alloc.ratios.items() if r == 1]  # kinds kept whole stay nn.Linear
-    dense = sum(m.in_features * m.out_features for m in lowrank.factor_targets(model, whole).values()) if whole else 0
+    dense = sum(m.in_features * m.out_features for m in lowrank.factor_targets(tiny, whole).values()) if whole else 0
     assert (factored + dense) / total == pytest.approx(alloc.kept)
 
 
-def test_allocate_by_sensitivity_errors(model, calibration, tokens):
+def test_allocate_by_sensitivity_errors(tiny, calibration, tokens):
     with pytest.raises(ValueError, match="even the smallest ratio"):
-        lowrank.allocate_by_sensitivity(model, calibration, 0.3, tokens, ratios=(0.8, 0.9))
+        lowrank.allocate_by_sensitivity(tiny, calibration, 0.3, tokens, ratios=(0.8, 0.9))
     with pytest.raises(ValueError, match="ratios"):
-        lowrank.allocate_by_sensitivity(model, calibration, 0.8, tokens, ratios=(0.0, 0.5))
+        lowrank.allocate_by_sensitivity(tiny, calibration, 0.8, tokens, ratios=(0.0, 0.5))
     with pytest.raises(ValueError, match="budget"):
-        lowrank.allocate_by_sensitivity(model, calibration, 1.5, tokens)
+        lowrank.allocate_by_sensitivity(tiny, calibration, 1.5, tokens)

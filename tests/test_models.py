@@ -4,8 +4,8 @@ import torch
 from labkit import models
 
 
-def test_tiny_model_shapes_and_tokenizer(tiny):
-    model, tok = tiny
+def test_tiny_model_shapes_and_tokenizer(tiny, tiny_tokenizer):
+    model, tok = tiny, tiny_tokenizer
     c = model.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (2, 4, 2, 256)
     ids = tok("héllo\n").input_ids
@@ -33,9 +33,29 @@ def test_load_dtype_and_tied_embedding():
     assert models.parameter_count(model) == n_manual
 
 
+@pytest.mark.parametrize("name", ["float16", "fp16", "torch.float16", "half"])
+def test_load_accepts_dtype_names(name):
+    model, _ = models.load("tiny-llama-random", device="cpu", dtype=name)
+    assert next(model.parameters()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8", torch.int64, 16, True])
+def test_load_refuses_other_dtypes_by_name(dtype):
+    with pytest.raises(ValueError, match=r"dtype=.*allowed are torch.float32, torch.float16.*'bf16'"):
+        models.load("tiny-llama-random", device="cpu", dtype=dtype)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cpu:x", 3.5])
+def test_load_refuses_a_bad_device_by_name(device):
+    with pytest.raises(ValueError, match=r"device=.* is not a device: use 'cpu', 'cuda'"):
+        models.load("tiny-llama-random", device=device)
+
+
 def test_unknown_model_name_lists_allowed():
     with pytest.raises(ValueError, match=r"Unknown model name 'gpt-5'.*smollm2-135m.*tiny-llama-random"):
         models.load("gpt-5")
+    with pytest.raises(ValueError, match=r"Unknown model name \['tiny-llama-random'\]"):
+        models.load(["tiny-llama-random"])
 
 
 def test_non_llama_architecture_is_refused():
@@ -52,7 +72,7 @@ def test_missing_gguf_package_error():
 
 
 def test_parameter_breakdown_sums_to_count(tiny):
-    model, _ = tiny
+    model = tiny
     rows = models.parameter_breakdown(model)
     assert sum(c for _, _, c in rows) == models.parameter_count(model)
     assert ("layer 1", "down_proj", 160 * 64) in rows

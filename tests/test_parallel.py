@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
 
 
 def test_folder_round_trip(setup):
-    model, _, ids, logits, folder = setup
+    _, _, ids, logits, folder = setup
     parallel.check_folder(folder)
     with torch.no_grad():
         assert torch.equal(parallel.load_folder(folder)(ids, use_cache=False).logits, logits)
@@ -128,7 +128,7 @@ def test_offloaded_generation_equals_resident(setup, tmp_path):
 
 
 def test_bad_inputs(setup, tmp_path):
-    model, _, ids, _, folder = setup
+    model, _, _, _, _ = setup
     with pytest.raises(ValueError, match=r"world_size=3.*allowed world sizes for this model: \[1, 2\]"):
         parallel.check_world_size(model.config, 3)
     with pytest.raises(ValueError, match=r"world_size=3 > 2 decoder layers.*ranks \[2\] would be empty"):
@@ -141,7 +141,7 @@ def test_bad_inputs(setup, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match="is not a writable folder"):
         parallel.offload(models.load("tiny-llama-random")[0], blocker / "offload")
-    with pytest.raises(ValueError, match="has no config.json"):
+    with pytest.raises(ValueError, match=r"has no config\.json"):
         parallel.load_offloaded(tmp_path)
     with pytest.raises(ValueError, match="world_size=0"):
         parallel.launch(_ok, 0)

@@ -1,29 +1,11 @@
 """labkit.prune: masks, magnitude, Wanda, SparseGPT, sparse storage. Fast: tiny random Llama and small matrices."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
-from labkit import evaluate, models, prune
+from labkit import evaluate, prune
 from labkit.prune import masks, sparse_storage
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, _ = models.load("tiny-llama-random", device="cpu")
-    return model
-
-
-@pytest.fixture
-def model(tiny):
-    return copy.deepcopy(tiny)
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
 def linears(model):
@@ -74,11 +56,11 @@ def test_lowest_mask_exact_with_ties():
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
-def test_magnitude_layer_exact_and_keeps_largest(model, sparsity):
-    before = {name: lin.weight.clone() for name, lin in linears(model).items()}
-    embed, norm = model.model.embed_tokens.weight.clone(), model.model.norm.weight.clone()
-    rep = prune.magnitude(model, sparsity)
-    for name, lin in linears(model).items():
+def test_magnitude_layer_exact_and_keeps_largest(tiny, sparsity):
+    before = {name: lin.weight.clone() for name, lin in linears(tiny).items()}
+    embed, norm = tiny.model.embed_tokens.weight.clone(), tiny.model.norm.weight.clone()
+    rep = prune.magnitude(tiny, sparsity)
+    for name, lin in linears(tiny).items():
         W0, W = before[name], lin.weight
         pruned = W == 0
         assert int(pruned.sum()) == round(sparsity * W.numel()), name
@@ -86,20 +68,20 @@ def test_magnitude_layer_exact_and_keeps_largest(model, sparsity):
         if sparsity > 0:
             assert W0[pruned].abs().max() <= W0[~pruned].abs().min()  # the smallest went
         assert rep.per_linear[name] == pytest.approx(round(sparsity * W.numel()) / W.numel())
-    assert torch.equal(model.model.embed_tokens.weight, embed) and torch.equal(model.model.norm.weight, norm)
+    assert torch.equal(tiny.model.embed_tokens.weight, embed) and torch.equal(tiny.model.norm.weight, norm)
     assert rep.method == "magnitude" and rep.seconds >= 0 and rep.overall == pytest.approx(sparsity, abs=1e-3)
 
 
-def test_magnitude_row_exact(model):
-    prune.magnitude(model, 0.3, scope="row")
-    for lin in linears(model).values():
+def test_magnitude_row_exact(tiny):
+    prune.magnitude(tiny, 0.3, scope="row")
+    for lin in linears(tiny).values():
         assert ((lin.weight == 0).sum(1) == round(0.3 * lin.in_features)).all()
 
 
-def test_magnitude_global_one_threshold(model):
-    before = [lin.weight.clone() for lin in linears(model).values()]
-    rep = prune.magnitude(model, 0.4, scope="global")
-    after = [lin.weight for lin in linears(model).values()]
+def test_magnitude_global_one_threshold(tiny):
+    before = [lin.weight.clone() for lin in linears(tiny).values()]
+    rep = prune.magnitude(tiny, 0.4, scope="global")
+    after = [lin.weight for lin in linears(tiny).values()]
     total = sum(w.numel() for w in after)
     assert sum(int((w == 0).sum()) for w in after) == round(0.4 * total)
     pruned = torch.cat([w0[w == 0].abs() for w0, w in zip(before, after)])
@@ -109,11 +91,11 @@ def test_magnitude_global_one_threshold(model):
 
 
 @pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("1:4", 1, 4), ("4:8", 4, 8)])
-def test_magnitude_nm(model, pattern, n, m):
-    before = {name: lin.weight.clone() for name, lin in linears(model).items()}
-    rep = prune.magnitude(model, None, pattern)
+def test_magnitude_nm(tiny, pattern, n, m):
+    before = {name: lin.weight.clone() for name, lin in linears(tiny).items()}
+    rep = prune.magnitude(tiny, None, pattern)
     assert rep.overall == pytest.approx(1 - n / m)
-    for name, lin in linears(model).items():
+    for name, lin in linears(tiny).items():
         check_nm(lin.weight, n, m)
         groups0 = before[name].abs().reshape(lin.out_features, -1, m)
         kept = (lin.weight != 0).reshape(lin.out_features, -1, m)
@@ -140,20 +122,20 @@ def test_wanda_scores_use_activation_norms():
 
 
 @pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None)])
-def test_wanda_model_exact_and_faithful(model, calibration, pattern, sparsity):
+def test_wanda_model_exact_and_faithful(tiny, calibration, pattern, sparsity):
     # layer 0 sees the unpruned embeddings: its q_proj mask must equal one computed by hand
     seen = []
-    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    hook = tiny.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     with torch.no_grad():
-        model(calibration)
+        tiny(calibration)
     hook.remove()
     X = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])  # [tokens, hidden]
-    W0 = model.model.layers[0].self_attn.q_proj.weight.clone()
+    W0 = tiny.model.layers[0].self_attn.q_proj.weight.clone()
     expected = prune.wanda_mask(W0, X.double().norm(dim=0).float(), sparsity, pattern)
 
-    rep = prune.wanda(model, calibration, sparsity, pattern)
-    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight == 0, expected)
-    for lin in linears(model).values():
+    rep = prune.wanda(tiny, calibration, sparsity, pattern)
+    assert torch.equal(tiny.model.layers[0].self_attn.q_proj.weight == 0, expected)
+    for lin in linears(tiny).values():
         if pattern == "2:4":
             check_nm(lin.weight, 2, 4)
         else:
@@ -212,9 +194,9 @@ def test_sparsegpt_dead_inputs_and_no_pruning():
 
 
 @pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("unstructured", 0.25), ("2:4", None)])
-def test_sparsegpt_model_exact(model, calibration, pattern, sparsity):
-    rep = prune.sparsegpt(model, calibration, sparsity, pattern, blocksize=32)
-    for name, lin in linears(model).items():
+def test_sparsegpt_model_exact(tiny, calibration, pattern, sparsity):
+    rep = prune.sparsegpt(tiny, calibration, sparsity, pattern, blocksize=32)
+    for name, lin in linears(tiny).items():
         if pattern == "2:4":
             check_nm(lin.weight, 2, 4)
         else:
@@ -225,12 +207,12 @@ def test_sparsegpt_model_exact(model, calibration, pattern, sparsity):
 # --- reports --------------------------------------------------------------------------------------
 
 
-def test_sparsity_report(model):
-    rep = prune.sparsity_report(model)
+def test_sparsity_report(tiny):
+    rep = prune.sparsity_report(tiny)
     assert rep.overall == 0 and len(rep.per_linear) == 2 * 7
     assert "layers.1.mlp.down_proj" in rep.per_linear
-    model.model.layers[1].mlp.down_proj.weight.data[:, :80] = 0  # half of a [64, 160] matrix
-    rep = prune.sparsity_report(model)
+    tiny.model.layers[1].mlp.down_proj.weight.data[:, :80] = 0  # half of a [64, 160] matrix
+    rep = prune.sparsity_report(tiny)
     assert rep.per_linear["layers.1.mlp.down_proj"] == 0.5
     assert rep.zeros == 64 * 80 and rep.overall == pytest.approx(64 * 80 / rep.total)
 
@@ -286,36 +268,36 @@ def test_sparse_linear_with_bias_and_random_sparsity():
 
 
 @pytest.mark.parametrize("format", ["bitmask", "csr", "2:4"])
-def test_to_sparse_model(model, format):
-    prune.magnitude(model, None, "2:4")
+def test_to_sparse_model(tiny, format):
+    prune.magnitude(tiny, None, "2:4")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        expected = model(ids).logits
-    dense_bytes = evaluate.weight_bytes(model)
+        expected = tiny(ids).logits
+    dense_bytes = evaluate.weight_bytes(tiny)
     sparse_bytes = sum(
-        prune.storage_bytes(lin.weight, format) - prune.dense_bytes(lin.weight) for lin in linears(model).values()
+        prune.storage_bytes(lin.weight, format) - prune.dense_bytes(lin.weight) for lin in linears(tiny).values()
     )
-    prune.to_sparse(model, format)
-    assert all(isinstance(m, prune.SparseLinear) for m in linears(model).values())
-    assert not isinstance(model.lm_head, prune.SparseLinear)
+    prune.to_sparse(tiny, format)
+    assert all(isinstance(m, prune.SparseLinear) for m in linears(tiny).values())
+    assert not isinstance(tiny.lm_head, prune.SparseLinear)
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, expected)
-    assert evaluate.weight_bytes(model) == dense_bytes + sparse_bytes
-    assert prune.sparsity_report(model).overall == 0.5
+        assert torch.equal(tiny(ids).logits, expected)
+    assert evaluate.weight_bytes(tiny) == dense_bytes + sparse_bytes
+    assert prune.sparsity_report(tiny).overall == 0.5
 
 
 # --- bad inputs -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, "0.5", True])
-def test_bad_sparsity(model, sparsity):
+def test_bad_sparsity(tiny, sparsity):
     with pytest.raises(ValueError, match=r"sparsity=.*allowed is a number in \[0, 1\)"):
-        prune.magnitude(model, sparsity)
+        prune.magnitude(tiny, sparsity)
 
 
-def test_missing_sparsity(model, calibration):
+def test_missing_sparsity(tiny, calibration):
     with pytest.raises(ValueError, match="needs a sparsity"):
-        prune.wanda(model, calibration)
+        prune.wanda(tiny, calibration)
 
 
 @pytest.mark.parametrize(
@@ -329,54 +311,54 @@ def test_missing_sparsity(model, calibration):
         ("2:4:8", "allowed are 'unstructured' or 'N:M'"),
     ],
 )
-def test_bad_pattern(model, pattern, message):
+def test_bad_pattern(tiny, pattern, message):
     with pytest.raises(ValueError, match=message):
-        prune.magnitude(model, 0.5, pattern)
+        prune.magnitude(tiny, 0.5, pattern)
 
 
-def test_sparsity_contradicts_pattern(model):
+def test_sparsity_contradicts_pattern(tiny):
     with pytest.raises(ValueError, match="contradicts pattern='2:4'"):
-        prune.magnitude(model, 0.6, "2:4")
+        prune.magnitude(tiny, 0.6, "2:4")
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
-def test_in_features_not_divisible(model, calibration, method):
-    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+def test_in_features_not_divisible(tiny, calibration, method):
+    before = tiny.model.layers[0].self_attn.q_proj.weight.clone()
     args = () if method == "magnitude" else (calibration,)
     with pytest.raises(ValueError, match=r"needs in_features divisible by M=3.*down_proj': 160"):
-        getattr(prune, method)(model, *args, None, "2:3")
-    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)  # nothing changed
+        getattr(prune, method)(tiny, *args, None, "2:3")
+    assert torch.equal(tiny.model.layers[0].self_attn.q_proj.weight, before)  # nothing changed
 
 
-def test_bad_scope(model):
+def test_bad_scope(tiny):
     with pytest.raises(ValueError, match=r"scope='column': allowed scopes are \('layer', 'row', 'global'\)"):
-        prune.magnitude(model, 0.5, scope="column")
+        prune.magnitude(tiny, 0.5, scope="column")
     with pytest.raises(ValueError, match="scope='global' applies to unstructured"):
-        prune.magnitude(model, None, "2:4", scope="global")
+        prune.magnitude(tiny, None, "2:4", scope="global")
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("bad", [torch.rand(4, 32), torch.randint(0, 256, (32,)), [[1, 2, 3]]])
-def test_bad_calibration(model, method, bad):
+def test_bad_calibration(tiny, method, bad):
     with pytest.raises(ValueError, match=r"calibration must be a LongTensor of token ids shaped \[n_samples, seqlen\]"):
-        getattr(prune, method)(model, bad, 0.5)
+        getattr(prune, method)(tiny, bad, 0.5)
 
 
-def test_calibration_out_of_vocabulary(model):
+def test_calibration_out_of_vocabulary(tiny):
     with pytest.raises(ValueError, match=r"outside \[0, 256\)"):
-        prune.sparsegpt(model, torch.full((2, 8), 300), 0.5)
+        prune.sparsegpt(tiny, torch.full((2, 8), 300), 0.5)
 
 
-def test_sparsegpt_bad_blocksize(model, calibration):
+def test_sparsegpt_bad_blocksize(tiny, calibration):
     with pytest.raises(ValueError, match="blocksize=6 must be a multiple of M=4"):
-        prune.sparsegpt(model, calibration, None, "2:4", blocksize=6)
+        prune.sparsegpt(tiny, calibration, None, "2:4", blocksize=6)
 
 
-def test_bad_format(model):
+def test_bad_format(tiny):
     with pytest.raises(ValueError, match=r"format='coo': allowed formats are \('dense', 'bitmask', 'csr', '2:4'\)"):
-        prune.to_sparse(model, "coo")
+        prune.to_sparse(tiny, "coo")
     with pytest.raises(ValueError, match=r"layers.0.self_attn.q_proj is not 2:4 sparse: row 0"):
-        prune.to_sparse(model, "2:4")
+        prune.to_sparse(tiny, "2:4")
     with pytest.raises(ValueError, match="not 2:4 sparse"):
         prune.storage_bytes(EXAMPLE.masked_fill(EXAMPLE == 0, 1.0), "2:4")
 

@@ -1,4 +1,4 @@
-"""Structured pruning (labkit.prune.structured, flap, llm_pruner) on the tiny random Llama (GQA: 4 query / 2 KV heads)."""
+"""Structured pruning (prune.structured, flap, llm_pruner) and LoRA recovery on the tiny Llama (4 q / 2 KV heads)."""
 
 import copy
 
@@ -7,21 +7,7 @@ import torch
 from torch import nn
 
 from labkit import models, prune
-
-
-@pytest.fixture(scope="module")
-def tiny_pair():
-    return models.load("tiny-llama-random", device="cpu")
-
-
-@pytest.fixture
-def model(tiny_pair):
-    return copy.deepcopy(tiny_pair[0])
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+from labkit.lora import LoRALinear, lora_recover
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +29,19 @@ def test_head_and_channel_indices():
 
 
 @pytest.mark.parametrize("keep, kv_kept", [([2, 3], [1]), ([0, 2], [0, 1])])  # a whole group; one head per group
-def test_prune_heads_shapes_gqa_and_runs(model, tiny_pair, batch, keep, kv_kept):
-    attn = model.model.layers[0].self_attn
-    d, hidden = attn.head_dim, model.config.hidden_size
+def test_prune_heads_shapes_gqa_and_runs(tiny, batch, keep, kv_kept):
+    dense = copy.deepcopy(tiny)  # the unchanged model, to compare with
+    attn = tiny.model.layers[0].self_attn
+    d, hidden = attn.head_dim, tiny.config.hidden_size
     prune.prune_heads(attn, keep)
     assert attn.q_proj.weight.shape == (len(keep) * d, hidden)
     assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (len(kv_kept) * d, hidden)
     assert attn.o_proj.weight.shape == (hidden, len(keep) * d)
     assert attn.num_key_value_groups == len(keep) // len(kv_kept)
-    assert prune.structure(model)[0] == prune.LayerStructure(len(keep), len(kv_kept), model.config.intermediate_size)
-    out = logits(model, batch)
+    assert prune.structure(tiny)[0] == prune.LayerStructure(len(keep), len(kv_kept), tiny.config.intermediate_size)
+    out = logits(tiny, batch)
     assert out.shape == (2, 24, 256) and torch.isfinite(out).all()
     # the kept heads still read their own KV heads: the layer equals the dense one with the other heads' output zeroed
-    dense = copy.deepcopy(tiny_pair[0])
     o = dense.model.layers[0].self_attn.o_proj
     with torch.no_grad():
         mask = torch.zeros(o.in_features, dtype=torch.bool)
@@ -63,31 +49,31 @@ def test_prune_heads_shapes_gqa_and_runs(model, tiny_pair, batch, keep, kv_kept)
         o.weight[:, ~mask] = 0
     torch.testing.assert_close(out, logits(dense, batch), atol=1e-5, rtol=1e-4)
     # eager attention and generation with the KV cache see the per-layer head count too
-    model.config._attn_implementation = "eager"
-    torch.testing.assert_close(logits(model, batch), out, atol=1e-5, rtol=1e-4)
+    tiny.config._attn_implementation = "eager"
+    torch.testing.assert_close(logits(tiny, batch), out, atol=1e-5, rtol=1e-4)
     ids = batch[:1, :5]
-    generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    generated = tiny.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     step = ids
     for _ in range(4):  # greedy decoding without the cache gives the same tokens
-        step = torch.cat([step, logits(model, step)[:, -1].argmax(-1, keepdim=True)], 1)
+        step = torch.cat([step, logits(tiny, step)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(generated, step)
 
 
-def test_parameter_counts(model):
-    hidden, d = model.config.hidden_size, model.model.layers[0].self_attn.head_dim
-    before = models.parameter_count(model)
-    assert prune.group_param_count(model.model.layers[0].self_attn) == (2 * 2 + 2) * d * hidden
-    prune.prune_heads(model.model.layers[0].self_attn, [0, 1])  # one of two KV groups
-    prune.prune_channels(model.model.layers[1].mlp, list(range(100)))  # 60 of 160 channels go
+def test_parameter_counts(tiny):
+    hidden, d = tiny.config.hidden_size, tiny.model.layers[0].self_attn.head_dim
+    before = models.parameter_count(tiny)
+    assert prune.group_param_count(tiny.model.layers[0].self_attn) == (2 * 2 + 2) * d * hidden
+    prune.prune_heads(tiny.model.layers[0].self_attn, [0, 1])  # one of two KV groups
+    prune.prune_channels(tiny.model.layers[1].mlp, list(range(100)))  # 60 of 160 channels go
     expected = (2 * 2 + 2) * d * hidden + 60 * 3 * hidden
-    assert before - models.parameter_count(model) == expected
+    assert before - models.parameter_count(tiny) == expected
     mean = torch.ones(100)
-    prune.prune_channels(model.model.layers[1].mlp, list(range(90)), mean=mean)  # 10 more, with a bias
-    assert before - models.parameter_count(model) == expected + 10 * 3 * hidden - hidden
+    prune.prune_channels(tiny.model.layers[1].mlp, list(range(90)), mean=mean)  # 10 more, with a bias
+    assert before - models.parameter_count(tiny) == expected + 10 * 3 * hidden - hidden
 
 
-def test_gqa_uneven_groups_and_empty_layers_are_refused(model):
-    attn = model.model.layers[0].self_attn
+def test_gqa_uneven_groups_and_empty_layers_are_refused(tiny):
+    attn = tiny.model.layers[0].self_attn
     with pytest.raises(ValueError, match=r"same number of query heads"):
         prune.prune_heads(attn, [0, 1, 2])  # group 0 whole, group 1 half
     with pytest.raises(ValueError, match=r"remove every one"):
@@ -95,9 +81,9 @@ def test_gqa_uneven_groups_and_empty_layers_are_refused(model):
     with pytest.raises(ValueError, match=r"distinct indices in \[0, 4\)"):
         prune.prune_heads(attn, [0, 4])
     with pytest.raises(ValueError, match=r"remove every one of them"):
-        prune.prune_channels(model.model.layers[0].mlp, [])
+        prune.prune_channels(tiny.model.layers[0].mlp, [])
     with pytest.raises(ValueError, match=r"mean has 3 entries"):
-        prune.prune_channels(model.model.layers[0].mlp, [0], mean=torch.zeros(3))
+        prune.prune_channels(tiny.model.layers[0].mlp, [0], mean=torch.zeros(3))
 
 
 def test_bias_compensation_is_the_mean_of_removed_inputs():
@@ -108,15 +94,15 @@ def test_bias_compensation_is_the_mean_of_removed_inputs():
     torch.testing.assert_close(b, (x[:, removed] @ W[:, removed].T).mean(0))
 
 
-def test_bias_compensation_lowers_the_mlp_output_error(model, calibration):
+def test_bias_compensation_lowers_the_mlp_output_error(tiny, calibration):
     """On the calibration inputs of one MLP, replacing removed channels by their mean beats dropping them."""
-    mlp = model.model.layers[1].mlp
+    mlp = tiny.model.layers[1].mlp
     seen = []
     hooks = [
         mlp.register_forward_hook(lambda m, i, o: seen.append((i[0], o))),
         mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0])),
     ]
-    logits(model, calibration)
+    logits(tiny, calibration)
     for h in hooks:
         h.remove()
     down_in, (mlp_in, mlp_out) = seen[0], seen[1]
@@ -139,44 +125,44 @@ def test_fluctuation_score():
     torch.testing.assert_close(prune.fluctuation(torch.tensor([0.5, 2.0]), W), torch.tensor([5.0, 8.0]))
 
 
-def test_flap_ratio_zero_changes_nothing(model, tiny_pair, calibration, batch):
-    report = prune.flap(model, calibration, 0.0)
+def test_flap_ratio_zero_changes_nothing(tiny, calibration, batch):
+    dense = copy.deepcopy(tiny)  # the unchanged model, to compare with
+    report = prune.flap(tiny, calibration, 0.0)
     assert report.params_after == report.params_before
-    torch.testing.assert_close(logits(model, batch), logits(tiny_pair[0], batch))
+    torch.testing.assert_close(logits(tiny, batch), logits(dense, batch))
 
 
-def test_flap_prunes_to_the_budget_and_stays_runnable(model, tiny_pair, calibration, batch):
-    report = prune.flap(model, calibration, 0.3)
-    assert report.params_after == models.parameter_count(model) < report.params_before
+def test_flap_prunes_to_the_budget_and_stays_runnable(tiny, calibration, batch):
+    report = prune.flap(tiny, calibration, 0.3)
+    assert report.params_after == models.parameter_count(tiny) < report.params_before
     assert abs(report.linear_removed - 0.3) < 0.06  # one attention group (6,144 weights) is ~6% of the tiny model
-    for layer, kept, whole in zip(model.model.layers, report.layers_after, report.layers_before):
+    for layer, kept, whole in zip(tiny.model.layers, report.layers_after, report.layers_before):
         assert kept.heads >= 2 and kept.kv_heads >= 1 and kept.channels >= 1
         # bias compensation exactly where something was removed
         assert (layer.self_attn.o_proj.bias is not None) == (kept.heads < whole.heads)
         assert (layer.mlp.down_proj.bias is not None) == (kept.channels < whole.channels)
     assert "of  4/2" in report.table()
-    assert torch.isfinite(logits(model, batch)).all()
+    assert torch.isfinite(logits(tiny, batch)).all()
 
 
-def test_flap_bias_compensation_lowers_the_model_error(tiny_pair, calibration):
-    dense = logits(tiny_pair[0], calibration)
-    stats = prune.flap_stats(tiny_pair[0], calibration)
+def test_flap_bias_compensation_lowers_the_model_error(tiny, calibration):
+    dense = logits(tiny, calibration)
+    stats = prune.flap_stats(tiny, calibration)
     errors = {}
     for bias in (False, True):
-        m = copy.deepcopy(tiny_pair[0])
+        m = copy.deepcopy(tiny)
         prune.flap(m, None, 0.4, bias=bias, stats=stats)
         errors[bias] = (logits(m, calibration) - dense).pow(2).mean().item()
     assert errors[True] < errors[False]
 
 
-def test_flap_allocation_is_global(tiny_pair):
+def test_flap_allocation_is_global(tiny):
     """A layer whose MLP channels all score alike loses more of them than one with a spread of scores."""
-    model = tiny_pair[0]
     flat = torch.ones(160)
     flat[0] = 2.0
     spread = torch.linspace(0, 1, 160) ** 4
     attn = torch.ones(64)
-    groups, channels = prune.flap_allocation(model, [(attn, flat), (attn, spread)], 0.3)
+    groups, channels = prune.flap_allocation(tiny, [(attn, flat), (attn, spread)], 0.3)
     assert all(g.numel() >= 1 for g in groups)
     assert channels[0].numel() != channels[1].numel()
 
@@ -190,8 +176,8 @@ def test_default_layers_match_the_paper():
     assert prune.default_layers(2) == [0, 1]
 
 
-def test_group_importance_sums_exactly_the_removed_weights(model):
-    layer = model.model.layers[0]
+def test_group_importance_sums_exactly_the_removed_weights(tiny):
+    layer = tiny.model.layers[0]
     salience = {name: torch.zeros_like(lin.weight) for name, lin in models.linear_layers(layer).items()}
     salience["self_attn.q_proj"][2 * 16] = 1.0  # a row of query head 2 (group 1)
     salience["self_attn.o_proj"][:, 3 * 16] = 1.0  # a column of query head 3 (group 1)
@@ -203,40 +189,41 @@ def test_group_importance_sums_exactly_the_removed_weights(model):
     assert channels[7] == 128.0 and channels.sum() == 128.0
 
 
-def test_llm_pruner_ratio_zero_changes_nothing(model, tiny_pair, calibration, batch):
-    prune.llm_pruner(model, calibration, 0.0)
-    torch.testing.assert_close(logits(model, batch), logits(tiny_pair[0], batch))
+def test_llm_pruner_ratio_zero_changes_nothing(tiny, calibration, batch):
+    dense = copy.deepcopy(tiny)  # the unchanged model, to compare with
+    prune.llm_pruner(tiny, calibration, 0.0)
+    torch.testing.assert_close(logits(tiny, batch), logits(dense, batch))
 
 
-def test_llm_pruner_same_share_per_layer_and_runnable(model, calibration, batch):
-    report = prune.llm_pruner(model, calibration, 0.3)
+def test_llm_pruner_same_share_per_layer_and_runnable(tiny, calibration, batch):
+    report = prune.llm_pruner(tiny, calibration, 0.3)
     assert abs(report.linear_removed - 0.3) < 0.01
     assert report.layers_after[0] == report.layers_after[1]  # the same share in each pruned layer
     assert report.layers_after[0].kv_heads == 1 and report.layers_after[0].heads == 2
-    assert torch.isfinite(logits(model, batch)).all()
-    kept = prune.structure(model)[0]
+    assert torch.isfinite(logits(tiny, batch)).all()
+    kept = prune.structure(tiny)[0]
     assert kept.channels < 160
 
 
-def test_llm_pruner_skips_layers(model, calibration):
-    report = prune.llm_pruner(model, calibration, 0.2, layers=[1])
+def test_llm_pruner_skips_layers(tiny, calibration):
+    report = prune.llm_pruner(tiny, calibration, 0.2, layers=[1])
     assert report.layers_after[0] == report.layers_before[0]
     assert report.layers_after[1].channels < report.layers_before[1].channels
 
 
-def test_lora_recovery_merges_back(model, calibration, batch):
-    prune.llm_pruner(model, calibration, 0.3)
-    flags = [p.requires_grad for p in model.parameters()]
-    report = prune.lora_recover(model, calibration, steps=3, lr=1e-3, batch_size=2)
+def test_lora_recovery_merges_back(tiny, calibration, batch):
+    prune.llm_pruner(tiny, calibration, 0.3)
+    flags = [p.requires_grad for p in tiny.parameters()]
+    report = lora_recover(tiny, calibration, steps=3, lr=1e-3, batch_size=2)
     assert len(report["loss"]) == 3 and report["seconds"] > 0
-    assert not any(isinstance(m, prune.LoRALinear) for m in model.modules())
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert torch.isfinite(logits(model, batch)).all()
+    assert not any(isinstance(m, LoRALinear) for m in tiny.modules())
+    assert [p.requires_grad for p in tiny.parameters()] == flags
+    assert torch.isfinite(logits(tiny, batch)).all()
 
 
 def test_lora_linear_merge_is_exact():
     base = nn.Linear(6, 4)
-    lora = prune.LoRALinear(base, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
+    lora = LoRALinear(base, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         lora.B.normal_()
     x = torch.randn(3, 6)
@@ -248,27 +235,25 @@ def test_lora_linear_merge_is_exact():
 
 
 @pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5, True, "0.2", None])
-def test_bad_ratio(model, calibration, ratio):
+def test_bad_ratio(tiny, calibration, ratio):
     for method in (prune.flap, prune.llm_pruner):
         with pytest.raises(ValueError, match=r"ratio=.*allowed is a number in \[0, 1\)"):
-            method(model, calibration, ratio)
+            method(tiny, calibration, ratio)
 
 
-def test_ratio_that_empties_a_layer(model, calibration):
+def test_ratio_that_empties_a_layer(tiny, calibration):
     with pytest.raises(ValueError, match=r"ratio=0.8 .*every attention head of layer 0.*ratio < 0.750"):
-        prune.llm_pruner(model, calibration, 0.8)
+        prune.llm_pruner(tiny, calibration, 0.8)
     with pytest.raises(ValueError, match=r"largest allowed ratio"):
-        prune.llm_pruner(model, calibration, 0.6, layers=[1])
+        prune.llm_pruner(tiny, calibration, 0.6, layers=[1])
 
 
-def test_bad_calibration_and_arguments(model):
+def test_bad_calibration_and_arguments(tiny):
     with pytest.raises(ValueError, match=r"calibration must be a LongTensor"):
-        prune.flap(model, torch.zeros(2, 8), 0.2)
+        prune.flap(tiny, torch.zeros(2, 8), 0.2)
     with pytest.raises(ValueError, match=r"calibration must be a LongTensor"):
-        prune.llm_pruner(model, torch.zeros(8, dtype=torch.long), 0.2)
-    with pytest.raises(ValueError, match=r"recover_steps=-1"):
-        prune.llm_pruner(model, torch.zeros(2, 8, dtype=torch.long), 0.2, recover_steps=-1)
+        prune.llm_pruner(tiny, torch.zeros(8, dtype=torch.long), 0.2)
     with pytest.raises(ValueError, match=r"layers=\[5\]"):
-        prune.llm_pruner(model, torch.zeros(2, 8, dtype=torch.long), 0.2, layers=[5])
+        prune.llm_pruner(tiny, torch.zeros(2, 8, dtype=torch.long), 0.2, layers=[5])
     with pytest.raises(ValueError, match=r"flap needs calibration"):
-        prune.flap(model, None, 0.2)
+        prune.flap(tiny, None, 0.2)

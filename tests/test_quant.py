@@ -10,21 +10,12 @@ from torch import nn
 from labkit import evaluate, models, walk
 from labkit.quant import checkpoint, formats
 from labkit.quant import pack as packing
-from labkit.quant.gptq import gptq, gptq_quantize_weight
+from labkit.quant.gptq import GPTQResult, gptq, gptq_quantize_weight
 from labkit.quant.qlinear import QuantLinear, quant_linears
 from labkit.quant.rtn import rtn
+from labkit.threads import num_threads
 
 BITS = (2, 3, 4, 8)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return models.load("tiny-llama-random", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
 def fresh():
@@ -235,9 +226,8 @@ def test_gptq_beats_rtn_on_layer_error(bits, group_size, blocksize, act_order):
     X = correlated_inputs(96)
     hessian = walk.Hessian(96)
     hessian.add(X)
-    Wq, codes, scales, zeros, g_idx = gptq_quantize_weight(
-        W, hessian.H, bits, group_size, act_order=act_order, blocksize=blocksize
-    )
+    result = gptq_quantize_weight(W, hessian.H, bits, group_size, act_order=act_order, blocksize=blocksize)
+    Wq, codes, scales, zeros, g_idx = result.weight, result.codes, result.scales, result.zeros, result.g_idx
     rtn_error = layer_error(W, formats.fake_quantize(W, bits, group_size), X)
     assert layer_error(W, Wq, X) < 0.8 * rtn_error
     # the returned pieces describe Wq exactly, also with act-order's unsorted g_idx
@@ -255,9 +245,9 @@ def test_gptq_dead_columns_and_act_order_helps():
     X = correlated_inputs(64)
     X[:, 5] = 0  # an input that never fires
     H = 2 * X.T @ X / X.shape[0]
-    Wq, *_ = gptq_quantize_weight(W, H, 4)
+    Wq = gptq_quantize_weight(W, H, 4).weight
     assert (Wq[:, 5] == 0).all()
-    errors = [layer_error(W, gptq_quantize_weight(W, H, 3, act_order=a)[0], X) for a in (False, True)]
+    errors = [layer_error(W, gptq_quantize_weight(W, H, 3, act_order=a).weight, X) for a in (False, True)]
     assert errors[1] < errors[0]
 
 
@@ -290,9 +280,9 @@ def test_quantlinear_act_order_and_stored_bytes():
     W = torch.randn(32, 64)
     H = walk.Hessian(64)
     H.add(correlated_inputs(64))
-    Wq, codes, scales, zeros, g_idx = gptq_quantize_weight(W, H.H, 4, 16, act_order=True)
-    ql = QuantLinear.from_codes(codes, scales, zeros, 4, 16, g_idx=g_idx)
-    assert ql.g_idx is not None and torch.equal(ql.dequantized_weight(), Wq)
+    r = gptq_quantize_weight(W, H.H, 4, 16, act_order=True)
+    ql = QuantLinear.from_codes(r.codes, r.scales, r.zeros, 4, 16, g_idx=r.g_idx)
+    assert ql.g_idx is not None and torch.equal(ql.dequantized_weight(), r.weight)
     # 4-bit, group 128 (GPTQ's usual setting): bytes ≈ 4 bits per weight + an fp16 scale per group
     ql = QuantLinear.from_linear(nn.Linear(1024, 256, bias=False), 4, group_size=128)
     expected = 256 * 1024 * 4 / 8 + 256 * (1024 // 128) * 2
@@ -304,7 +294,7 @@ def test_quantlinear_act_order_and_stored_bytes():
 
 
 def test_rtn_model(tiny, calibration):
-    model, _ = tiny
+    model = tiny
     dense_bytes = evaluate.weight_bytes(model)
     linear_bytes = sum(
         p.numel() * 4 for layer in model.model.layers for p in (m.weight for m in models.linear_layers(layer).values())
@@ -434,7 +424,7 @@ def test_bad_inputs():
         gptq(model, torch.randint(0, 256, (2, 8)), 4)  # found before anything changes
     model = fresh()  # NaN activations from finite weights (a hook stands in for an overflow): found midway
     model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda m, i, out: out * float("nan"))
-    with pytest.raises(ValueError, match=r"activations entering layers.0.mlp.up_proj hold non-finite"):
+    with pytest.raises(ValueError, match=r"activations entering layers.0.mlp.gate_proj hold non-finite"):
         gptq(model, torch.randint(0, 256, (2, 8)), 4)
     with pytest.raises(ValueError, match=r"H must be a finite \[64, 64\]"):
         gptq_quantize_weight(w, torch.eye(32), 4)
@@ -446,3 +436,20 @@ def test_bad_inputs():
         formats.fp8_round(w, "e3m4")
     with pytest.raises(ValueError, match="multiple of 32"):
         packing.pack_int32(torch.zeros(48, 4, dtype=torch.uint8), 4, dim=0)
+
+
+def test_gptq_result_is_named_and_threads_are_the_callers():
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(6))
+    H = walk.Hessian(64)
+    H.add(correlated_inputs(64))
+    before = torch.get_num_threads()
+    result = gptq_quantize_weight(W, H.H, 4, 16)
+    assert isinstance(result, GPTQResult) and isinstance(result.loss, float) and result.loss > 0
+    assert result.weight.shape == result.codes.shape == (32, 64) and result.scales.shape == (32, 4)
+    assert torch.get_num_threads() == before  # threads=1 (the default) only while the call runs
+    with num_threads(1):  # threads=None leaves the caller's setting: same bits on one thread
+        assert torch.equal(gptq_quantize_weight(W, H.H, 4, 16, threads=None).weight, result.weight)
+    with pytest.raises(ValueError, match="threads=0"):
+        gptq_quantize_weight(W, H.H, 4, 16, threads=0)
+    with pytest.raises(TypeError):  # options are keyword-only
+        gptq_quantize_weight(W, H.H, 4, 16, False)

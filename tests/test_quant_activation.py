@@ -102,7 +102,7 @@ def test_llm_int8_handles_outlier_features_exactly():
 
 
 def test_llm_int8_on_tiny_model(tiny):
-    model, _ = tiny
+    model = tiny
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = model(ids).logits
     report = quant.llm_int8(model, threshold=1.0, calibration=ids)
@@ -128,7 +128,7 @@ def test_llm_int8_on_tiny_model(tiny):
 
 
 def test_int8_weight_bytes(tiny):
-    model, _ = tiny
+    model = tiny
     before = evaluate.weight_bytes(model)
     report = quant.w8a8(model)
     after = evaluate.weight_bytes(model)
@@ -151,7 +151,7 @@ def test_smoothing_factors_migrate_the_range():
 
 
 def test_smoothing_preserves_the_model(tiny):
-    model, _ = tiny
+    model = tiny
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = model(ids).logits
     norm_before = model.model.layers[0].input_layernorm.weight.clone()
@@ -182,7 +182,7 @@ def test_smoothquant_w8a8_beats_naive_per_tensor_w8a8_on_outliers():
 
 
 def test_smoothquant_and_w8a16_on_tiny_model(tiny):
-    model, _ = tiny
+    model = tiny
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = model(ids).logits
     m16 = copy.deepcopy(model)
@@ -244,7 +244,7 @@ def test_double_quant_round_trip_and_bytes():
 
 
 def test_nf4_on_tiny_model(tiny):
-    model, _ = tiny
+    model = tiny
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = model(ids).logits
     before = evaluate.weight_bytes(model)
@@ -261,7 +261,7 @@ def test_nf4_on_tiny_model(tiny):
 
 @pytest.mark.parametrize("threshold", [0, -1.0, float("nan"), float("inf"), "6"])
 def test_llm_int8_rejects_bad_threshold(tiny, threshold):
-    model, _ = tiny
+    model = tiny
     with pytest.raises(ValueError, match="threshold"):
         quant.llm_int8(model, threshold=threshold)
     assert not quant.int8.int8_linears(model)  # nothing changed
@@ -269,7 +269,7 @@ def test_llm_int8_rejects_bad_threshold(tiny, threshold):
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), None])
 def test_smoothquant_rejects_bad_alpha(tiny, alpha):
-    model, _ = tiny
+    model = tiny
     ids = torch.randint(0, 256, (1, 16))
     with pytest.raises(ValueError, match="alpha"):
         quant.smoothquant(model, ids, alpha=alpha)
@@ -278,7 +278,7 @@ def test_smoothquant_rejects_bad_alpha(tiny, alpha):
 
 
 def test_nf4_rejects_bad_blocksize(tiny):
-    model, _ = tiny
+    model = tiny
     for bad in (7, 0, -64, 64.0):
         with pytest.raises(ValueError, match="blocksize"):
             quant.nf4(model, blocksize=bad)
@@ -287,7 +287,7 @@ def test_nf4_rejects_bad_blocksize(tiny):
 
 
 def test_smoothing_rejects_non_finite_calibration(tiny):
-    model, _ = tiny
+    model = tiny
     model.model.embed_tokens.weight.data[7, 3] = math.nan  # token 7's activations are NaN
     ids = torch.full((1, 16), 7)
     with pytest.raises(ValueError, match="NaN or inf"):

@@ -1,8 +1,10 @@
 import json
+import os
+import time
 
 import pytest
 
-from labkit import results
+from labkit import profiles, results
 
 
 def row(**kw):
@@ -44,6 +46,48 @@ def test_record_refuses_non_finite(tmp_path, monkeypatch):
         results.record(row(perplexity=float("nan")))
 
 
+@pytest.mark.parametrize("content", ['[{"lesson": "00_baseline", "meth', "", "\xff\xfe", '{"a": 1}', '[{"lesson": 1}]'])
+def test_corrupt_results_file_is_named_with_the_fix(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    path = tmp_path / "cpu.json"
+    path.write_bytes(content.encode("latin-1"))
+    expected = rf"{path} is not a readable results file.*move it away or delete it"
+    with pytest.raises(ValueError, match=expected):
+        results.record(row())
+    with pytest.raises(ValueError, match=expected):
+        results.load_rows("cpu")
+    assert path.read_bytes() == content.encode("latin-1")  # left as it was, for the learner to look at
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("perplexity", 0.5),
+        ("perplexity", "20"),
+        ("tokens_per_s", -1.0),
+        ("weight_bytes", None),
+        ("params", True),
+        ("seqlen", 0),
+        ("seqlen", 512.0),
+        ("eval_windows", 0),
+        ("lesson", None),
+        ("profile", "../../etc"),
+        ("profile", ""),
+        ("note", 3),
+    ],
+)
+def test_record_names_a_bad_field_and_writes_nothing(tmp_path, monkeypatch, field, value):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=rf"Row\.{field}="):
+        results.record(row(**{field: value}))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_record_refuses_what_is_not_a_row():
+    with pytest.raises(ValueError, match=r"row must be a labkit\.results\.Row, got dict"):
+        results.record({"lesson": "00_baseline"})
+
+
 def test_check_reference_passes_fails_and_reports_incomparable():
     ref = results.reference("00_baseline/perplexity", "cpu")
     ok = results.check_reference("00_baseline/perplexity", ref["value"] * (1 + ref["rtol"] / 2), "cpu", "local:x")
@@ -68,18 +112,134 @@ def test_every_reference_states_value_tolerance_and_origin():
             assert ref["value"] > 0 and 0 < ref["rtol"] <= limit and ref["origin"], key
 
 
-def test_update_mode_writes_measured_cpu_reference(tmp_path, monkeypatch):
+def test_check_reference_missing_ok_reports_a_profile_without_reference(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
     refs = tmp_path / "references.json"
-    refs.write_text(json.dumps({"k": {"gpu": {"value": 5.68, "rtol": 0.01, "origin": "paper"}}}))
+    refs.write_text(json.dumps({"k": {"cpu": {"value": 10.0, "rtol": 0.01, "origin": "o"}}}))
     monkeypatch.setattr(results, "REFERENCES_FILE", refs)
-    monkeypatch.setenv("LABKIT_UPDATE_REFERENCES", "1")
-    assert results.check_reference("k", 12.345678, "cpu", "local:x").startswith("OK k")
-    stored = json.loads(refs.read_text())["k"]
-    assert stored["cpu"] == {"value": 12.3457, "rtol": 0.02, "origin": "measured by this code", "data": "local"}
-    assert stored["gpu"]["value"] == 5.68  # published numbers are never overwritten
-    monkeypatch.delenv("LABKIT_UPDATE_REFERENCES")
+    msg = results.check_reference("k", 12.3456, "gpu", missing_ok=True)
+    assert msg == "no gpu-profile reference for k; measured 12.35"
+    assert results.check_reference("k", 10.0, "cpu", missing_ok=True).startswith("OK k")
     with pytest.raises(AssertionError):
-        results.check_reference("k", 20.0, "cpu", "local:x")
+        results.check_reference("k", 12.0, "cpu", missing_ok=True)  # a reference that exists is checked
+    with pytest.raises(KeyError, match="has no value for profile 'gpu'"):
+        results.check_reference("k", 12.0, "gpu")
+    with pytest.raises(KeyError, match="No reference number 'typo'"):
+        results.check_reference("typo", 1.0, "cpu", missing_ok=True)  # an unknown key is a mistake, not a toy run
+
+
+def test_record_run_fills_the_protocol_from_the_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    P = profiles.PROFILES["cpu"]
+    got = results.record_run(
+        P, "05_gptq", "GPTQ", "W4", params=10, weight_bytes=40, perplexity=20.0, data="local:x", eval_windows=8
+    )
+    assert results.load_rows("cpu") == [got]
+    assert got == row(lesson="05_gptq", method="GPTQ", setting="W4", model=P.model, runtime_bytes=None,
+                      tokens_per_s=None, eval_windows=8)  # fmt: skip
+    other = results.record_run(
+        P, "03_structured", "FLaP", "20%", params=1, weight_bytes=2, perplexity=None, data="hub:w", eval_windows=None,
+        seqlen=128, runtime_bytes=3, tokens_per_s=4.5, device="cuda:0", note="n",
+    )  # fmt: skip
+    assert (other.seqlen, other.device, other.runtime_bytes, other.tokens_per_s) == (128, "cuda:0", 3, 4.5)
+    with pytest.raises(TypeError):  # which windows the perplexity averaged must be said
+        results.record_run(P, "05_gptq", "GPTQ", "W4", params=10, weight_bytes=40, perplexity=1.0, data="x")
+
+
+def test_check_keeps_what_it_measured_and_never_writes_references(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path / "results"))
+    refs = tmp_path / "references.json"
+    refs.write_text(json.dumps({"k": {"cpu": {"value": 10.0, "rtol": 0.01, "origin": "o"}}}))
+    monkeypatch.setattr(results, "REFERENCES_FILE", refs)
+    before = refs.read_text()
+    with pytest.raises(AssertionError):
+        results.check_reference("k", 12.345678, "cpu", "local:x")
+    assert results.check_reference("k", 10.01, "cpu", "hub:w").startswith("OK k")
+    assert refs.read_text() == before  # a check only checks
+    assert results.measured("cpu") == {"k": {"key": "k", "value": 10.01, "data": "hub"}}  # the last one wins
+    assert results.measured("gpu") == {}
+
+
+def test_update_references_writes_measured_cpu_values_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path / "results"))
+    refs = tmp_path / "references.json"
+    published = {"value": 5.68, "rtol": 0.01, "origin": "paper"}
+    old = {"value": 3.0, "rtol": 0.03, "origin": "o"}
+    refs.write_text(json.dumps({"05/k": {"gpu": published}, "06/old": {"cpu": old}}))
+    monkeypatch.setattr(results, "REFERENCES_FILE", refs)
+    with pytest.raises(LookupError, match="No measured CPU-profile values"):
+        results.update_references()
+    for key, value in (("05/k", 12.345678), ("06/old", 3.5), ("07/other", 1.0)):
+        with pytest.raises((AssertionError, KeyError)):  # no CPU reference yet, or outside it
+            results.check_reference(key, value, "cpu", "local:x")
+    with pytest.raises(AssertionError):
+        results.check_reference("05/k", 6.0, "gpu")  # measured on the GPU profile: never written
+    changes = results.update_references(["05", "06"])
+    assert changes == [("05/k", None, 12.3457), ("06/old", 3.0, 3.5)]
+    stored = json.loads(refs.read_text())
+    assert stored["05/k"] == {
+        "gpu": published,  # published numbers are never overwritten
+        "cpu": {"value": 12.3457, "rtol": 0.02, "origin": "measured by this code", "data": "local"},
+    }
+    assert stored["06/old"]["cpu"] == {**old, "value": 3.5, "data": "local"}  # keeps its tolerance and origin
+    assert "07/other" not in stored
+    assert results.check_reference("05/k", 12.3457, "cpu", "local:x").startswith("OK 05/k")
+    with pytest.raises(LookupError):
+        results.update_references(["05"], since=time.time() + 60)  # nothing measured since
+
+
+def test_measure_only_mode_keeps_values_and_compares_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv(results.MEASURE_ONLY_ENV, "1")
+    msg = results.check_reference("00_baseline/perplexity", 1e9, "cpu", "local:x")  # far off: no error
+    assert msg.startswith("MEASURED 00_baseline/perplexity: 1e+09 on the cpu profile")
+    assert results.check_reference("new/key", 2.5, "cpu").startswith("MEASURED new/key")  # no reference yet
+    assert set(results.measured("cpu")) == {"00_baseline/perplexity", "new/key"}
+
+
+def test_course_update_references_measures_in_a_kernel_then_stores(tmp_path, monkeypatch, capsys):
+    """The measuring run's kernel gets the measure-only switch (this process does not), then the
+    command writes references.json and re-runs the lesson in place, where the check now passes."""
+    import nbformat
+
+    from labkit import course
+
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("LABKIT_PROFILE", "cpu")
+    refs = tmp_path / "references.json"
+    refs.write_text(json.dumps({"99/k": {"cpu": {"value": 1.0, "rtol": 0.01, "origin": "o"}}}))
+    monkeypatch.setattr(results, "REFERENCES_FILE", refs)
+    lesson = tmp_path / "99_toy.ipynb"
+    code = (
+        "import json, os\nfrom pathlib import Path\nfrom labkit import results\n"
+        f"results.REFERENCES_FILE = Path({str(refs)!r})\n"
+        "print(results.check_reference('99/k', 2.0, 'cpu', 'local:x'))"
+    )
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]), lesson)
+    monkeypatch.setattr(course, "lessons", lambda select=None: [lesson])
+    course.main(["--update-references", "--out", str(tmp_path / "executed"), "99"])
+    assert results.MEASURE_ONLY_ENV not in os.environ
+    measured_copy = nbformat.read(tmp_path / "executed" / lesson.name, as_version=4)
+    assert measured_copy.cells[0].outputs[0]["text"].startswith("MEASURED 99/k: 2 on the cpu profile")
+    assert json.loads(refs.read_text())["99/k"]["cpu"]["value"] == 2.0
+    assert nbformat.read(lesson, as_version=4).cells[0].outputs[0]["text"].startswith("OK 99/k")  # stored in place
+    assert "99/k: 1.0 -> 2.0" in capsys.readouterr().out
+
+
+def test_store_measured_command_writes_without_running(tmp_path, monkeypatch, capsys):
+    from labkit import course
+
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path / "results"))
+    refs = tmp_path / "references.json"
+    refs.write_text(json.dumps({"01/k": {"cpu": {"value": 2.0, "rtol": 0.01, "origin": "o"}}}))
+    monkeypatch.setattr(results, "REFERENCES_FILE", refs)
+    monkeypatch.setattr(course, "execute", lambda *a, **kw: pytest.fail("--store-measured runs no lesson"))
+    with pytest.raises(SystemExit, match="No measured CPU-profile values"):
+        course.main(["--store-measured", "01"])
+    results.check_reference("01/k", 2.01, "cpu", "local:x")
+    course.main(["--store-measured", "01"])
+    assert "01/k: 2.0 -> 2.01" in capsys.readouterr().out
+    assert json.loads(refs.read_text())["01/k"]["cpu"]["value"] == 2.01
 
 
 def test_require_returns_rows_in_order_and_names_what_is_missing():

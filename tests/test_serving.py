@@ -10,7 +10,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # one test runs the engine on th
 import pytest
 import torch
 
-from labkit import models
 from labkit.kernels import _triton, paged_attention_decode_torch
 from labkit.serving import (
     BlockManager,
@@ -22,14 +21,7 @@ from labkit.serving import (
     synthetic_request_lengths,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: on a shared 2-core machine, intra-op threads spin against each other (100x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- BlockManager ----------------------------------------------------------------------------------------
@@ -154,11 +146,6 @@ def test_paged_cache_write_copy_and_attention():
     assert torch.equal(cache.k[0][dst, :3], cache.k[0][src, :3]) and cache.nbytes() == 2 * 10 * 4 * 2 * 8 * 4
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return models.load("tiny-llama-random", device="cpu")
-
-
 # --- memory waste ----------------------------------------------------------------------------------------
 
 
@@ -176,7 +163,7 @@ def test_memory_waste_realistic_lengths(tiny):
     # Contiguous preallocation wastes most of the memory; paging only the last block's tail
     # (on average ~block_size / 2 tokens per request).
     assert r["contiguous_waste"] > 0.7 and r["paged_waste"] < 0.05
-    config = tiny[0].config  # 2 layers, 2 KV heads of dim 16
+    config = tiny.config  # 2 layers, 2 KV heads of dim 16
     assert kv_bytes_per_token(config, dtype_bytes=2) == 2 * 2 * 2 * 16 * 2
 
 
@@ -192,8 +179,8 @@ def hf_greedy(model, tok, prompt, max_new_tokens, **kwargs):
     return out[0, ids.shape[1] :].tolist()
 
 
-def test_engine_equals_generate_with_continuous_batching(tiny):
-    model, tok = tiny
+def test_engine_equals_generate_with_continuous_batching(tiny, tiny_tokenizer):
+    model, tok = tiny, tiny_tokenizer
     limits = [12, 3, 7, 16, 1, 9]  # requests leave at different steps; waiting ones join
     engine = Engine(model, tok, num_blocks=64, block_size=4, max_batch=3)
     outs = engine.generate(PROMPTS, max_new_tokens=limits)
@@ -206,8 +193,8 @@ def test_engine_equals_generate_with_continuous_batching(tiny):
     engine.blocks.check()
 
 
-def test_engine_preempts_when_blocks_run_out(tiny):
-    model, tok = tiny
+def test_engine_preempts_when_blocks_run_out(tiny, tiny_tokenizer):
+    model, tok = tiny, tiny_tokenizer
     engine = Engine(model, tok, num_blocks=16, block_size=4, max_batch=6)  # too few blocks for all at once
     outs = engine.generate(PROMPTS, max_new_tokens=20)
     assert engine.stats["preemptions"] > 0
@@ -217,8 +204,8 @@ def test_engine_preempts_when_blocks_run_out(tiny):
     engine.blocks.check()
 
 
-def test_engine_stops_at_eos(tiny):
-    model, tok = tiny
+def test_engine_stops_at_eos(tiny, tiny_tokenizer):
+    model, tok = tiny, tiny_tokenizer
     free_run = hf_greedy(model, tok, PROMPTS[0], 10)
     eos = free_run[4]  # pretend the 5th generated token is EOS
     engine = Engine(model, tok, num_blocks=32, block_size=4, max_batch=2)
@@ -230,17 +217,42 @@ def test_engine_stops_at_eos(tiny):
 
 
 @pytest.mark.skipif(not _triton.available(), reason="triton is not installed")
-def test_engine_on_triton_kernels(tiny):
+def test_engine_on_triton_kernels(tiny, tiny_tokenizer):
     """The same engine with the Triton paged attention and rotary kernels (interpreted on CPU)."""
-    model, tok = tiny
+    model, tok = tiny, tiny_tokenizer
     engine = Engine(model, tok, num_blocks=16, block_size=4, max_batch=2, backend="triton")
     outs = engine.generate(PROMPTS[:2], max_new_tokens=4)
     for prompt, out in zip(PROMPTS[:2], outs):
         assert out.token_ids == hf_greedy(model, tok, prompt, 4)
 
 
-def test_engine_errors(tiny):
-    model, tok = tiny
+def test_engine_checks_block_tables_once_per_step_on_cpu(tiny, tiny_tokenizer, monkeypatch):
+    """The attention kernel's value checks would sync the GPU in every layer; the engine checks the
+    tables it builds on the CPU, once per decode step, and tells the kernel not to check again."""
+    from labkit.serving import engine as engine_module
+
+    checked, attention_checks = [], []
+    real_check, real_attention = engine_module.check_block_tables, engine_module.paged_attention_decode
+
+    def check(block_tables, context_lens, *args):
+        checked.append((block_tables.device.type, context_lens.device.type))
+        return real_check(block_tables, context_lens, *args)
+
+    def attention(*args, check_values=True, **kwargs):
+        attention_checks.append(check_values)
+        return real_attention(*args, check_values=check_values, **kwargs)
+
+    monkeypatch.setattr(engine_module, "check_block_tables", check)
+    monkeypatch.setattr(engine_module, "paged_attention_decode", attention)
+    model, tok = tiny, tiny_tokenizer
+    engine = Engine(model, tok, num_blocks=8, block_size=4, max_batch=2, backend="torch")
+    engine.generate(["ab", "cde", "f"], max_new_tokens=[3, 5, 2])
+    assert len(checked) == engine.stats["steps"] > 0 and set(checked) == {("cpu", "cpu")}
+    assert attention_checks == [False] * (engine.stats["steps"] * model.config.num_hidden_layers)
+
+
+def test_engine_errors(tiny, tiny_tokenizer):
+    model, tok = tiny, tiny_tokenizer
     engine = Engine(model, tok, num_blocks=4, block_size=4, max_batch=2)
     with pytest.raises(ValueError, match="needs 5 blocks of 4 tokens; the pool has 4"):
         engine.generate(["0123456789"], max_new_tokens=11)

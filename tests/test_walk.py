@@ -28,7 +28,7 @@ def layer_inputs(model, calib):
 
 
 def test_walk_sees_exactly_what_the_model_computes(tiny):
-    model, _ = tiny
+    model = tiny
     expected = layer_inputs(model, CALIB)
     seen = []
 
@@ -43,7 +43,7 @@ def test_walk_sees_exactly_what_the_model_computes(tiny):
 
 
 def test_changes_propagate_to_later_layers(tiny):
-    model, _ = tiny
+    model = tiny
     seen = {}
 
     def update(i, layer, stats):
@@ -57,7 +57,7 @@ def test_changes_propagate_to_later_layers(tiny):
 
 
 def test_sequential_groups_see_inputs_after_earlier_changes(tiny):
-    model, _ = tiny
+    model = tiny
     seen = {}
 
     def update(i, layer, stats):
@@ -90,7 +90,7 @@ def test_hessian_and_column_stats_match_direct_formulas():
 
 
 def test_layers_return_to_their_device_and_errors(tiny):
-    model, _ = tiny
+    model = tiny
     walk.calibration_walk(model, CALIB, lambda n, lin: None, lambda i, layer, s: None, device="cpu")
     assert all(p.device.type == "cpu" for p in model.parameters())
     with pytest.raises(ValueError, match=r"LongTensor of token ids shaped \[n_samples, seqlen\]; got \(24,\)"):
@@ -106,7 +106,7 @@ def test_layers_return_to_their_device_and_errors(tiny):
 def test_observation_stops_once_the_group_has_its_inputs(tiny):
     # q/k/v's inputs need only the input norm: nothing after them runs while they are observed,
     # and each statistic still receives every batch exactly once
-    model, _ = tiny
+    model = tiny
     calls = {"o_proj": 0, "down_proj": 0}
     layer0 = model.model.layers[0]
     hooks = [
@@ -137,3 +137,132 @@ def test_observation_stops_once_the_group_has_its_inputs(tiny):
     assert counts["self_attn.q_proj"] == (3, {"o_proj": 0, "down_proj": 0})  # 3 batches of 2, 2, 1 samples
     # the second group stops before down_proj runs: o_proj ran once per batch, down_proj never
     assert counts["mlp.down_proj"] == (3, {"o_proj": 3, "down_proj": 0})
+
+
+# --- capture: what arrives at a layer boundary ----------------------------------------------------
+
+
+class Counter:
+    """Counts the forward calls of the modules it watches (forward hooks: they fire only if the module ran)."""
+
+    def __init__(self, modules: dict):
+        self.calls = dict.fromkeys(modules, 0)
+        self.hooks = [m.register_forward_hook(self._count(name)) for name, m in modules.items()]
+
+    def _count(self, name):
+        def hook(*_):
+            self.calls[name] += 1
+
+        return hook
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def watched(model):
+    inner = model.model
+    return {"embed": inner.embed_tokens, "layer0": inner.layers[0], "layer1": inner.layers[1], "norm": inner.norm}
+
+
+def test_capture_one_layer_stops_there_and_sees_each_batch_once(tiny):
+    model = tiny
+    with torch.no_grad():
+        expected = model(CALIB, output_hidden_states=True).hidden_states  # [L + 1] x [5, 24, 64]
+    counter = Counter(watched(model))
+    try:
+        batches = walk.capture(model, CALIB, [1], batch_size=2)
+    finally:
+        counter.remove()
+    assert len(batches) == 3  # 2, 2 and 1 windows
+    assert torch.equal(torch.cat([states[0] for states, _ in batches]), expected[1])
+    # each batch embedded once; layer 0 ran, layer 1 (the boundary) and everything after it did not
+    assert counter.calls == {"embed": 3, "layer0": 3, "layer1": 0, "norm": 0}
+    states, kwargs = batches[0]
+    cos, _ = kwargs["position_embeddings"]
+    assert len(states) == 1 and cos.shape[-2] == 24 and "hidden_states" not in kwargs
+    with torch.no_grad():  # the kwargs replay the model's own computation (hidden_states[L] is after the norm)
+        torch.testing.assert_close(model.model.norm(model.model.layers[1](states[0], **kwargs)), expected[2][:2])
+
+
+def test_capture_all_boundaries(tiny):
+    model = tiny
+    with torch.no_grad():
+        hidden = model(CALIB, output_hidden_states=True).hidden_states
+    counter = Counter(watched(model))
+    try:
+        batches = walk.capture(model, CALIB, batch_size=4)
+    finally:
+        counter.remove()
+    assert counter.calls == {"embed": 2, "layer0": 2, "layer1": 2, "norm": 0}  # stopped before the final norm
+    states = [torch.cat(chunks) for chunks in zip(*(s for s, _ in batches))]
+    assert len(states) == 3
+    for i in (0, 1):
+        assert torch.equal(states[i], hidden[i])
+    with torch.no_grad():  # hidden_states[-1] is after the final norm; boundary L is before it
+        assert torch.equal(model.model.norm(states[2]), hidden[2])
+    # the same tensors as the public helpers give
+    all_states, _ = walk.layer_states(model, CALIB, batch_size=4)
+    inputs, _ = walk.layer_inputs(model, CALIB, 1, batch_size=4)
+    assert all(torch.equal(a, b) for a, b in zip(all_states, states)) and torch.equal(inputs, states[1])
+    # a chosen set, in the order asked for
+    picked = walk.capture(model, CALIB, [2, 0], batch_size=4)
+    assert torch.equal(torch.cat([s[0] for s, _ in picked]), states[2])
+    assert torch.equal(torch.cat([s[1] for s, _ in picked]), states[0])
+
+
+def test_capture_removes_its_hooks_after_an_error(tiny):
+    model = tiny
+    inner = model.model
+    stations = [*inner.layers, inner.norm]
+
+    def fail(*_):
+        raise RuntimeError("boom")
+
+    handle = inner.layers[1].mlp.register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            walk.capture(model, CALIB, batch_size=2)
+    finally:
+        handle.remove()
+    assert all(not m._forward_pre_hooks for m in stations)
+    for bad in ([3], [], 1, [True]):
+        with pytest.raises(ValueError, match=r"boundaries=.*: need a list of indices in 0..2"):
+            walk.capture(model, CALIB, bad)
+    with pytest.raises(ValueError, match=r"index=2: the model has decoder layers 0..1"):
+        walk.layer_inputs(model, CALIB, 2)
+    assert all(not m._forward_pre_hooks for m in stations)
+    assert len(walk.capture(model, CALIB, [0])) == 1  # still works
+
+
+def test_calibration_check_rejects_empty_sets_and_short_windows(tiny):
+    model = tiny
+    for empty in (CALIB[:0], CALIB[:, :0]):
+        with pytest.raises(ValueError, match=r"calibration holds \d+ windows of \d+ tokens; need at least one"):
+            walk.calibration_walk(model, empty, lambda n, lin: None, lambda i, layer, s: None)
+        with pytest.raises(ValueError, match=r"^tokens holds"):
+            walk.capture(model, empty)
+    with pytest.raises(ValueError, match=r"data holds 5 windows of 1 tokens; need .* seqlen >= 2"):
+        walk.check_calibration(CALIB[:, :1], model, name="data", min_seqlen=2)
+    with pytest.raises(ValueError, match=r"data holds token ids outside \[0, 256\)"):
+        walk.check_calibration(CALIB + 256, model, name="data")
+    walk.check_calibration(CALIB[:, :2], model, name="data", min_seqlen=2)
+
+
+def test_order_inside_a_sequential_group_does_not_change_results():
+    """Every linear of a group is observed before any is changed: reversing a group changes nothing."""
+    from labkit import models
+
+    def run(groups):
+        model, _ = models.load("tiny-llama-random", device="cpu")
+
+        def update(i, layer, stats):
+            for name, s in stats.items():  # a change that depends on the statistic
+                layer.get_submodule(name).weight.mul_(1 + s.H.diagonal().mean())
+
+        walk.calibration_walk(model, CALIB, lambda n, lin: walk.Hessian(lin.in_features), update, sequential=groups)
+        return model.state_dict()
+
+    forward = run(walk.SEQUENTIAL_GROUPS)
+    backward = run([group[::-1] for group in walk.SEQUENTIAL_GROUPS])
+    assert all(torch.equal(forward[k], backward[k]) for k in forward)

@@ -11,7 +11,10 @@ absolute value) rather than just False. It returns True or False so a worked sol
 
 from __future__ import annotations
 
+import functools
 import importlib
+import math
+import numbers
 
 import torch
 
@@ -35,15 +38,67 @@ class Verdict:
         return False
 
 
+def exercise(check):
+    """Decorator of every check: whatever the learner's function returns, the check prints a verdict and
+    returns True or False, never a traceback (the helpers below handle NaN, wrong types and shapes; this
+    is the net under answers no helper foresaw)."""
+
+    @functools.wraps(check)
+    def run(fn) -> bool:
+        try:
+            return check(fn)
+        except Exception as error:  # the answer broke the comparison itself: report it in words
+            print(
+                f"✗ {check.__name__}: your answer could not be compared with the expected one "
+                f"({type(error).__name__}: {_short(error)}). Compare its type, shape and dtype with the "
+                f"exercise's description: help(check.{check.__module__.rsplit('.', 1)[-1]}.{check.__name__})."
+            )
+            return False
+
+    return run
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+    text = str(error)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def call(verdict: Verdict, fn, *args, **kwargs):
-    """Run the learner's `fn`; a raised exception becomes the verdict's problem (returns None)."""
+    """Run the learner's `fn`; a raised exception, or no answer (None or `...`), becomes the verdict's
+    problem and the call returns None."""
+    if not callable(fn):
+        verdict.fail(f"pass your function itself, not its result (got {describe(fn)}).")
+        return None
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except NotImplementedError:
         verdict.fail("not written yet (the function raises NotImplementedError).")
     except Exception as error:  # the learner's code: report it, do not crash the lesson
-        verdict.fail(f"calling it raised {type(error).__name__}: {error}")
+        verdict.fail(f"calling it raised {type(error).__name__}: {_short(error)}")
+    else:
+        if result is None:
+            verdict.fail("it returned None: not written yet, or the `return` is missing.")
+        elif result is Ellipsis:
+            verdict.fail("it returned `...`: not written yet.")
+        else:
+            return result
     return None
+
+
+def describe(value) -> str:
+    """A short description of an answer's type, for messages: "a tensor of shape (3,), dtype torch.int64"."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}, dtype {value.dtype}"
+    return type(value).__name__
+
+
+def _kind(t: torch.Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    return "float" if t.dtype.is_floating_point else "complex" if t.dtype.is_complex else "int"
+
+
+_NOT_FINITE = "Look for a division by zero, a log of 0 or an overflow."
 
 
 def tensor_like(
@@ -55,20 +110,30 @@ def tensor_like(
     rtol: float = 1e-4,
     hints: dict | None = None,
 ) -> bool:
-    """Compare `got` with `expected`: type, shape, dtype class, then values.
+    """Compare `got` with `expected`: type, shape, dtype class, NaN/inf, then values.
 
     hints: {description: tensor} of known wrong answers; when `got` matches one of them the
     verdict says so (e.g. {"used W instead of |W|": W * x}), which is the point of a check."""
     if verdict.problem is not None:
         return False
     if not isinstance(got, torch.Tensor):
-        return verdict.fail(f"{what} should be a torch.Tensor, got {type(got).__name__}.")
+        return verdict.fail(f"{what} should be a torch.Tensor, got {describe(got)}.")
+    if got.device.type == "meta" or got.layout != torch.strided:
+        return verdict.fail(
+            f"{what} should be a plain (dense) tensor with values, got one on {got.device}, {got.layout}."
+        )
     if tuple(got.shape) != tuple(expected.shape):
         return verdict.fail(f"{what} has shape {tuple(got.shape)}; expected {tuple(expected.shape)}.")
-    kind = lambda t: "bool" if t.dtype == torch.bool else "float" if t.dtype.is_floating_point else "int"  # noqa: E731
-    if kind(got) != kind(expected):
+    if _kind(got) != _kind(expected):
         return verdict.fail(f"{what} has dtype {got.dtype}; expected {expected.dtype}.")
-    g, e = got.detach().double().cpu(), expected.detach().double().cpu()
+    g, e = got.detach().cpu().double(), expected.detach().cpu().double()
+    not_finite = ~torch.isfinite(g) & torch.isfinite(e)
+    if not_finite.any():
+        index = tuple(int(i) for i in not_finite.nonzero()[0])
+        return verdict.fail(
+            f"{what} has {int(not_finite.sum())} NaN or infinite entries of {g.numel()}; first at index {index}: "
+            f"got {g[index].item()}, expected {e[index].item():.6g}. {_NOT_FINITE}"
+        )
     if torch.allclose(g, e, atol=atol, rtol=rtol):
         return True
     for description, wrong in (hints or {}).items():
@@ -76,7 +141,7 @@ def tensor_like(
             g, wrong.detach().double().cpu(), atol=atol, rtol=rtol
         ):
             return verdict.fail(f"{what} is wrong: it looks like you {description}.")
-    bad = (g - e).abs() > atol + rtol * e.abs()
+    bad = ~torch.isclose(g, e, atol=atol, rtol=rtol)
     index = tuple(int(i) for i in bad.nonzero()[0])
     return verdict.fail(
         f"{what} differs at {int(bad.sum())} of {bad.numel()} entries; first at index {index}: "
@@ -84,14 +149,33 @@ def tensor_like(
     )
 
 
+def as_number(got) -> float | None:
+    """`got` as a float when it is one real number (a Python or NumPy number, a one-element real tensor);
+    None for anything else (a string, a bool, a list, a tensor of several values, a complex number)."""
+    if isinstance(got, (bool, str, bytes)):
+        return None
+    if isinstance(got, torch.Tensor):
+        if got.numel() != 1 or got.dtype == torch.bool or got.is_complex() or got.device.type == "meta":
+            return None
+        return got.item()
+    if not isinstance(got, numbers.Real) and not hasattr(got, "__float__"):
+        return None
+    try:
+        return float(got)
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        return None
+
+
 def number_like(verdict: Verdict, got, expected: float, what: str, rtol: float = 1e-3) -> bool:
+    """Compare a number `got` with `expected` within rtol; NaN, inf and non-numbers are wrong answers."""
     if verdict.problem is not None:
         return False
-    try:
-        value = float(got)
-    except (TypeError, ValueError):
-        return verdict.fail(f"{what} should be a number, got {type(got).__name__}.")
-    if abs(value - expected) > rtol * abs(expected) + 1e-12:
+    value = as_number(got)
+    if value is None:
+        return verdict.fail(f"{what} should be a number, got {describe(got)}.")
+    if not math.isfinite(value):
+        return verdict.fail(f"{what} is {value}, not a finite number; expected {expected:.6g}. {_NOT_FINITE}")
+    if not abs(value - expected) <= rtol * abs(expected) + 1e-12:
         return verdict.fail(f"{what} is {value:.6g}; expected {expected:.6g}.")
     return True
 

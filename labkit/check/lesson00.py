@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import Verdict, call, tensor_like
+from . import Verdict, call, exercise, tensor_like
 from ._numbers import number_with_hints
 
 
@@ -25,6 +25,7 @@ def _window(seqlen: int = 12, vocab: int = 10, seed: int = 0):
     return logits, ids
 
 
+@exercise
 def token_nll(fn) -> bool:
     """fn(logits [seqlen, vocab], ids [seqlen]) -> [seqlen - 1]: −log p(ids[t+1] | ids[..t]) for every t,
     where p = softmax(logits[t]). Position t's logits predict the NEXT token."""
@@ -54,17 +55,18 @@ def token_nll(fn) -> bool:
             "compared logits[t] with ids[t], the token the model was given, not the next one (use ids[1:])": -log_p[
                 t, ids[:-1]
             ],
-            "compared logits[t + 1] with ids[t + 1]: the logits must come from the position before the token (use logits[:-1])": -log_p[
-                t + 1, ids[1:]
-            ],
-            "took the raw logit of the true token; it must be normalised first (log_softmax over the vocabulary)": -logits[
-                t, ids[1:]
-            ],
+            (
+                "compared logits[t + 1] with ids[t + 1]: the logits must come from "
+                "the position before the token (use logits[:-1])"
+            ): -log_p[t + 1, ids[1:]],
+            (
+                "took the raw logit of the true token; it must be normalised first (log_softmax over the vocabulary)"
+            ): -logits[t, ids[1:]],
             "forgot the minus sign: the negative log-likelihood is −log p, a positive number": log_p[t, ids[1:]],
             "returned the probability 1 − p or −p instead of −log p": -log_p[t, ids[1:]].exp(),
-            "took the log-softmax over the positions (dim 0) instead of over the vocabulary (dim −1)": -torch.log_softmax(
-                logits, dim=0
-            )[t, ids[1:]],
+            (
+                "took the log-softmax over the positions (dim 0) instead of over the vocabulary (dim −1)"
+            ): -torch.log_softmax(logits, dim=0)[t, ids[1:]],
         },
     )
     return v.report("These are the values F.cross_entropy(logits[:-1], ids[1:], reduction='none') gives.")
@@ -76,6 +78,7 @@ def _nll_windows() -> torch.Tensor:
     return torch.rand(3, 7, generator=g) * torch.tensor([[1.0], [3.0], [6.0]])
 
 
+@exercise
 def perplexity(fn) -> bool:
     """fn(nll [windows, tokens]) -> float: exp of the mean NLL over ALL predicted tokens of all windows."""
     v = Verdict("perplexity")
@@ -94,15 +97,12 @@ def perplexity(fn) -> bool:
         "the perplexity",
         rtol=1e-5,
         hints={
-            "averaged exp(NLL) (the mean of exp is not the exp of the mean: one hard token then dominates)": nll.double()
-            .exp()
-            .mean()
-            .item(),
-            "averaged the windows' perplexities; perplexities do not average, NLLs do: exp(mean of all NLLs)": nll.double()
-            .mean(1)
-            .exp()
-            .mean()
-            .item(),
+            (
+                "averaged exp(NLL) (the mean of exp is not the exp of the mean: one hard token then dominates)"
+            ): nll.double().exp().mean().item(),
+            (
+                "averaged the windows' perplexities; perplexities do not average, NLLs do: exp(mean of all NLLs)"
+            ): nll.double().mean(1).exp().mean().item(),
             "used exp(−mean NLL), which is 1 / perplexity (the NLL is already negated)": math.exp(
                 -nll.double().mean().item()
             ),
@@ -128,6 +128,7 @@ class _Tied(nn.Module):
         self.head.weight = self.embed.weight  # tied: one tensor, two modules
 
 
+@exercise
 def model_bytes(fn) -> bool:
     """fn(model) -> int: bytes of the model's parameters, each at its own dtype's size, a tensor shared
     by two modules counted once (what labkit.evaluate.weight_bytes counts for a plain model)."""

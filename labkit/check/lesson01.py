@@ -13,10 +13,11 @@ import math
 import torch
 
 from ..prune import masks, sparse_storage
-from . import Verdict, call, tensor_like
+from . import Verdict, call, exercise, tensor_like
 from ._numbers import number_with_hints
 
 
+@exercise
 def wanda_score(fn) -> bool:
     """fn(W [out, in], X [tokens, in]) -> [out, in]: |W_ij| · ‖X_j‖₂, the L2 norm of input feature j
     over all tokens (Wanda eq. 1)."""
@@ -32,13 +33,14 @@ def wanda_score(fn) -> bool:
         got = call(v, fn, W.clone(), X.clone())
         hints = {
             "forgot the absolute value: a large negative weight matters as much as a large positive one": W * norm,
-            "used the squared norm ‖X_j‖² instead of ‖X_j‖₂ (the mask would still be the same; the score is not)": W.abs()
-            * norm**2,
+            (
+                "used the squared norm ‖X_j‖² instead of ‖X_j‖₂ (the mask would still be the same; the score is not)"
+            ): W.abs() * norm**2,
             "used the mean |x| of each feature (an L1 average) instead of its L2 norm": W.abs() * X.abs().mean(0),
             "used the L1 norm Σ|x| instead of the L2 norm": W.abs() * X.abs().sum(0),
-            "used the root-mean-square (‖X_j‖₂ / √tokens): the same ranking, but Wanda's score is the plain norm": W.abs()
-            * norm
-            / tokens**0.5,
+            (
+                "used the root-mean-square (‖X_j‖₂ / √tokens): the same ranking, but Wanda's score is the plain norm"
+            ): W.abs() * norm / tokens**0.5,
             "multiplied by the weights' own column norms ‖W_:j‖ instead of the activations' ‖X_j‖": W.abs()
             * W.norm(dim=0),
             "used W² instead of |W|": W**2 * norm,
@@ -53,6 +55,7 @@ def wanda_score(fn) -> bool:
     return v.report("S = |W| · ‖X‖₂ per input feature, as labkit.prune.wanda_scores.")
 
 
+@exercise
 def nm_mask(fn) -> bool:
     """fn(score [out, in], n, m) -> bool [out, in], True = pruned: in each group of m consecutive inputs
     of a row, the n highest scores are kept and the other m − n pruned."""
@@ -63,10 +66,12 @@ def nm_mask(fn) -> bool:
         expected = masks.nm_mask(score, n, m)
         got = call(v, fn, score.clone(), n, m)
         hints = {
-            "inverted the mask: True must mean pruned (zeroed), and the n HIGHEST scores of each group are kept": ~expected,
-            f"pruned the lowest {1 - n / m:.0%} of each whole row, not within each group of {m} consecutive inputs": masks.row_mask(
-                score, 1 - n / m
-            ),
+            (
+                "inverted the mask: True must mean pruned (zeroed), and the n HIGHEST scores of each group are kept"
+            ): ~expected,
+            (
+                f"pruned the lowest {1 - n / m:.0%} of each whole row, not within each group of {m} consecutive inputs"
+            ): masks.row_mask(score, 1 - n / m),
         }
         if rows % m == 0:
             hints[
@@ -79,6 +84,7 @@ def nm_mask(fn) -> bool:
     return v.report("Exactly n kept in every group of m, as labkit.prune.nm_mask.")
 
 
+@exercise
 def bitmask_bytes(fn) -> bool:
     """fn(weight [out, in]) -> int: bytes of the bitmask format: one bit per position (packed 8 per
     byte, a partly used last byte counts) plus every nonzero value at the weight's dtype size."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Verdict, call, tensor_like
+from . import Verdict, call, exercise, tensor_like
 from ._numbers import number_with_hints
 
 
@@ -23,6 +23,7 @@ def _problem(d: int = 6, rows: int = 4, seed: int = 0):
     return W, H, X
 
 
+@exercise
 def obs_error(fn) -> bool:
     """fn(w [d], H [d, d]) -> [d]: ΔE_q = w_q² / (2 [H⁻¹]_qq), the increase of the layer error when weight q is
     removed and the others are re-fitted optimally (OBS)."""
@@ -54,6 +55,7 @@ def obs_error(fn) -> bool:
     return v.report("The cheapest weight to remove is argmin ΔE (labkit.prune.obs uses w² / [H⁻¹]_qq, twice ΔE).")
 
 
+@exercise
 def obs_update(fn) -> bool:
     """fn(w [d], H [d, d], q) -> [d]: w + δ with δ = −(w_q / [H⁻¹]_qq) · H⁻¹_{:,q}; entry q becomes 0 and the
     others are the least-squares re-fit without input q."""
@@ -86,10 +88,11 @@ def obs_update(fn) -> bool:
     return v.report("w_q is 0 and the other weights equal the least-squares re-fit without input q.")
 
 
+@exercise
 def output_error(fn) -> bool:
     """fn(W [rows, d], W_hat [rows, d], H [d, d]) -> float: ‖(W − Ŵ)X‖² / ‖WX‖² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)."""
     v = Verdict("output_error")
-    W, H, X = _problem(seed=2)
+    W, H, _ = _problem(seed=2)
     W_hat = W.clone()
     W_hat[W.abs() < W.abs().median()] = 0  # a pruned copy
     dW = W - W_hat

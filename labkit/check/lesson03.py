@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Verdict, call, tensor_like
+from . import Verdict, call, exercise, tensor_like
 
 
 def _layer(seed: int = 3):
@@ -16,6 +16,7 @@ def _layer(seed: int = 3):
     return W, x
 
 
+@exercise
 def fluctuation_score(fn) -> bool:
     """fn(x [tokens, in], W [out, in]) -> [in]: Var_tokens(x_j) · ‖W[:, j]‖²₂ (FLaP's WIFV)."""
     v = Verdict("fluctuation_score")
@@ -54,6 +55,7 @@ def fluctuation_score(fn) -> bool:
     return v.report("A channel that barely fluctuates can be replaced by its mean.")
 
 
+@exercise
 def kv_group_columns(fn) -> bool:
     """fn(g, n_heads, n_kv_heads, head_dim) -> LongTensor of the o_proj columns (= q_proj rows) of KV group g."""
     v = Verdict("kv_group_columns")
@@ -82,7 +84,8 @@ def kv_group_columns(fn) -> bool:
             expected,
             f"the columns of KV group {g} (6 query heads, 2 KV heads, head_dim 2)",
             hints={
-                "took the interleaved query heads g, g + n_kv, g + 2·n_kv (LLM-Pruner's public code does); transformers' "
+                "took the interleaved query heads g, g + n_kv, g + 2·n_kv (LLM-Pruner's public code does); "
+                "transformers' "
                 "repeat_kv gives KV head g to the consecutive query heads g·group … g·group + group − 1": (
                     interleaved[:, None] * d + torch.arange(d)
                 )
@@ -94,6 +97,7 @@ def kv_group_columns(fn) -> bool:
     return v.report("A whole group goes: 3 query heads' columns of o_proj and rows of q_proj, one K and one V head.")
 
 
+@exercise
 def compensation_bias(fn) -> bool:
     """fn(W [out, in], x [tokens, in], removed [k]) -> [out]: W[:, removed] @ mean over tokens of x[:, removed]."""
     v = Verdict("compensation_bias")

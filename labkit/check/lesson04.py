@@ -15,7 +15,7 @@ import torch
 from ..quant import formats
 from ..quant import pack as packing
 from ..quant.qlinear import QuantLinear
-from . import Verdict, call, number_like, tensor_like
+from . import Verdict, as_number, call, exercise, number_like, tensor_like
 
 # Hand-made inputs: both signs, a zero, values that floor and round send to different codes.
 _VECTORS = [
@@ -25,6 +25,7 @@ _VECTORS = [
 ]
 
 
+@exercise
 def quantize_asym(fn) -> bool:
     """fn(x [n] float, bits) -> (codes [n] integers in [0, 2^bits), x_hat [n] float): asymmetric RTN
     with an integer zero point, one scale for the whole vector (kept in fp32, not rounded to fp16)."""
@@ -41,6 +42,9 @@ def quantize_asym(fn) -> bool:
         expected_codes, expected = q[0].long(), formats.dequantize(q, scale, zero)[0]
         maxq = 2**bits - 1
         if isinstance(codes, torch.Tensor) and codes.is_floating_point():
+            if not torch.isfinite(codes).all():
+                v.fail(f"codes hold NaN or inf for bits={bits}: every code is an integer in [0, {maxq}].")
+                break
             if not torch.equal(codes, codes.round()):
                 v.fail("codes are not whole numbers: round x / scale to the nearest integer.")
                 break
@@ -53,9 +57,9 @@ def quantize_asym(fn) -> bool:
             "used floor (truncation) instead of rounding to the nearest code": (torch.floor(x / s) + z)
             .clamp(0, maxq)
             .long(),
-            "forgot the zero point (codes must be shifted by zero = round(-min / scale) so that they are >= 0)": torch.round(
-                x / s
-            ).long(),
+            (
+                "forgot the zero point (codes must be shifted by zero = round(-min / scale) so that they are >= 0)"
+            ): torch.round(x / s).long(),
         }
         if not tensor_like(v, codes, expected_codes, f"codes for bits={bits}", atol=0, rtol=0, hints=hints):
             break
@@ -68,6 +72,7 @@ def quantize_asym(fn) -> bool:
     return v.report("Codes and dequantized values match labkit.quant.quantize / dequantize.")
 
 
+@exercise
 def pack_int4(fn) -> bool:
     """fn(codes [n] uint8 in [0, 16)) -> uint8 [ceil(n / 2)]: code 2j in the low nibble of byte j,
     code 2j+1 in its high nibble; for odd n the last byte's high nibble is 0."""
@@ -107,6 +112,7 @@ def pack_int4(fn) -> bool:
     return v.report("Two codes per byte, low nibble first: the layout of labkit.quant.pack.pack(codes, 4).")
 
 
+@exercise
 def quantlinear_bytes(fn) -> bool:
     """fn(out_features, in_features, bits, group_size) -> int: bytes a labkit QuantLinear stores (asymmetric
     integer grid, no bias): packed codes + fp16 scales + packed integer zero points, one scale and zero per
@@ -130,10 +136,7 @@ def quantlinear_bytes(fn) -> bool:
             + out_f * groups * 2
             + zeros,
         }
-        try:
-            value = float(got)
-        except (TypeError, ValueError):
-            value = None
+        value = as_number(got)
         if value is not None and value != expected:
             for description, w in wrong.items():
                 if value == w:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Verdict, call, tensor_like
+from . import Verdict, _kind, call, exercise, tensor_like
 
 
 def _activations(tokens: int = 40, features: int = 6) -> torch.Tensor:
@@ -19,6 +19,7 @@ def _activations(tokens: int = 40, features: int = 6) -> torch.Tensor:
     return X
 
 
+@exercise
 def hessian(fn) -> bool:
     """fn(X) with X [tokens, in] -> H [in, in] = 2 XᵀX / n, the Hessian of ‖WX − ŴX‖² / n per row of W."""
     v = Verdict("hessian")
@@ -53,6 +54,7 @@ def _layer(rows: int = 4, columns: int = 6):
     return W, H
 
 
+@exercise
 def obq_update(fn) -> bool:
     """fn(W, H, q, wq_hat) -> W after quantizing column q to wq_hat and updating the other columns (OBQ, eq. 2):
     W − (W[:, q] − wq_hat) / [H⁻¹]_qq ⊗ H⁻¹[q, :]."""
@@ -87,6 +89,7 @@ def obq_update(fn) -> bool:
     return v.report("Column q lands on its grid value and the others absorb its error.")
 
 
+@exercise
 def act_order(fn) -> bool:
     """fn(H) -> LongTensor [in]: the column order of act-order, by decreasing diagonal of H."""
     v = Verdict("act_order")
@@ -95,7 +98,7 @@ def act_order(fn) -> bool:
     got = call(v, fn, H.clone())
     if (
         isinstance(got, torch.Tensor)
-        and not got.dtype.is_floating_point
+        and _kind(got) == "int"
         and got.shape == expected.shape
         and not torch.equal(got.sort().values, torch.arange(8, dtype=got.dtype))
     ):
@@ -108,9 +111,9 @@ def act_order(fn) -> bool:
         atol=0,
         rtol=0,
         hints={
-            "sorted in increasing order: act-order quantizes the columns with the *largest* activations first": torch.argsort(
-                torch.diag(H)
-            ),
+            (
+                "sorted in increasing order: act-order quantizes the columns with the *largest* activations first"
+            ): torch.argsort(torch.diag(H)),
             "sorted by the row sums of H instead of its diagonal": torch.argsort(H.sum(1), descending=True),
             "returned the sorted diagonal values' ranks (the inverse permutation)": torch.argsort(
                 torch.argsort(torch.diag(H), descending=True)

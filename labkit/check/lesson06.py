@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Verdict, call, number_like, tensor_like
+from . import Verdict, call, exercise, number_like, tensor_like
 
 
 def _vector() -> torch.Tensor:
@@ -13,6 +13,7 @@ def _vector() -> torch.Tensor:
     return torch.tensor([0.3, -1.7, 2.54, 0.05, -0.96, 1.21, -2.9, 0.0])
 
 
+@exercise
 def absmax_int8(fn) -> bool:
     """fn(x [n] float) -> (q [n] int8, scale: float or 0-d tensor), with x ≈ scale · q and
     scale = max|x| / 127 (symmetric absmax int8, LLM.int8() eq. 1)."""
@@ -57,6 +58,7 @@ def absmax_int8(fn) -> bool:
     return v.report("Dequantized, scale · q is within scale / 2 of x.")
 
 
+@exercise
 def outlier_features(fn) -> bool:
     """fn(X [tokens, features], threshold) -> bool [features]: True for each feature (column) where
     any token has |x| >= threshold (LLM.int8()'s outlier dimensions)."""
@@ -86,6 +88,7 @@ def outlier_features(fn) -> bool:
     return v.report("Features 1, 3 and 4 go through the 16-bit matmul.")
 
 
+@exercise
 def smoothing_factor(fn) -> bool:
     """fn(act_max [in], weight_max [in], alpha) -> s [in] = act_max^alpha / weight_max^(1 - alpha)
     (SmoothQuant eq. 4)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..distill import losses
-from . import Verdict, call, tensor_like
+from . import Verdict, call, exercise, tensor_like
 
 # Hand-made logits [tokens, vocab]: a peaked and a flat row, a vocabulary of 5.
 _STUDENT = torch.tensor([[2.0, 0.5, -1.0, 0.0, 0.3], [0.1, 0.2, 0.0, -0.1, 0.4], [3.0, -2.0, 1.0, 0.5, 0.0]])
@@ -22,6 +22,7 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # KL(p ‖ q) per ro
     return (p * (p.log() - q.log())).sum(-1)
 
 
+@exercise
 def soft_targets(fn) -> bool:
     """fn(logits [..., vocab], temperature) -> probabilities [..., vocab] = softmax(logits / τ)."""
     v = Verdict("soft_targets")
@@ -47,6 +48,7 @@ def soft_targets(fn) -> bool:
     return v.report("softmax(z / τ): higher τ flattens the distribution and shows the small probabilities.")
 
 
+@exercise
 def forward_kl(fn) -> bool:
     """fn(student_logits [tokens, vocab], teacher_logits [tokens, vocab], temperature) -> scalar:
     τ² · mean over tokens of KL(p_T ‖ p_S), with p = softmax(logits / τ) (Hinton et al., 2015)."""
@@ -75,6 +77,7 @@ def forward_kl(fn) -> bool:
     return v.report("τ² · KL(p_T ‖ p_S), averaged over tokens: labkit.distill.forward_kl.")
 
 
+@exercise
 def jsd(fn) -> bool:
     """fn(student_logits [tokens, vocab], teacher_logits [tokens, vocab], beta) -> scalar: mean over tokens of
     β · KL(p_T ‖ m) + (1 − β) · KL(p_S ‖ m), m = β · p_T + (1 − β) · p_S (GKD, Agarwal et al., 2024; τ = 1)."""

@@ -8,12 +8,13 @@ and the truncated-SVD reconstruction.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 from ..lowrank import break_even, truncated_svd
-from . import Verdict, call, tensor_like
+from . import Verdict, call, describe, exercise, tensor_like
 
 # (out_features, in_features, rank): SmolLM2-135M's shapes (q/o 576 x 576, k/v 192 x 576, gate/up 1536 x 576,
 # down 576 x 1536) and LLaMA-7B's 4096 x 4096 and 11008 x 4096.
@@ -30,7 +31,9 @@ def _whole_number(v: Verdict, got, what: str, hints: dict[str, float], expected:
     if isinstance(got, torch.Tensor) and got.numel() == 1:
         got = got.item()
     if isinstance(got, bool) or not isinstance(got, numbers.Real):
-        return v.fail(f"{what} should be a number, got {type(got).__name__}.")
+        return v.fail(f"{what} should be a number, got {describe(got)}.")
+    if not math.isfinite(got):
+        return v.fail(f"{what} is {got}, not a finite number: a count is a whole number.")
     if float(got) != int(got):
         return v.fail(
             f"{what} is {got:g}, not a whole number: a count of parameters or of singular values is an integer."
@@ -40,6 +43,7 @@ def _whole_number(v: Verdict, got, what: str, hints: dict[str, float], expected:
     return True
 
 
+@exercise
 def factored_params(fn) -> bool:
     """fn(out_features, in_features, rank) -> int: the weights of A [rank, in] and B [out, rank] together."""
     v = Verdict("factored_params")
@@ -59,6 +63,7 @@ def factored_params(fn) -> bool:
     return v.report("rank · (in + out): a rank-r pair stores r weights per input and per output.")
 
 
+@exercise
 def break_even_rank(fn) -> bool:
     """fn(out_features, in_features) -> int: the largest rank r with r · (in + out) <= in · out."""
     v = Verdict("break_even_rank")
@@ -88,6 +93,7 @@ def break_even_rank(fn) -> bool:
     return v.report("⌊in · out / (in + out)⌋: below it the factors save weights (288 for 576 x 576).")
 
 
+@exercise
 def rank_r_approximation(fn) -> bool:
     """fn(W [out, in], rank) -> W_r [out, in] = U_r Σ_r V_rᵀ, the best rank-r approximation (Eckart–Young)."""
     v = Verdict("rank_r_approximation")
@@ -97,7 +103,7 @@ def rank_r_approximation(fn) -> bool:
         got = call(v, fn, W.clone(), r)
         if v.problem:
             break
-        A, B, s = truncated_svd(W, r)
+        A, B, _ = truncated_svd(W, r)
         expected = B @ A
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         hints = {

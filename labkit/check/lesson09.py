@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..serving import block_manager
-from . import Verdict, call, tensor_like
+from . import Verdict, as_number, call, describe, exercise, tensor_like
 from ._numbers import number_with_hints
 
 
@@ -54,6 +54,7 @@ def _configs():
     ]
 
 
+@exercise
 def kv_bytes_per_token(fn) -> bool:
     """fn(config, dtype_bytes) -> int: 2 (K and V) · layers · KV heads · head_dim · bytes per element."""
     v = Verdict("kv_bytes_per_token")
@@ -82,6 +83,7 @@ def kv_bytes_per_token(fn) -> bool:
     return v.report("2 · layers · KV heads · head_dim · bytes: labkit.serving.kv_bytes_per_token.")
 
 
+@exercise
 def slot(fn) -> bool:
     """fn(block_table: list[int], block_size, t) -> int: the flat slot of token t, block_table[t // B] · B + t % B."""
     v = Verdict("slot")
@@ -91,10 +93,10 @@ def slot(fn) -> bool:
         got = [call(v, fn, list(table), block_size, t) for t in positions]
         if v.problem:
             break
-        try:
-            values = [float(x) for x in got]
-        except (TypeError, ValueError):
-            v.fail(f"a slot should be a number; got {type(got[0]).__name__} for token 0.")
+        values = [as_number(x) for x in got]
+        if None in values:
+            t = values.index(None)
+            v.fail(f"a slot should be a number; got {describe(got[t])} for token {t}.")
             break
         if not all(x.is_integer() for x in values):
             v.fail(f"slots are whole numbers (indices into the pool); got {values[:6]}...")
@@ -129,6 +131,7 @@ def slot(fn) -> bool:
     return v.report("The arithmetic of BlockManager.slot and of the paged-attention kernel.")
 
 
+@exercise
 def paged_waste(fn) -> bool:
     """fn(lengths: list[int], block_size) -> float: the fraction of the paged cache's reserved slots that hold
     no token, 1 − Σ n / Σ ceil(n / B) · B."""
@@ -148,10 +151,10 @@ def paged_waste(fn) -> bool:
             hints={
                 f"rounded the blocks down: a sequence of {lengths[0]} tokens needs ceil({lengths[0]} / {block_size}) "
                 f"blocks, the last one partly empty": 1 - used / floor if floor else float("nan"),
-                "averaged each request's waste fraction; the waste is of the whole pool: 1 − (tokens) / (slots reserved)": sum(
-                    1 - n / (math.ceil(n / block_size) * block_size) for n in lengths
-                )
-                / len(lengths),
+                (
+                    "averaged each request's waste fraction; the waste is of the "
+                    "whole pool: 1 − (tokens) / (slots reserved)"
+                ): sum(1 - n / (math.ceil(n / block_size) * block_size) for n in lengths) / len(lengths),
                 "returned the fraction used (tokens / slots), not the fraction wasted": used / reserved,
                 "returned the number of wasted slots, not the fraction": reserved - used,
                 "measured against a whole block per request beyond what it needs (ceil(n / B) + 1 blocks)": 1

@@ -7,18 +7,17 @@ check.lesson10.rms_norm(my_rms_norm)                      # my_rms_norm(x, weigh
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from . import Verdict, call, number_like, tensor_like
+from . import Verdict, as_number, call, exercise, number_like, tensor_like
 
 
 def _hint(v: Verdict, got, exact: float, wrong: dict, rtol: float, where: str) -> None:
     """If `got` is off but matches a known wrong answer (within rtol), fail the verdict with its description."""
-    try:
-        value = float(got)
-    except (TypeError, ValueError):
-        return
-    if abs(value - exact) <= rtol * abs(exact):
+    value = as_number(got)
+    if value is None or not math.isfinite(value) or abs(value - exact) <= rtol * abs(exact):
         return
     for description, w in wrong.items():
         if abs(value - w) <= rtol * abs(w):
@@ -45,6 +44,7 @@ def counted_bytes(rows: int, hidden: int) -> int:
     return sum(op.total for op in roofline.count_traffic(eager_rmsnorm_residual, x, r, w, 1e-6))
 
 
+@exercise
 def unfused_rmsnorm_residual_bytes(fn) -> bool:
     """fn(rows, hidden) -> bytes read plus bytes written by the seven eager ops, in fp32."""
     v = Verdict("unfused_rmsnorm_residual_bytes")
@@ -71,6 +71,7 @@ def unfused_rmsnorm_residual_bytes(fn) -> bool:
 # --- exercise 2: arithmetic intensity of a matmul -------------------------------------------------------
 
 
+@exercise
 def matmul_intensity(fn) -> bool:
     """fn(m, n, k, element_bytes) -> FLOP per byte of y [m, n] = x [m, k] · W[n, k]ᵀ, each tensor moved once."""
     v = Verdict("matmul_intensity")
@@ -101,6 +102,7 @@ def _reference(x, weight, eps):
     return (weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
 
 
+@exercise
 def rms_norm(fn) -> bool:
     """fn(x, weight, eps) -> y = x / sqrt(mean(x²) + eps) · weight over the last dimension, in x's dtype."""
     v = Verdict("rms_norm")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from . import Verdict, call, number_like, tensor_like
+from . import Verdict, as_number, call, exercise, number_like, tensor_like
 
 
+@exercise
 def bubble_fraction(fn) -> bool:
     """fn(p, m) -> the idle share of a GPipe forward pass with p stages and m micro-batches."""
     v = Verdict("bubble_fraction")
@@ -23,10 +24,7 @@ def bubble_fraction(fn) -> bool:
             "you computed p / (m + p); the pipeline takes m + p - 1 time slots, and each rank idles in p - 1 of them": p
             / (m + p),
         }
-        try:
-            value = float(got)
-        except (TypeError, ValueError):
-            value = None
+        value = as_number(got)
         if value is not None and abs(value - expected) > 1e-9:
             for hint, w in wrong.items():
                 if abs(value - w) < 1e-9:
@@ -37,6 +35,7 @@ def bubble_fraction(fn) -> bool:
     return v.report("(p - 1) / (m + p - 1): more micro-batches, smaller bubble.")
 
 
+@exercise
 def column_shards(fn) -> bool:
     """fn(weight [out, in], world_size) -> list of world_size tensors [out / W, in] whose outputs,
     concatenated, equal the whole layer's output."""
@@ -53,6 +52,8 @@ def column_shards(fn) -> bool:
         )
     if v.problem is None and not all(isinstance(s, torch.Tensor) for s in shards):
         v.fail("every shard should be a torch.Tensor.")
+    if v.problem is None and any(s.dtype != weight.dtype for s in shards):
+        v.fail(f"the shards have dtypes {[s.dtype for s in shards]}; keep the weight's {weight.dtype}.")
     if v.problem is None and any(tuple(s.shape) != (3, 6) for s in shards):
         shape = tuple(shards[0].shape)
         v.fail(
@@ -80,6 +81,7 @@ def column_shards(fn) -> bool:
     return v.report("contiguous blocks of output rows: each rank computes its own output columns, no communication.")
 
 
+@exercise
 def ring_bytes_per_token(fn) -> bool:
     """fn(hidden, layers, dtype_bytes, world_size) -> bytes each rank sends per token in the forward
     pass of a tensor-parallel Llama, with ring all-reduces."""
@@ -97,10 +99,7 @@ def ring_bytes_per_token(fn) -> bool:
             "returned the payload (the bytes summed), not what a ring sends: 2 (W - 1) / W times the payload": payload,
             "multiplied by the world size: count what one rank sends": expected * world,
         }
-        try:
-            value = float(got)
-        except (TypeError, ValueError):
-            value = None
+        value = as_number(got)
         if value is not None and abs(value - expected) > 1e-6 * expected:
             for hint, w in wrong.items():
                 if abs(value - w) < 1e-6 * w:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from . import Verdict, call
+from . import Verdict, call, exercise
 
 # (weight MiB, perplexity) points: a dominated point, a tie in memory, a tie in perplexity, unsorted input
 _POINTS = [
@@ -37,6 +37,11 @@ def _front(points):
     return front
 
 
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@exercise
 def pareto_front(fn) -> bool:
     """fn(points: list of (weight_bytes, perplexity)) -> the non-dominated points, sorted by weight_bytes."""
     v = Verdict("pareto_front")
@@ -49,6 +54,9 @@ def pareto_front(fn) -> bool:
             got = [tuple(p) for p in got]
         except TypeError:
             v.fail(f"return a list of (weight_bytes, perplexity) pairs, got {type(got).__name__}.")
+            break
+        if not all(len(p) == 2 and all(_real(x) for x in p) for p in got):
+            v.fail(f"return a list of (weight_bytes, perplexity) pairs of finite numbers; got {got[:3]}...")
             break
         if sorted(got) == expected and got != expected:
             v.fail("the right points, in the wrong order: sort the front by weight memory, smallest first.")
@@ -69,6 +77,7 @@ def pareto_front(fn) -> bool:
     )
 
 
+@exercise
 def bits_per_weight_24(fn) -> bool:
     """fn(value_bits) -> bits per original weight of a 2:4 layout: 2 kept values of `value_bits` plus a
     2-bit position each, per group of 4 weights (scales not counted)."""
@@ -90,7 +99,7 @@ def bits_per_weight_24(fn) -> bool:
             if abs(got - wrong) < 1e-9 and abs(wrong - expected) > 1e-9:
                 v.fail(f"{value_bits}-bit values give {got:g} bits per weight: it looks like you {description}.")
                 break
-        if v.problem is None and abs(got - expected) > 1e-9:
+        if v.problem is None and not abs(got - expected) <= 1e-9:  # NaN compares False: it is wrong too
             v.fail(f"{value_bits}-bit values give {got:g} bits per weight; expected {expected:g}.")
         if v.problem is not None:
             break

@@ -1,8 +1,7 @@
 """Knowledge distillation: train a small student to imitate a large teacher's distributions.
 
-    from labkit import distill
-    bi = distill.block_influence(teacher, tokens)                          # ShortGPT: which layers matter
-    student = distill.drop_layers(teacher, keep=list(range(0, 30, 2)))  # or distill.fresh_student(...)
+    from labkit import distill, prune
+    student = prune.drop_layers(teacher, keep=list(range(0, 30, 2)))   # depth pruning, or distill.fresh_student(...)
     curve = distill.distill(student, teacher, data, steps=200, loss="forward_kl", temperature=2.0)
     baseline = distill.finetune(other_student, data, steps=200)          # same tokens, hard labels
     distill.describe_student(student, teacher)
@@ -10,9 +9,11 @@
 Losses (losses.py): forward_kl (Hinton et al., 2015), reverse_kl, jsd (GKD's generalized JSD,
 Agarwal et al., 2024), hidden_mse. Loops (trainer.py): distill (off- or on-policy), finetune,
 blockwise_distill (one block against its teacher block, or against the span of teacher layers it
-replaces: layer_states gives every layer boundary in one pass). Students (students.py).
+replaces: layer_states, from labkit.walk, gives every layer boundary in one pass). Students (students.py);
+depth pruning (drop_layers, ShortGPT's block_influence) is labkit.prune.depth.
 """
 
+from ..walk import layer_inputs, layer_states  # the walk owns layer capture; here for block-wise distillation
 from .losses import (
     LOSSES,
     check_beta,
@@ -27,30 +28,25 @@ from .losses import (
 from .students import (
     SMALL_LLAMA,
     StudentSummary,
-    block_influence,
     check_vocab,
     describe_student,
-    drop_layers,
     fresh_student,
     vocab_size,
 )
-from .trainer import batches, blockwise_distill, check_tokens, distill, finetune, layer_inputs, layer_states, sample
+from .trainer import batches, blockwise_distill, distill, finetune, sample
 
 __all__ = [
     "LOSSES",
     "SMALL_LLAMA",
     "StudentSummary",
     "batches",
-    "block_influence",
     "blockwise_distill",
     "check_beta",
     "check_logits",
     "check_temperature",
-    "check_tokens",
     "check_vocab",
     "describe_student",
     "distill",
-    "drop_layers",
     "finetune",
     "forward_kl",
     "fresh_student",

@@ -26,12 +26,20 @@ import numbers
 import torch
 from torch.nn import functional as F
 
+# Outside this range fp32 logits / τ overflow (τ → 0) or τ² does (τ → ∞): the loss would be NaN.
+TEMPERATURE_RANGE = (1e-6, 1e4)
+
 
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+    low, high = TEMPERATURE_RANGE
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not low <= temperature <= high  # NaN compares False: refused too
+    ):
         raise ValueError(
-            f"temperature={temperature!r}: need a number > 0 (1.0 = the model's own distribution; "
-            f"Hinton et al. soften with 2 to 20)."
+            f"temperature={temperature!r}: need a number in [{low:g}, {high:g}] (1.0 = the model's own "
+            f"distribution; Hinton et al. soften with 2 to 20; near 0 it approaches greedy decoding)."
         )
     return float(temperature)
 
@@ -45,8 +53,20 @@ def check_beta(beta) -> float:
     return float(beta)
 
 
+def _check_float_tensor(value, name: str, shape: str) -> None:
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 1 or value.shape[-1] < 1:
+        got = (
+            f"shape {tuple(value.shape)}, dtype {value.dtype}"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
+        raise ValueError(f"{name} must be a float tensor {shape}; got {got}.")
+
+
 def check_logits(student: torch.Tensor, teacher: torch.Tensor) -> None:
-    """Same vocabulary (last dim) and the same leading dims."""
+    """Float tensors [..., vocab] with the same vocabulary (last dim) and the same leading dims."""
+    _check_float_tensor(student, "student_logits", "[..., vocab]")
+    _check_float_tensor(teacher, "teacher_logits", "[..., vocab]")
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(
             f"vocabulary sizes differ: student logits have {student.shape[-1]} entries per token, "
@@ -64,6 +84,8 @@ def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     """Mean of per_token [...] over the positions where mask [...] is nonzero (all when mask is None)."""
     if mask is None:
         return per_token.mean()
+    if not isinstance(mask, torch.Tensor) or mask.is_complex():
+        raise ValueError(f"mask must be a bool or 0/1 tensor [...] or None; got {type(mask).__name__}.")
     if mask.shape != per_token.shape:
         raise ValueError(f"mask {tuple(mask.shape)} must have the logits' leading shape {tuple(per_token.shape)}.")
     mask = mask.to(per_token.device, per_token.dtype)
@@ -146,6 +168,8 @@ def hidden_mse(
 
     student_hidden, teacher_hidden: [..., hidden]; mask: [...] or None. Returns a scalar.
     """
+    _check_float_tensor(student_hidden, "student_hidden", "[..., hidden]")
+    _check_float_tensor(teacher_hidden, "teacher_hidden", "[..., hidden]")
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(
             f"hidden states differ in shape: student {tuple(student_hidden.shape)}, teacher "

@@ -1,17 +1,16 @@
 """Students: the smaller models a teacher is distilled into.
 
-drop_layers(teacher, keep=[0, 2, 4])   a copy of the teacher with only some decoder layers
-                                       (depth pruning: the student starts from the teacher's
-                                       own weights, as in Sheared-LLaMA and Minitron)
 fresh_student({"num_hidden_layers": 4}, teacher=teacher)
                                        a small randomly initialised Llama sharing the
                                        teacher's vocabulary
 describe_student(student, teacher)     parameters and weight bytes, and their ratio
+
+A student can also start from the teacher's own weights with some layers removed (depth pruning, as
+in Sheared-LLaMA and Minitron): labkit.prune.drop_layers, chosen by labkit.prune.block_influence.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -34,60 +33,8 @@ def check_vocab(student, teacher) -> None:
         raise ValueError(
             f"vocabulary mismatch: the student predicts {s:,} tokens and the teacher {t:,}. "
             f"Logit distillation needs the same tokenizer; build the student with "
-            f"fresh_student(..., teacher=teacher) or drop_layers(teacher, ...)."
+            f"fresh_student(..., teacher=teacher) or labkit.prune.drop_layers(teacher, ...)."
         )
-
-
-def drop_layers(model, keep: list[int] | None = None):
-    """A copy of `model` with only the decoder layers `keep` (indices, increasing); None keeps every
-    other layer (0, 2, 4, ...). The original model is not changed.
-
-    Renumbers the kept layers (each attention's layer_idx, used by the KV cache) and sets
-    config.num_hidden_layers, so the student runs, generates and saves like any Llama.
-    """
-    check_llama(model, "drop_layers")
-    n = len(model.model.layers)
-    if keep is None:
-        keep = list(range(0, n, 2))
-    keep = list(keep)
-    if (
-        not keep
-        or any(isinstance(i, bool) or not isinstance(i, int) for i in keep)
-        or any(not 0 <= i < n for i in keep)
-        or sorted(set(keep)) != keep
-    ):
-        raise ValueError(
-            f"keep={keep!r}: need a non-empty, increasing list of distinct layer indices in [0, {n}) "
-            f"(the model has {n} decoder layers), or None for every other layer."
-        )
-    student = copy.deepcopy(model)
-    student.model.layers = nn.ModuleList([student.model.layers[i] for i in keep])
-    for new_index, layer in enumerate(student.model.layers):
-        layer.self_attn.layer_idx = new_index
-    student.config.num_hidden_layers = len(keep)
-    layer_types = getattr(student.config, "layer_types", None)
-    if layer_types is not None and len(layer_types) == n:  # per-layer attention types (sliding window, ...)
-        student.config.layer_types = [layer_types[i] for i in keep]
-    return student
-
-
-@torch.no_grad()
-def block_influence(model, tokens: torch.Tensor, batch_size: int = 8) -> list[float]:
-    """ShortGPT's Block Influence of each decoder layer (Men et al., 2024, eq. 1):
-
-        BI_i = 1 − mean over tokens of cos(x_i, x_{i+1}),   x_i the input of layer i (a hidden state)
-
-    A layer that barely turns the residual stream (BI near 0) changes little and is the first to
-    drop. tokens: [n, seqlen]. Returns one value per layer; keep the largest:
-    keep = sorted(sorted(range(L), key=bi.__getitem__)[L - n_keep:]).
-    """
-    from .trainer import layer_states
-
-    states, _ = layer_states(model, tokens, batch_size)
-    return [
-        1 - torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
-        for a, b in zip(states[:-1], states[1:])
-    ]
 
 
 SMALL_LLAMA = dict(  # a small student: about 0.35 M parameters besides the embedding
@@ -194,10 +141,8 @@ def describe_student(student, teacher=None) -> StudentSummary:
 __all__ = [
     "SMALL_LLAMA",
     "StudentSummary",
-    "block_influence",
     "check_vocab",
     "describe_student",
-    "drop_layers",
     "fresh_student",
     "vocab_size",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 from collections.abc import Callable, Iterator
 
@@ -31,21 +32,11 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..walk import check_calibration
 from .losses import LOSSES, check_beta, check_temperature, hidden_mse
 from .students import check_vocab
 
 # --- data -----------------------------------------------------------------------------------------
-
-
-def check_tokens(data, vocab: int | None = None, name: str = "data") -> None:
-    if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype != torch.long or data.shape[1] < 2:
-        got = f"{tuple(data.shape)} {data.dtype}" if isinstance(data, torch.Tensor) else type(data).__name__
-        raise ValueError(
-            f"{name} must be a LongTensor of token windows [n, seqlen] with seqlen >= 2; got {got}. "
-            f"Make one with labkit.data.calibration(tokenizer, n, seqlen)."
-        )
-    if vocab is not None and data.numel() and (data.min() < 0 or data.max() >= vocab):
-        raise ValueError(f"{name} holds token ids outside [0, {vocab}): was it made with another tokenizer?")
 
 
 def batches(data: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -64,14 +55,24 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
-def _check_training(steps, lr, batch_size, grad_accum, max_grad_norm) -> None:
+def _real(value, name: str, low: float, low_open: bool, high: float, allowed: str) -> float:
+    """A finite real number in (low, high] or [low, high] (NaN, inf and bools refused), named in the error."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= low if low_open else value < low) or value > high:
+        raise ValueError(f"{name}={value!r}: need {allowed}.")
+    return float(value)
+
+
+def _check_training(steps, lr, batch_size, grad_accum, max_grad_norm, weight_decay=0.0, seed=0) -> None:
     _positive_int(steps, "steps")
     _positive_int(batch_size, "batch_size")
     _positive_int(grad_accum, "grad_accum")
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
-        raise ValueError(f"lr={lr!r}: need a learning rate > 0, e.g. 1e-4.")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm={max_grad_norm!r}: need a norm > 0, or None for no clipping.")
+    _real(lr, "lr", 0, True, 1, "a learning rate in (0, 1], e.g. 1e-4")  # AdamW moves each weight ~lr per step
+    if max_grad_norm is not None:
+        _real(max_grad_norm, "max_grad_norm", 0, True, math.inf, "a finite norm > 0, or None for no clipping")
+    _real(weight_decay, "weight_decay", 0, False, 1, "a decay in [0, 1] (AdamW's; 0 = none)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}: need an integer >= 0.")
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -104,21 +105,37 @@ def _train(
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     try:
-        for _ in bar:
+        for step in bar:
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(grad_accum):
                 loss = micro_loss()
+                value = loss.item()
+                if not math.isfinite(value):
+                    _stop(optimizer, step, steps, f"the loss is {value}")
                 (loss / grad_accum).backward()  # gradients add up over the micro-batches
-                total += loss.item()
+                total += value
             if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not torch.isfinite(norm):
+                _stop(optimizer, step, steps, f"the gradient norm is {norm.item()}")
             optimizer.step()
             curve.append(total / grad_accum)
             bar.set_postfix(loss=f"{curve[-1]:.4f}")
     finally:
         model.eval()
     return curve
+
+
+def _stop(optimizer, step: int, steps: int, what: str) -> None:
+    """A non-finite loss or gradient: stop before the update, so the weights stay those of the last good step."""
+    optimizer.zero_grad(set_to_none=True)
+    raise FloatingPointError(
+        f"training step {step + 1} of {steps}: {what}. Stopped before updating: the weights are those after "
+        f"step {step}. Lower lr, check the data and the model's weights for NaN/inf, or clip with max_grad_norm."
+    )
 
 
 # --- on-policy samples ------------------------------------------------------------------------------
@@ -133,6 +150,9 @@ def sample(
     prompts: [batch, prompt_len] -> [batch, prompt_len + new_tokens]. Seeded by `generator`
     (on the model's device), not by the global RNG.
     """
+    temperature = check_temperature(temperature)
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens={new_tokens!r}: need a positive integer.")
     # transformers 5.x renamed past_key_values to cache; accept either spelling
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
@@ -186,19 +206,22 @@ def distill(
         samples the rest (temperature 1, seeded), and the divergence is taken on the sampled
         tokens only: the student learns from its own mistakes, where it will be at inference.
     The teacher runs in eval mode under no_grad and is never changed; it may live on another device.
+    Errors: ValueError naming a bad argument (every float must be finite and in its range), before any
+    change; FloatingPointError when a step's loss or gradient is not finite, raised before that step's
+    update, so the student keeps the weights of the last good step.
     """
     check_vocab(student, teacher)
-    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm)
-    check_tokens(data, student.config.vocab_size)
+    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm, weight_decay, seed)
+    check_calibration(data, student, name="data", min_seqlen=2)
     temperature = check_temperature(temperature)
-    if isinstance(alpha_ce, bool) or not isinstance(alpha_ce, numbers.Real) or not 0 <= alpha_ce <= 1:
-        raise ValueError(f"alpha_ce={alpha_ce!r}: need a weight in [0, 1] for the cross-entropy term.")
+    beta = check_beta(beta)
+    alpha_ce = _real(alpha_ce, "alpha_ce", 0, False, 1, "a weight in [0, 1] for the cross-entropy term")
     if callable(loss):
         divergence = loss
     elif loss in LOSSES:
         divergence = functools.partial(LOSSES[loss], temperature=temperature)
         if loss == "jsd":
-            divergence = functools.partial(divergence, beta=check_beta(beta))
+            divergence = functools.partial(divergence, beta=beta)
     else:
         raise ValueError(
             f"loss={loss!r}: allowed are {list(LOSSES)} or a callable loss(student_logits, teacher_logits, mask=mask)."
@@ -271,8 +294,8 @@ def finetune(
     `distill` call, it sees exactly the same batches: the baseline for "distillation vs
     fine-tuning on the same token budget" (the teacher adds information, not tokens).
     """
-    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm)
-    check_tokens(data, student.config.vocab_size)
+    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm, weight_decay, seed)
+    check_calibration(data, student, name="data", min_seqlen=2)
     device = _device(student)
     stream = batches(data, batch_size, torch.Generator().manual_seed(seed))
 
@@ -287,89 +310,6 @@ def finetune(
 
 
 # --- block-wise (local) distillation -------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def layer_inputs(model, tokens: torch.Tensor, index: int, batch_size: int = 8) -> tuple[torch.Tensor, dict]:
-    """What decoder layer `index` of `model` receives on `tokens` [n, seqlen]:
-    (hidden states [n, seqlen, hidden], the keyword arguments the model passes to its layers).
-
-    The kwargs (rotary cos/sin for positions 0..seqlen-1, mask None = causal) are shared by
-    every window, so any batch of the inputs can be replayed with them. One forward per batch,
-    stopped at layer `index`.
-    """
-    check_tokens(tokens, model.config.vocab_size, "tokens")
-    layers = model.model.layers
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(layers):
-        raise ValueError(f"index={index!r}: the model has decoder layers 0..{len(layers) - 1}.")
-    seen: list[tuple[torch.Tensor, dict]] = []
-
-    def catch(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        seen.append((hidden, kwargs))
-        raise _Stop
-
-    _forward_batches(model, tokens, batch_size, [layers[index].register_forward_pre_hook(catch, with_kwargs=True)])
-    return torch.cat([hidden for hidden, _ in seen]), _shared_kwargs(seen[0][1], "layer_inputs")
-
-
-@torch.no_grad()
-def layer_states(model, tokens: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], dict]:
-    """Every decoder layer's input, and the last layer's output, from one forward pass per batch:
-    (states, kwargs) with states[i] [n, seqlen, hidden] the input of layer i for i < L and states[L]
-    the last layer's output (before the final norm); kwargs as in layer_inputs.
-
-    states[j] is what the teacher's layers 0..j-1 make of the tokens, so the span of layers i..j-1
-    maps states[i] to states[j]: the targets of a student layer that replaces that span.
-    """
-    check_tokens(tokens, model.config.vocab_size, "tokens")
-    layers = model.model.layers
-    n_layers = len(layers)
-    states: list[list[torch.Tensor]] = [[] for _ in range(n_layers + 1)]
-    seen_kwargs: list[dict] = []
-
-    def first(module, args, kwargs):
-        states[0].append(args[0] if args else kwargs["hidden_states"])
-        seen_kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-
-    def after(index):
-        def hook(module, args, output):
-            states[index + 1].append(_hidden(output))
-            if index == n_layers - 1:
-                raise _Stop  # the final norm and the output layer are not needed
-
-        return hook
-
-    hooks = [layers[0].register_forward_pre_hook(first, with_kwargs=True)]
-    hooks += [layer.register_forward_hook(after(i)) for i, layer in enumerate(layers)]
-    _forward_batches(model, tokens, batch_size, hooks)
-    return [torch.cat(chunks) for chunks in states], _shared_kwargs(seen_kwargs[0], "layer_states")
-
-
-def _forward_batches(model, tokens: torch.Tensor, batch_size: int, hooks: list) -> None:
-    """Run `tokens` through `model` batch by batch for the hooks to see (a hook may stop a pass by
-    raising _Stop); the hooks are removed afterwards, also on error."""
-    try:
-        for start in range(0, tokens.shape[0], batch_size):
-            try:
-                model(tokens[start : start + batch_size].to(_device(model)), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def _shared_kwargs(kwargs: dict, caller: str) -> dict:
-    """The layer kwargs, if every window shares them (position ids per window would tie them to one batch)."""
-    cos, _ = kwargs["position_embeddings"]
-    if cos.shape[0] != 1:
-        raise ValueError(f"the model passes per-window position embeddings; {caller} needs shared ones.")
-    return kwargs
 
 
 def _hidden(output) -> torch.Tensor:
@@ -393,19 +333,19 @@ def blockwise_distill(
 ) -> list[float]:
     """Train one block to reproduce another block's outputs on the same inputs (hidden_mse).
 
-    inputs: [n, seqlen, hidden], the block's inputs in the full model (layer_inputs gives them,
-    with the layer_kwargs a decoder layer needs). Local distillation needs no backward pass
+    inputs: [n, seqlen, hidden], the block's inputs in the full model (labkit.walk.layer_inputs gives
+    them, with the layer_kwargs a decoder layer needs). Local distillation needs no backward pass
     through the rest of the model, so it repairs one compressed block at a time at the memory
     cost of a single layer. Returns the loss per step; the teacher block is never changed.
     targets: [n, seqlen, hidden], the outputs to reproduce, instead of teacher_layer (pass None):
-    e.g. states[j] of layer_states for a student layer that replaces the teacher's layers i..j-1.
+    e.g. states[j] of labkit.walk.layer_states for a student layer that replaces the teacher's layers i..j-1.
     """
-    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm)
+    _check_training(steps, lr, batch_size, grad_accum, max_grad_norm, weight_decay, seed)
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 or not inputs.is_floating_point():
         got = f"{tuple(inputs.shape)} {inputs.dtype}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise ValueError(
             f"inputs must be float hidden states [n, seqlen, hidden]; got {got}. "
-            f"Get a decoder layer's inputs with labkit.distill.layer_inputs(model, tokens, index)."
+            f"Get a decoder layer's inputs with labkit.walk.layer_inputs(model, tokens, index)."
         )
     if (teacher_layer is None) == (targets is None):
         raise ValueError(
@@ -442,10 +382,7 @@ def blockwise_distill(
 __all__ = [
     "batches",
     "blockwise_distill",
-    "check_tokens",
     "distill",
     "finetune",
-    "layer_inputs",
-    "layer_states",
     "sample",
 ]

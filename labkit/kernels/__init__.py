@@ -6,9 +6,12 @@
     y = kernels.w4a16_matmul(x, *kernels.w4a16_from_codes(codes, scales, zeros, 128), group_size=128)
 
 backend="auto" runs Triton on CUDA tensors and the torch reference otherwise. On a CPU machine,
-set TRITON_INTERPRET=1 before the first kernel launch and pass backend="triton" to run the Triton
-code in its interpreter (slow; for tests and for stepping through a kernel). Importing this package
-does not import triton.
+set TRITON_INTERPRET=1 before importing this package and pass backend="triton" to run the Triton
+code in its interpreter (slow; for tests and for stepping through a kernel): this package imports
+triton where it is installed, and Triton chooses interpreter or GPU when it is imported. Without
+triton (it is a dependency on Linux only) the torch references work and backend="triton" says how
+to install it. `python -m labkit.kernels.offline` compiles every kernel for GPU targets (no GPU
+needed) and reports registers, spills and shared memory.
 """
 
 from ._triton import available as triton_available

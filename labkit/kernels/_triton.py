@@ -1,13 +1,20 @@
-"""Triton, imported lazily: labkit works without it, and TRITON_INTERPRET is read at first use.
+"""Triton for labkit's kernels: imported with labkit.kernels where it is installed, optional elsewhere.
 
-Kernels in labkit.kernels are written as plain module-level functions decorated with `jit` below.
-`jit` does nothing until the kernel is first launched; then it imports triton, binds `tl`
-(triton.language) in the kernel's module, and hands the function to `triton.jit`. Triton decides
-at that moment between compiling for the GPU and its CPU interpreter (TRITON_INTERPRET=1), so a
-notebook can set the variable after `import labkit.kernels` but before the first launch.
+Kernel modules import `triton.language as tl` as every Triton file does (guarded: triton is a
+dependency on Linux only; without it the torch references still work and a Triton launch says how
+to install it), and decorate each kernel with `jit` below, which hands the function to `triton.jit`
+at the kernel's first launch.
+
+When Triton chooses between compiling for the GPU and its CPU interpreter: `triton.jit` reads
+TRITON_INTERPRET, and `import triton.language` already applies `triton.jit` to Triton's own library
+functions (tl.sum, tl.max, tl.sigmoid, ...; checked on Triton 3.9). So the choice is made when
+triton is first imported, and TRITON_INTERPRET=1 must be set before that: before importing
+labkit.kernels (lessons 09 and 10 set it in their first cell, tests/conftest.py for the tests). A
+launch after the variable changed gets a clear error here rather than Triton's "Cannot call
+@triton.jit'd outside of the scope of a kernel".
 
     available()     is triton importable?
-    interpreted()   do (or will) the kernels run in Triton's interpreter?
+    interpreted()   do the kernels run in Triton's interpreter?
     resolve_backend(backend, where, *tensors)  "auto" | "triton" | "torch" -> "triton" | "torch"
 """
 
@@ -15,16 +22,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-_loaded: dict[str, object] = {}  # "triton", "tl", "interpret": filled by load()
 
 
 def available() -> bool:
     """True if triton can be imported (without importing it)."""
-    return "triton" in _loaded or importlib.util.find_spec("triton") is not None
+    return importlib.util.find_spec("triton") is not None
 
 
 def _env_interpret() -> bool:
@@ -32,29 +39,40 @@ def _env_interpret() -> bool:
 
 
 def interpreted() -> bool:
-    """True if the kernels run (or, before the first launch, will run) in Triton's CPU interpreter."""
-    return bool(_loaded["interpret"]) if "interpret" in _loaded else _env_interpret()
+    """True if Triton runs kernels in its CPU interpreter: how triton.language was imported (with
+    TRITON_INTERPRET set or not); before triton is imported, what TRITON_INTERPRET says now."""
+    language = sys.modules.get("triton.language")
+    if language is None:
+        return _env_interpret()
+    return type(language.sum).__name__ == "InterpretedFunction"  # a JITFunction when compiling for GPUs
 
 
 def load():
-    """Import triton once; returns (triton, triton.language)."""
-    if "triton" not in _loaded:
-        try:
-            import triton
-            import triton.language as tl
-        except ImportError as err:
-            raise ImportError(
-                "The Triton backend needs the `triton` package: `pip install triton` (Linux; on a CPU "
-                "machine also set TRITON_INTERPRET=1 to run its interpreter). Or use backend='torch'."
-            ) from err
-        knobs = getattr(triton, "knobs", None)  # triton >= 3.4: what triton.jit will actually decide
-        interpret = knobs.runtime.interpret if knobs is not None else _env_interpret()
-        _loaded.update(triton=triton, tl=tl, interpret=bool(interpret))
-    return _loaded["triton"], _loaded["tl"]
+    """Import triton (a clear error if it is missing, or if TRITON_INTERPRET changed since triton was
+    imported); returns the triton module."""
+    try:
+        import triton
+    except ImportError as err:
+        raise ImportError(
+            "The Triton backend needs the `triton` package: `pip install triton` (Linux; on a CPU "
+            "machine also set TRITON_INTERPRET=1, before importing labkit.kernels, to run its "
+            "interpreter). Or use backend='torch'."
+        ) from err
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4: what triton.jit decides now
+    now = bool(knobs.runtime.interpret) if knobs is not None else _env_interpret()
+    if now != interpreted():
+        raise RuntimeError(
+            f"TRITON_INTERPRET is {'on' if now else 'off'} now but was {'on' if interpreted() else 'off'} "
+            f"when triton was imported, and Triton cannot mix its interpreter with GPU compilation. Set "
+            f"TRITON_INTERPRET before importing labkit.kernels (or triton), e.g. in a notebook's first "
+            f"cell, and restart the process."
+        )
+    return triton
 
 
 class _LazyKernel:
-    """A kernel function that becomes `triton.jit(fn)` at its first launch: `kernel[grid](...)`."""
+    """A kernel function that becomes `triton.jit(fn)` at its first launch: `kernel[grid](...)`.
+    `.fn` is the plain Python function (as on Triton's own JITFunction)."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -64,18 +82,16 @@ class _LazyKernel:
 
     def __getitem__(self, grid):
         if self._jitted is None:
-            triton, tl = load()
-            # The kernel body refers to `tl` as a global of its module (as in every Triton file).
-            self.fn.__globals__["tl"] = tl
-            self._jitted = triton.jit(self.fn)
+            self._jitted = load().jit(self.fn)
         return self._jitted[grid]
 
 
 def jit(fn) -> _LazyKernel:
-    """Use as `@jit` on a kernel in place of `@triton.jit` (same body, `tl` bound at first launch).
+    """Use as `@jit` on a kernel in place of `@triton.jit` (same body; `triton.jit` at first launch).
 
-    Kernel modules need `from __future__ import annotations`, so that `BLOCK: tl.constexpr` is a
-    string until Triton reads it (Triton recognises constexpr parameters from that string)."""
+    Kernel modules need `from __future__ import annotations`, so that `BLOCK: tl.constexpr` stays a
+    string (the module imports, and Triton recognises constexpr parameters from that string, also
+    when triton is missing and `tl` is None)."""
     return _LazyKernel(fn)
 
 
@@ -105,7 +121,7 @@ def resolve_backend(backend: str, where: str, *tensors: torch.Tensor) -> str:
             f"{where}: backend='triton' got tensors on {', '.join(devices)}, but Triton compiles for a "
             f"CUDA GPU. Move the tensors to 'cuda', use backend='torch' (or 'auto'), or, to run the "
             f"kernel on CPU in Triton's interpreter (slow; for tests), set TRITON_INTERPRET=1 before "
-            f"the first Triton kernel is launched in this process."
+            f"triton is imported (before importing labkit.kernels), in a fresh process."
         )
     return "triton"
 

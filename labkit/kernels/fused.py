@@ -17,6 +17,11 @@ agree to the last bit or two of the output dtype.
 from __future__ import annotations
 
 import torch
+
+try:
+    import triton.language as tl
+except ImportError:  # triton is a dependency on Linux only: the torch references work without it, and
+    tl = None  # a Triton launch says how to install it (_triton.load)
 import torch.nn.functional as F
 
 from . import _triton
@@ -98,6 +103,11 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * hidden + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _rms_norm_meta(hidden: int, has_residual: bool) -> dict:
+    """Compile-time constants (labkit.kernels.offline compiles the same): the whole row in one block."""
+    return dict(HAS_RESIDUAL=has_residual, BLOCK=max(16, next_power_of_2(hidden)))
+
+
 def _rms_norm_triton(x, weight, eps, residual):
     out = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else None
@@ -111,8 +121,7 @@ def _rms_norm_triton(x, weight, eps, residual):
             weight,
             hidden,
             float(eps),
-            HAS_RESIDUAL=residual is not None,
-            BLOCK=max(16, next_power_of_2(hidden)),
+            **_rms_norm_meta(hidden, residual is not None),
         )
     return (out, h) if residual is not None else out
 
@@ -185,8 +194,14 @@ def _swiglu_launch(out, gate, up, up_offset, d, row_stride):
     # gate_up case: gate and up are the same tensor, up starts `up_offset = d` elements into each row.
     rows = _rows(out)
     if rows and d:
-        block = min(1024, max(16, next_power_of_2(d)))
-        _swiglu_kernel[(rows, _cdiv(d, block))](out, gate, up, up_offset, d, row_stride, BLOCK=block)
+        meta = _swiglu_meta(d)
+        grid = (rows, _cdiv(d, meta["BLOCK"]))
+        _swiglu_kernel[grid](out, gate, up, up_offset, d, row_stride, **meta)
+
+
+def _swiglu_meta(d: int) -> dict:
+    """Compile-time constants (labkit.kernels.offline compiles the same): up to 1024 columns per program."""
+    return dict(BLOCK=min(1024, max(16, next_power_of_2(d))))
 
 
 # --- rotary position embedding -----------------------------------------------------------------------
@@ -228,9 +243,14 @@ def rotary(x, cos, sin, backend: str = "auto"):
             seq_len,
             head_dim // 2,
             cos.shape[-2] * head_dim if cos.dim() == 3 else 0,  # batch stride of cos/sin (0: shared)
-            BLOCK=max(16, next_power_of_2(head_dim // 2)),
+            **_rotary_meta(head_dim),
         )
     return out
+
+
+def _rotary_meta(head_dim: int) -> dict:
+    """Compile-time constants (labkit.kernels.offline compiles the same): half a head per block."""
+    return dict(BLOCK=max(16, next_power_of_2(head_dim // 2)))
 
 
 def rotate_half(x):
@@ -302,7 +322,7 @@ def w4a16_from_codes(codes, scales, zeros, group_size: int):
         raise ValueError(
             f"w4a16_from_codes: codes must lie in 0..15; got [{codes.min().item()}, {codes.max().item()}]."
         )
-    out_features, in_features = codes.shape
+    in_features = codes.shape[1]
     if in_features % 2:
         raise ValueError(f"w4a16_from_codes: in_features={in_features} must be even (two codes per byte).")
     c = codes.to(torch.uint8)
@@ -384,6 +404,7 @@ def _w4a16_matmul_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_KB: tl.constexpr,  # packed bytes per K step (= 2 · BLOCK_KB input columns), >= 16
+    STEP_IN_GROUP: tl.constexpr,  # every K step lies inside one group (group_size % (2 · BLOCK_KB) == 0)
     FP32_MATH: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -404,10 +425,15 @@ def _w4a16_matmul_kernel(
         b_mask = b < KB
         w_mask = b_mask[:, None] & n_mask[None, :]
         packed = tl.load(qweight_ptr + offs_n[None, :] * KB + b[:, None], mask=w_mask, other=0).to(tl.int32)
-        group = (2 * b) // group_size  # [BLOCK_KB]
-        sz_offs = offs_n[None, :] * n_groups + group[:, None]  # [BLOCK_KB, BLOCK_N]
-        scale = tl.load(scales_ptr + sz_offs, mask=w_mask, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + sz_offs, mask=w_mask, other=0.0).to(tl.float32)
+        if STEP_IN_GROUP:  # one scale and one zero per output column for the whole step: [1, BLOCK_N]
+            sz_offs = offs_n * n_groups + (2 * kb0) // group_size  # [BLOCK_N]
+            scale = tl.load(scales_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            zero = tl.load(zeros_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        else:  # groups narrower than a step, or not aligned with it: each byte's own group
+            group = (2 * b) // group_size  # [BLOCK_KB]
+            sz_offs = offs_n[None, :] * n_groups + group[:, None]  # [BLOCK_KB, BLOCK_N]
+            scale = tl.load(scales_ptr + sz_offs, mask=w_mask, other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + sz_offs, mask=w_mask, other=0.0).to(tl.float32)
         w_even = ((packed & 0xF).to(tl.float32) - zero) * scale  # [BLOCK_KB, BLOCK_N] = W[n, 2b]ᵀ
         w_odd = (((packed >> 4) & 0xF).to(tl.float32) - zero) * scale  # W[n, 2b + 1]ᵀ
         x_offs = offs_m[:, None] * K + 2 * b[None, :]  # [BLOCK_M, BLOCK_KB]
@@ -423,30 +449,32 @@ def _w4a16_matmul_kernel(
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+def _w4a16_meta(M: int, group_size: int, dtype: torch.dtype) -> dict:
+    """The kernel's compile-time constants and warps for M rows of x (labkit.kernels.offline compiles
+    the same). BLOCK_M: 16 at decode (tl.dot's smallest tile), else 64 (32 in fp32); a 64-row tile
+    gets 8 warps (with 4 it spills registers on sm75 and sm80). The K step is 64 input columns, or 32
+    when that makes it fit inside a group (group size 32), so that scale and zero are loaded once
+    per step, not once per weight; other group sizes fall back to a load per byte."""
+    block_m = 16 if M <= 16 else 64 if dtype.itemsize <= 2 else 32
+    block_kb = 32 if group_size % 64 == 0 else 16 if group_size % 32 == 0 else 32
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=64,
+        BLOCK_KB=block_kb,
+        STEP_IN_GROUP=group_size % (2 * block_kb) == 0,
+        FP32_MATH=_triton.compute_in_fp32(dtype),
+        PRECISION=_triton.dot_precision(dtype),
+        num_warps=8 if block_m == 64 else 4,
+    )
+
+
 def _w4a16_matmul_triton(x, qweight, scales, zeros, group_size):
     N, K = qweight.shape[0], 2 * qweight.shape[1]
     x2 = x.reshape(-1, K)  # [M, K] (a view: x is contiguous)
     M = x2.shape[0]
     out = x.new_empty(*x.shape[:-1], N)
     if M and N:
-        block_m = 16 if M <= 16 else 64 if x.element_size() <= 2 else 32  # decode: few rows; tl.dot needs >= 16
-        block_n, block_kb = 64, 32
-        grid = (_cdiv(M, block_m), _cdiv(N, block_n))
-        _w4a16_matmul_kernel[grid](
-            out,
-            x2,
-            qweight,
-            scales,
-            zeros,
-            M,
-            N,
-            K,
-            K // group_size,
-            group_size,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_KB=block_kb,
-            FP32_MATH=_triton.compute_in_fp32(x.dtype),
-            PRECISION=_triton.dot_precision(x.dtype),
-        )
+        meta = _w4a16_meta(M, group_size, x.dtype)
+        grid = (_cdiv(M, meta["BLOCK_M"]), _cdiv(N, meta["BLOCK_N"]))
+        _w4a16_matmul_kernel[grid](out, x2, qweight, scales, zeros, M, N, K, K // group_size, group_size, **meta)
     return out

@@ -29,7 +29,8 @@ from .fused import rms_norm, swiglu, w4a16_dequantize, w4a16_from_codes, w4a16_m
 
 
 class W4A16Linear(nn.Module):
-    """y = x · Wᵀ (+ bias) with W [out, in] stored as 4-bit codes (labkit.kernels.fused's layout).
+    """y = x · Wᵀ (+ bias) with W [out, in] stored as 4-bit codes (labkit.kernels.fused's layout: the codes
+    of a QuantLinear, the same nibble order, one row per output; zeros unpacked).
 
     Buffers: qweight uint8 [out, in // 2]; scales, zeros [out, in // group_size], with
     W[n, k] = (code[n, k] - zeros[n, k // g]) · scales[n, k // g]."""
@@ -47,21 +48,32 @@ class W4A16Linear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, group_size: int = 128, float_offset: bool = False, backend: str = "auto"
     ) -> W4A16Linear:
-        """Round-to-nearest 4-bit quantization of `linear` (labkit.quant.formats.quantize).
+        """Round-to-nearest 4-bit quantization of `linear` into labkit.quant's 4-bit layout (a QuantLinear,
+        labkit.quant.qlinear), repacked for the kernel by from_quant_linear."""
+        from ..quant.qlinear import QuantLinear  # labkit.quant is only needed here
 
-        Integer zero points (the usual asymmetric grid) are stored with fp16 scales. float_offset=True
-        quantizes on the GGUF Q4_1-style grid ŵ = scale·q + offset and stores zero = -offset / scale, in
-        fp32 so that the weights come back to within fp32 rounding."""
-        from ..quant.formats import quantize  # labkit.quant is only needed here
+        return cls.from_quant_linear(QuantLinear.from_linear(linear, 4, group_size, float_offset=float_offset), backend)
 
-        w = linear.weight.detach()
-        codes, scale, zero = quantize(w, bits=4, group_size=group_size, float_offset=float_offset)
-        if float_offset:
-            scales, zeros = scale.float(), (-zero / scale).float()
+    @classmethod
+    def from_quant_linear(cls, quantized, backend: str = "auto") -> W4A16Linear:
+        """A 4-bit labkit.quant.qlinear.QuantLinear (without act-order) in this kernel's layout.
+
+        Integer zero points (the usual asymmetric grid) are stored with fp16 scales. A float-offset grid
+        (GGUF Q4_1-style, ŵ = scale·q + offset) is stored as zero = -offset / scale, in fp32 so that the
+        weights come back to within fp32 rounding."""
+        if getattr(quantized, "bits", None) != 4 or getattr(quantized, "g_idx", None) is not None:
+            raise ValueError(
+                f"from_quant_linear needs a 4-bit QuantLinear without act-order (g_idx); got "
+                f"{type(quantized).__name__} with bits={getattr(quantized, 'bits', None)!r}."
+            )
+        group_size = quantized.group_size or quantized.in_features  # None: one group per row
+        codes, scale, zero = quantized.codes(), quantized.scales.float(), quantized.zero_points()
+        if quantized.float_offset:
+            scales, zeros = scale, (-zero / scale).float()
         else:
             scales, zeros = scale.half(), zero.half()  # fp16-representable scales; integer zeros 0..15
         qweight, scales, zeros = w4a16_from_codes(codes, scales, zeros, group_size)
-        return cls(qweight, scales, zeros, group_size, linear.bias, backend)
+        return cls(qweight, scales, zeros, group_size, quantized.bias, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         y = w4a16_matmul(x.contiguous(), self.qweight, self.scales, self.zeros, self.group_size, backend=self.backend)

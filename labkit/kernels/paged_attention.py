@@ -11,7 +11,9 @@ Layouts (shapes are the documentation):
     context_lens [num_seqs] int32                                      tokens in cache, new one included
 Token t of sequence s is at k_cache[block_tables[s, t // block_size], t % block_size].
 Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads), as
-transformers' repeat_kv does.
+transformers' repeat_kv does. One program serves a KV head and all its query heads, with tl.dot
+(whose tiles are at least 16 rows: the group is padded to 16); with one query head per KV head
+(LLaMA-7B) a dot would be 15/16 padding, so the kernel multiplies and sums instead.
 
 Memory traffic of one decode step (what bounds its speed): every cached K and V element is read
 once, 2 · context · num_kv_heads · head_dim · bytes per sequence; q, the output and the block table
@@ -25,6 +27,11 @@ from __future__ import annotations
 import math
 
 import torch
+
+try:
+    import triton.language as tl
+except ImportError:  # triton is a dependency on Linux only: the torch references work without it, and
+    tl = None  # a Triton launch says how to install it (_triton.load)
 
 from . import _triton
 from ._triton import jit
@@ -73,28 +80,39 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, check_values:
     if len(devices) > 1:
         raise ValueError(f"{where}: all tensors must be on one device; got {sorted(map(str, devices))}.")
     _triton.check_contiguous(where, **tensors)
-    if not check_values or num_seqs == 0:
+    if check_values:
+        check_block_tables(block_tables, context_lens, num_blocks, block_size)
+
+
+def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: int) -> None:
+    """Every context length in [1, capacity] and every block-table entry a sequence uses in
+    [0, num_blocks): the values the kernel's address arithmetic trusts.
+
+    block_tables: [num_seqs, max_blocks_per_seq]; context_lens: [num_seqs]. On CPU tensors this is
+    cheap (the serving engine checks its tables here once per step, before copying them to the GPU);
+    on GPU tensors it costs one device sync.
+    """
+    where = "paged_attention_decode"
+    if context_lens.numel() == 0:
         return
-    # Value checks read the tensors (a device sync on GPU): they guard the kernel's address arithmetic.
-    capacity = block_tables.shape[1] * block_size
+    width = block_tables.shape[1]
+    capacity = width * block_size
     lens = context_lens.long()
-    if lens.min().item() < 1:
-        raise ValueError(
-            f"{where}: every context length must be >= 1 (the new token's own K/V is in the "
-            f"cache); got min {lens.min().item()}."
-        )
-    if lens.max().item() > capacity:
-        raise ValueError(
-            f"{where}: context length {lens.max().item()} exceeds the block table's capacity "
-            f"{block_tables.shape[1]} blocks x {block_size} tokens = {capacity}."
-        )
-    used = (
-        torch.arange(block_tables.shape[1], device=lens.device)[None, :]
-        < ((lens + block_size - 1) // block_size)[:, None]
-    )
+    used = torch.arange(width, device=lens.device)[None, :] < ((lens + block_size - 1) // block_size)[:, None]
     bad = used & ((block_tables < 0) | (block_tables >= num_blocks))  # [num_seqs, max_blocks_per_seq]
-    if bad.any():
-        s, b = (int(i) for i in bad.nonzero()[0])
+    summary = torch.stack([lens.min(), lens.max(), bad.any().long(), bad.flatten().long().argmax()])
+    shortest, longest, any_bad, first_bad = summary.tolist()  # one device sync for all the checks
+    if shortest < 1:
+        raise ValueError(
+            f"{where}: every context length must be >= 1 (the new token's own K/V is in the cache); got min {shortest}."
+        )
+    if longest > capacity:
+        raise ValueError(
+            f"{where}: context length {longest} exceeds the block table's capacity "
+            f"{width} blocks x {block_size} tokens = {capacity}."
+        )
+    if any_bad:
+        s, b = divmod(first_bad, width)
         raise ValueError(
             f"{where}: block table entry {int(block_tables[s, b])} (sequence {s}, logical block "
             f"{b}) is outside [0, num_blocks={num_blocks})."
@@ -118,7 +136,9 @@ def paged_attention_decode(
     block_tables: [num_seqs, max_blocks_per_seq] int32; context_lens: [num_seqs] int32 (>= 1)
     scale: softmax scale, default 1/sqrt(head_dim).
     backend: "auto" (Triton on CUDA, torch otherwise), "triton" (CUDA, or CPU with TRITON_INTERPRET=1)
-    or "torch". check_values: validate context lengths and used block-table entries (costs a sync).
+    or "torch". check_values: validate context lengths and used block-table entries (one device sync
+    on GPU; a caller that built the tables on CPU checks them there with check_block_tables and
+    passes False).
     Returns [num_seqs, num_heads, head_dim] in q's dtype; softmax and sums are accumulated in fp32.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, check_values)
@@ -134,7 +154,7 @@ def paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens
     q: [num_seqs, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     block_tables: [num_seqs, max_blocks_per_seq]; context_lens: [num_seqs]. fp32 math, q's dtype out.
     """
-    num_seqs, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -164,7 +184,7 @@ def _paged_attention_decode_kernel(
     block_size,
     max_blocks_per_seq,
     GROUP: tl.constexpr,  # query heads per KV head
-    BLOCK_G: tl.constexpr,  # GROUP padded to a power of 2 >= 16 (tl.dot's minimum tile)
+    BLOCK_G: tl.constexpr,  # 1 if GROUP == 1 (no tl.dot); else GROUP padded to a power of 2 >= 16 (tl.dot's minimum)
     BLOCK_D: tl.constexpr,  # head_dim padded to a power of 2
     BLOCK_N: tl.constexpr,  # tokens per loop step (may span several cache blocks)
     FP32_MATH: tl.constexpr,  # upcast K/V/q to fp32 before the dots (bf16 in the interpreter)
@@ -183,7 +203,7 @@ def _paged_attention_decode_kernel(
     heads = kv_head * GROUP + offs_g  # [BLOCK_G] query heads of this group
     q_offs = (seq * num_heads + heads)[:, None] * head_dim + offs_d[None, :]
     q = tl.load(q_ptr + q_offs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-    if FP32_MATH:
+    if FP32_MATH or BLOCK_G == 1:
         q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the scores
@@ -199,28 +219,50 @@ def _paged_attention_decode_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]  # never read past the context or the head
         k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        if FP32_MATH:
+        if FP32_MATH or BLOCK_G == 1:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
 
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N] fp32
+        if BLOCK_G == 1:  # one query head: multiply and sum (a tl.dot would be 15 rows of padding in 16)
+            s = tl.sum(q * k, 1)[None, :] * scale  # [1, BLOCK_D] · [BLOCK_N, BLOCK_D] -> [1, BLOCK_N] fp32
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N] fp32
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # Online softmax: rescale what was accumulated under the old max (FlashAttention, Alg. 1).
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])  # [BLOCK_G, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if BLOCK_G == 1:
+            pv = tl.sum(tl.trans(p) * v, 0)[None, :]  # [BLOCK_N, 1] · [BLOCK_N, BLOCK_D] -> [1, BLOCK_D] fp32
+        else:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BLOCK_G, BLOCK_D]
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
 
+def _launch_meta(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """The kernel's compile-time constants for these shapes (labkit.kernels.offline compiles the same).
+    BLOCK_N: 64 tokens per step without tl.dot (one query head per KV head) in 16-bit, else 32: with
+    tl.dot, a 64-token fp16 tile spills registers on sm75 (T4) and an fp32 one needs most of its
+    64 KB of shared memory (python -m labkit.kernels.offline shows both)."""
+    group = num_heads // num_kv_heads
+    return dict(
+        GROUP=group,
+        BLOCK_G=1 if group == 1 else max(16, _triton.next_power_of_2(group)),
+        BLOCK_D=max(16, _triton.next_power_of_2(head_dim)),
+        BLOCK_N=64 if group == 1 and dtype.itemsize <= 2 else 32,
+        FP32_MATH=_triton.compute_in_fp32(dtype),
+        PRECISION=_triton.dot_precision(dtype),
+    )
+
+
 def _paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale):
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     if num_seqs == 0:
         return out
@@ -238,11 +280,6 @@ def _paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_le
         head_dim,
         block_size,
         block_tables.shape[1],
-        GROUP=group,
-        BLOCK_G=max(16, _triton.next_power_of_2(group)),
-        BLOCK_D=max(16, _triton.next_power_of_2(head_dim)),
-        BLOCK_N=64 if q.element_size() <= 2 else 32,  # fp32 tiles: stay within 64 KB of shared memory (T4)
-        FP32_MATH=_triton.compute_in_fp32(q.dtype),
-        PRECISION=_triton.dot_precision(q.dtype),
+        **_launch_meta(num_heads, num_kv_heads, head_dim, q.dtype),
     )
     return out

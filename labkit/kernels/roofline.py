@@ -23,12 +23,13 @@ traffic of LLaMA-7B-sized shapes without allocating or computing anything.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from ..evaluate import best_time
 
 # --- peak numbers ----------------------------------------------------------------------------------------
 
@@ -286,13 +287,7 @@ def time_ms(fn, device="cpu", repeats: int = 5, rep_ms: int = 100) -> float:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return 1e3 * best_time(fn, repeats, warmup=1)
 
 
 def copy_bandwidth_gbps(device="cpu", nbytes: int = 256 * 2**20) -> float:

@@ -25,8 +25,8 @@ simply keeps its break-even rank.
 A greedy on a layer-local proxy is not guaranteed to beat uniform ranks end to end: on
 SmolLM2-135M at budget 0.8 (8 × 512 calibration tokens) it cuts the summed relative output
 error from 4.57 (uniform) to 2.98, yet its perplexity is worse: 281 against 199 (first 16
-windows of 512 tokens; dense 36.5), and it leaves one down_proj at rank 1. Massive activations make a few tokens dominate
-X Xᵀ, so a layer can look "explained" by one direction while the other tokens still need
+windows of 512 tokens; dense 36.5), and it leaves one down_proj at rank 1. Massive activations make a few
+tokens dominate X Xᵀ, so a layer can look "explained" by one direction while the other tokens still need
 the rest: compare allocations on perplexity, not on the proxy. Floors at 50% or 75% of the
 uniform rank, and absolute instead of relative errors, do not repair it on that model
 (benchmarks/bench_rank_allocation.py measures every variant). sensitivity.py measures the damage

@@ -17,9 +17,9 @@ X: [in, tokens]. With the whitening matrix S = cholesky(X Xᵀ) (lower triangula
 So minimising the output error over rank-r W' is Eckart–Young on W S: Z = trunc_r(W S), i.e.
 W' = U_r Σ_r V_rᵀ S⁻¹ (SVD of W S = U Σ Vᵀ), and the output error is exactly Σ_{i>r} σ_i(W S)²:
 each discarded singular value of the whitened matrix costs its square in output error (the
-SVD-LLM paper's truncation-aware whitening result). Plain SVD discards small singular values of W even
-when they act on input directions with huge activations (the outlier channels of LLMs), which is why it destroys
-SmolLM2 at 20% parameter removal while the whitened version does not.
+SVD-LLM paper's truncation-aware whitening result). Plain SVD discards small singular values of W
+even when they act on input directions with huge activations (the outlier channels of LLMs), which
+is why it destroys SmolLM2 at 20% parameter removal while the whitened version does not.
 
 The activation-aware version runs on labkit.walk.calibration_walk: the statistics X Xᵀ of each
 layer are gathered on the outputs of the already-factored layers before it.
@@ -37,7 +37,7 @@ from torch import nn
 
 from ..models import check_llama, set_module
 from ..transform import all_or_nothing, check_count, check_damping, check_model, record
-from ..walk import Hessian, calibration_walk, check_calibration
+from ..walk import SEQUENTIAL_GROUPS, Hessian, calibration_walk, check_calibration
 
 TARGETS = (
     "self_attn.q_proj",
@@ -383,14 +383,6 @@ def svd(
     )
     record(model, report.method, f"{report.kept:.0%} of the factored linears' parameters kept", "lowrank")
     return report
-
-
-SEQUENTIAL_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
 
 
 def lowrank_linears(model) -> dict[str, LowRankLinear]:

@@ -166,7 +166,7 @@ def _collect(procs, reports, world_size, deadline, timeout):
                         f"script that calls launch must do so under `if __name__ == '__main__':`, "
                         f"because each rank imports the main module again). Its stderr has details.",
                         rank,
-                    )
+                    ) from None
             if now > deadline:
                 missing = sorted(set(range(world_size)) - set(results))
                 raise RankFailed(
@@ -174,7 +174,7 @@ def _collect(procs, reports, world_size, deadline, timeout):
                     f"finished (a hang, e.g. a collective that another rank never entered?). "
                     f"All ranks were stopped; raise `timeout` if the work is only slow.",
                     missing[0] if len(missing) == 1 else None,
-                )
+                ) from None
             continue
         if kind == "error":
             raise RankFailed(f"rank {rank} of {world_size} failed:\n{payload}", rank)

@@ -79,7 +79,7 @@ def balanced_sizes(config, world_size: int) -> list[int]:
         take = max(1, min(want, left - (world_size - 1 - r)))  # leave at least one layer per later stage
         sizes.append(take)
         left -= take
-    return sizes + [left]
+    return [*sizes, left]
 
 
 def load_stage(folder, rank: int, world_size: int, sizes=None, device="cpu"):

@@ -14,8 +14,8 @@
    the most sensitive). The paper's LLaMA-7B runs prune layers 4-29 of 32 (attention and MLP);
    here the default skips the first round(L/8) and the last round(L/16) layers, which is exactly
    4 and 2 for 32 layers, and layers 4-27 of SmolLM2-135M's 30.
-4. Optional recovery: a short LoRA fine-tune (the paper tunes LoRA adapters on 50 k Alpaca
-   samples for about 3 hours); `lora_recover` runs a few steps with labkit.distill.finetune.
+4. Recovery, a separate step: a short LoRA fine-tune (the paper tunes LoRA adapters on 50 k Alpaca
+   samples for about 3 hours); `labkit.lora.lora_recover(model, windows, steps)` runs a few steps.
 
 Ratio: `ratio` is the fraction of the decoder linears' parameters removed over the whole model,
 as in FLaP's and the papers' tables (the paper reaches "20%" on LLaMA-7B with 25% per pruned
@@ -31,7 +31,6 @@ importance sums exactly the weights the surgery removes.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models import check_llama, linear_layers, set_module
+from ..models import check_llama, linear_layers
 from ..transform import all_or_nothing, check_count, check_model, record
 from ..walk import check_calibration
 from .structured import (
@@ -172,12 +171,10 @@ def llm_pruner(
     model,
     calibration: torch.Tensor | None,
     ratio: float,
-    recover_steps: int = 0,
-    recover_data: torch.Tensor | None = None,
+    *,
     layers: Sequence[int] | None = None,
     importance=None,
     batch_size: int = 1,
-    **recover_kwargs,
 ) -> StructuredReport:
     """Prune `model` in place with LLM-Pruner (Taylor importance of coupled groups), physically.
 
@@ -185,10 +182,8 @@ def llm_pruner(
         tokens); not needed when `importance` (from taylor_importance on this unpruned model) is given.
     ratio: fraction of all decoder-linear parameters to remove, in [0, 1); the pruned `layers`
         (default: default_layers) each lose the same share of theirs.
-    recover_steps: if > 0, a LoRA recovery fine-tune of that many steps on `recover_data`
-        (default: the calibration windows); recover_kwargs go to lora_recover (rank, lr, ...).
-    The report's `extra` holds the per-layer share, the layers pruned and, with recovery, its
-    seconds and loss curve (report.seconds excludes recovery).
+    The report's `extra` holds the per-layer share and the layers pruned. Recovery is a separate
+    step: labkit.lora.lora_recover(model, windows, steps) (a short LoRA fine-tune, merged back).
     """
     ratio = check_ratio(ratio)
     check_model(model, "prune.llm_pruner", after=("quantize", "lowrank"))
@@ -196,8 +191,6 @@ def llm_pruner(
         check_calibration(calibration, model)
     check_count(batch_size, "batch_size", 1)
     layers = default_layers(len(model.model.layers)) if layers is None else check_layers(model, layers)
-    if isinstance(recover_steps, bool) or not isinstance(recover_steps, int) or recover_steps < 0:
-        raise ValueError(f"recover_steps={recover_steps!r}: need an integer >= 0 (0 = no recovery fine-tune).")
     start = time.perf_counter()
     before = begin(model)
     if importance is None:
@@ -215,99 +208,14 @@ def llm_pruner(
         )
     extra = _prune(model, importance, ratio, layers)
     seconds = time.perf_counter() - start
-    if recover_steps:
-        data = recover_data if recover_data is not None else calibration
-        if data is None:
-            raise ValueError("recover_steps > 0 needs recover_data (token windows [n, seqlen]) or calibration.")
-        extra["recovery"] = lora_recover(model, data, recover_steps, **recover_kwargs)
     record(model, "LLM-Pruner", f"{ratio:.0%} removed", "prune")
     return finish("llm_pruner", ratio, before, model, seconds, False, **extra)
 
 
-# --- recovery: LoRA from torch operations -----------------------------------------------------------
-
-
-class LoRALinear(nn.Module):
-    """y = W x + b + (alpha / rank) · B A x, with W, b frozen (Hu et al., 2021).
-
-    A: [rank, in] small random, B: [out, rank] zero, so training starts from the pruned model."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
-        super().__init__()
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        w = base.weight
-        a = torch.empty(rank, base.in_features).uniform_(-1, 1, generator=generator) / math.sqrt(base.in_features)
-        self.A = nn.Parameter(a.to(device=w.device, dtype=w.dtype))
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
-        self.scale = alpha / rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
-        return self.base(x) + (x @ self.A.T) @ self.B.T * self.scale
-
-    @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear with W + scale · B A: no extra cost at inference."""
-        self.base.weight += self.scale * (self.B @ self.A)
-        self.base.weight.requires_grad_(False)
-        return self.base
-
-
-@all_or_nothing
-def lora_recover(
-    model,
-    data: torch.Tensor,
-    steps: int,
-    rank: int = 8,
-    alpha: float = 16.0,
-    lr: float = 1e-4,
-    batch_size: int = 4,
-    seed: int = 0,
-    progress: bool = False,
-) -> dict:
-    """A short LoRA recovery fine-tune of every decoder linear, merged back into the weights, in place.
-
-    data: LongTensor [n, seqlen] of token windows (next-token cross-entropy, labkit.distill.finetune).
-    rank, alpha: the adapters' rank and scale alpha / rank (LLM-Pruner: rank 8, alpha 16, lr 1e-4).
-    Returns {'steps', 'seconds', 'loss' (per step)}; afterwards every parameter of the model has
-    requires_grad as before and the model is a plain dense model again.
-    """
-    from ..distill import finetune
-
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank={rank!r}: need a positive integer rank for the LoRA adapters, e.g. 8.")
-    check_model(model, "prune.lora_recover")
-    check_calibration(data, model)
-    check_count(steps, "steps", 10)
-    check_count(batch_size, "batch_size", 4)
-    flags = {p: p.requires_grad for p in model.parameters()}
-    generator = torch.Generator().manual_seed(seed)
-    wrapped = {}
-    for index, layer in enumerate(model.model.layers):
-        for name, linear in linear_layers(layer).items():
-            wrapped[(index, name)] = LoRALinear(linear, rank, alpha, generator)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for (index, name), lora in wrapped.items():
-        set_module(model.model.layers[index], name, lora)  # its A, B are the only trainable parameters
-    start = time.perf_counter()
-    try:
-        curve = finetune(model, data, steps, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
-    finally:
-        for (index, name), lora in wrapped.items():
-            set_module(model.model.layers[index], name, lora.merged())
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-    return {"steps": steps, "seconds": time.perf_counter() - start, "loss": curve, "rank": rank}
-
-
 __all__ = [
-    "LoRALinear",
     "default_layers",
     "group_importance",
     "layer_plan",
     "llm_pruner",
-    "lora_recover",
     "taylor_importance",
 ]

@@ -159,15 +159,14 @@ def mask_for(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, 
 
 
 def decoder_linears(model) -> dict[str, nn.Module]:
-    """The prunable matrices: every nn.Linear (or SparseLinear) of every decoder layer, by name
-    like 'layers.3.mlp.down_proj'. Embeddings, lm_head and norms are never pruned."""
-    from .sparse_storage import SparseLinear
-
+    """The prunable matrices: every nn.Linear of every decoder layer, or the stored sparse matrix that
+    replaced it (a module with dense_weight(), i.e. a prune.SparseLinear), by name like
+    'layers.3.mlp.down_proj'. Embeddings, lm_head and norms are never pruned."""
     check_llama(model, "labkit.prune")
     found = {}
     for index, layer in enumerate(model.model.layers):
         for name, module in layer.named_modules():
-            if isinstance(module, (nn.Linear, SparseLinear)):
+            if isinstance(module, nn.Linear) or callable(getattr(module, "dense_weight", None)):
                 found[f"layers.{index}.{name}"] = module
     return found
 

@@ -27,7 +27,7 @@ def obs_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, percdamp: 
     weight: [rows, in_features]; H: [in_features, in_features] = 2XXᵀ/n (dampened by percdamp·mean diag).
     Memory: rows · in_features² floats; keep `rows` small (a slice of a layer).
     """
-    sparsity, nm = check_sparsity(sparsity, "unstructured")
+    sparsity, _ = check_sparsity(sparsity, "unstructured")
     W = weight.detach().clone().float()  # [rows, d]
     rows, d = W.shape
     H = H.detach().clone().float()

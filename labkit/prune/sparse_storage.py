@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from ..evaluate import tensor_bytes
 from ..transform import all_or_nothing, check_model
+from .masks import nm_mask, weight_linears
 
 FORMATS = ("dense", "bitmask", "csr", "2:4")
 
@@ -206,8 +207,6 @@ def to_sparse(model, format: str = "bitmask"):
 
     Embeddings, lm_head and norms stay as they are. With format '2:4' every decoder linear must
     already be 2:4 sparse (prune with pattern='2:4')."""
-    from .masks import weight_linears
-
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: allowed formats are {FORMATS}.")
     check_model(model, "prune.to_sparse")
@@ -252,8 +251,6 @@ def semi_structured_speed(
             f"{torch.cuda.get_device_name(device)} has no sparse tensor cores (needs compute capability >= 8.0)."
         )
     from torch.sparse import to_sparse_semi_structured
-
-    from .masks import nm_mask
 
     weight = torch.randn(out_features, in_features, dtype=dtype, device=device)
     weight[nm_mask(weight.float().abs(), 2, 4)] = 0

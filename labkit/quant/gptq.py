@@ -17,43 +17,28 @@ The core loop below follows the reference implementation (github.com/IST-DASLab/
 
 from __future__ import annotations
 
-import contextlib
 import time
+from dataclasses import dataclass
 
 import torch
 
 from .. import walk
+from ..threads import num_threads
 from ..transform import all_or_nothing, check_count, check_damping, check_model, record, replace_data
 from .formats import check_bits, check_group_size, check_weight, find_params, group_index, quantize_codes, round_to_grid
 from .qlinear import QuantLinear, QuantReport, check_model_settings, set_module
 
-# GPTQ's "true sequential" order inside a decoder layer: each group is quantized after the ones before
-# it, and is calibrated on the inputs that the already-quantized linears produce.
-TRUE_SEQUENTIAL = [
-    ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
-    ["self_attn.o_proj"],
-    ["mlp.up_proj", "mlp.gate_proj"],
-    ["mlp.down_proj"],
-]
 
+@dataclass
+class GPTQResult:
+    """GPTQ's result for one weight matrix W [out, in]."""
 
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """Quantize a layer on one CPU thread. The column loop's operations are tiny (one column; a rank-1
-    update of one block): splitting each across threads costs more in synchronisation than it gains,
-    and when the cores are shared with other processes every split waits for a descheduled thread,
-    which makes the loop many times slower. The few larger operations (Cholesky, the lazy batch
-    update) are small enough at these sizes that one thread loses little on them, and one thread
-    everywhere gives the same bits whatever the number of cores."""
-    if device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    weight: torch.Tensor  # [out, in] in W's dtype: the dequantized weights
+    codes: torch.Tensor  # [out, in] uint8
+    scales: torch.Tensor  # [out, n_groups] fp32 (1 group per channel, else in / group_size)
+    zeros: torch.Tensor  # [out, n_groups] fp32
+    g_idx: torch.Tensor  # [in] int32: the group of each input column (act-order: in processing order, not sorted)
+    loss: float  # the loss estimate Σ_q (w_q − quant(w_q))² / (2 [H_F⁻¹]_qq), summed over rows
 
 
 @torch.no_grad()
@@ -62,28 +47,46 @@ def gptq_quantize_weight(
     H: torch.Tensor,
     bits: int,
     group_size: int | None = None,
+    *,
     sym: bool = False,
     act_order: bool = False,
     blocksize: int = 128,
     percdamp: float = 0.01,
     float_offset: bool = False,
     keep_zeros: bool = False,
-):
-    """GPTQ on one weight matrix. Returns (Wq, codes, scales, zeros, g_idx).
-
-    keep_zeros: weights that are exactly 0 (pruned, e.g. by SparseGPT 2:4) stay exactly 0 (SparseGPT's
-    joint sparsify-and-quantize), and their columns' errors are compensated like any other.
+    threads: int | None = 1,
+) -> GPTQResult:
+    """GPTQ on one weight matrix: a GPTQResult (weight, codes, scales, zeros, g_idx, loss).
 
     W: [out, in]; H: [in, in], the Hessian 2/n · X Xᵀ of the layer's inputs (walk.Hessian.H).
-    Wq: [out, in] in W's dtype (the dequantized result); codes: [out, in] uint8;
-    scales, zeros: [out, n_groups] fp32 (1 per channel, else in / group_size); g_idx: [in] int32, the
-    group of each input column (with act-order, groups follow the processing order: g_idx is not sorted).
+    keep_zeros: weights that are exactly 0 (pruned, e.g. by SparseGPT 2:4) stay exactly 0 (SparseGPT's
+    joint sparsify-and-quantize), and their columns' errors are compensated like any other.
+    threads: CPU threads torch uses while W (on the CPU) is quantized, restored afterwards
+    (labkit.threads.num_threads); None leaves torch's setting. Default 1: the column loop's operations
+    are tiny (one column; a rank-1 update of one block), so splitting each across threads costs more in
+    synchronisation than it gains, and when the cores are shared with other processes every split waits
+    for a descheduled thread, which makes the loop many times slower. The few larger operations
+    (Cholesky, the lazy batch update) are small enough at these sizes that one thread loses little on
+    them, and one thread gives the same bits whatever the number of cores.
     """
-    with _one_thread(W.device):
-        return _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset, keep_zeros)[:5]
+    with num_threads(threads if W.device.type == "cpu" else None):
+        return _gptq(
+            W,
+            H,
+            bits,
+            group_size,
+            sym=sym,
+            act_order=act_order,
+            blocksize=blocksize,
+            percdamp=percdamp,
+            float_offset=float_offset,
+            keep_zeros=keep_zeros,
+        )
 
 
-def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_offset, keep_zeros=False):
+def _gptq(
+    W, H, bits, group_size, *, sym, act_order, blocksize, percdamp, float_offset, keep_zeros
+) -> GPTQResult:  # W: [out, in]; H: [in, in]
     check_bits(bits)
     if keep_zeros and float_offset:
         raise ValueError(
@@ -178,7 +181,7 @@ def _gptq(W, H, bits, group_size, sym, act_order, blocksize, percdamp, float_off
     if perm is not None:  # undo the permutation: back to the original column order
         invperm = torch.argsort(perm)
         Q, codes, g_idx = Q[:, invperm], codes[:, invperm], g_idx[invperm]
-    return Q.to(dtype), codes, scales, zeros, g_idx, Losses.sum().item()
+    return GPTQResult(Q.to(dtype), codes, scales, zeros, g_idx, Losses.sum().item())
 
 
 @torch.no_grad()
@@ -198,15 +201,18 @@ def gptq(
     device=None,
     batch_size: int = 8,
     keep_zeros: bool = False,
+    *,
+    threads: int | None = 1,
 ) -> QuantReport:
     """GPTQ on every decoder linear of `model`, in place, layer by layer (labkit.walk.calibration_walk).
 
     keep_zeros: weights already 0 (a pruned model) stay 0, so e.g. a 2:4 pattern survives quantization.
+    threads: CPU threads while each weight is quantized (see gptq_quantize_weight); None leaves torch's setting.
 
     calibration: LongTensor [n_samples, seqlen] (labkit.data.calibration). pack=True installs QuantLinear
     modules; pack=False writes the dequantized weights back into the nn.Linear modules.
-    true_sequential: quantize q/k/v, then o, then up/gate, then down, each on the inputs that the
-    already-quantized ones produce (the GPTQ code's default). Returns a QuantReport whose `errors`
+    true_sequential: quantize q/k/v, then o, then gate/up, then down (walk.SEQUENTIAL_GROUPS), each on the
+    inputs that the already-quantized ones produce (the GPTQ code's default). Returns a QuantReport whose `errors`
     hold each linear's GPTQ loss estimate Σ_q (w_q − quant(w_q))² / (2 [H_F⁻¹]_qq), summed over rows.
     """
     check_model(model, "quant.gptq")
@@ -234,41 +240,41 @@ def gptq(
                     f"(NaN or inf): GPTQ needs finite inputs. Check the model in float first (its "
                     f"perplexity); the model is left unchanged."
                 )
-            with _one_thread(linear.weight.device):
-                Wq, codes, scales, zeros, g_idx, loss = _gptq(
-                    linear.weight.data,
-                    hessian.H,
-                    bits,
-                    group_size,
-                    sym,
-                    act_order,
-                    blocksize,
-                    percdamp,
-                    float_offset,
-                    keep_zeros,
-                )
+            result = gptq_quantize_weight(
+                linear.weight.data,
+                hessian.H,
+                bits,
+                group_size,
+                sym=sym,
+                act_order=act_order,
+                blocksize=blocksize,
+                percdamp=percdamp,
+                float_offset=float_offset,
+                keep_zeros=keep_zeros,
+                threads=threads,
+            )
             if pack:
                 set_module(
                     layer,
                     name,
                     QuantLinear.from_codes(
-                        codes,
-                        scales,
-                        zeros,
+                        result.codes,
+                        result.scales,
+                        result.zeros,
                         bits,
                         group_size,
                         sym=sym,
                         float_offset=float_offset,
-                        g_idx=g_idx,
+                        g_idx=result.g_idx,
                         bias=linear.bias,
                         dtype=linear.weight.dtype,
                     ),
                 )
             else:
-                replace_data(linear.weight, Wq)
-            report.errors[f"layers.{index}.{name}"] = loss
+                replace_data(linear.weight, result.weight)
+            report.errors[f"layers.{index}.{name}"] = result.loss
             report.layers += 1
-            report.params += codes.numel()
+            report.params += result.codes.numel()
 
     walk.calibration_walk(
         model,
@@ -277,7 +283,7 @@ def gptq(
         update,
         device=device,
         batch_size=batch_size,
-        sequential=TRUE_SEQUENTIAL if true_sequential else None,
+        sequential=walk.SEQUENTIAL_GROUPS if true_sequential else None,
         desc="GPTQ",
     )
     report.seconds = time.perf_counter() - start

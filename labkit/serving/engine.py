@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import paged_attention_decode, rotary
+from ..kernels.paged_attention import check_block_tables
 from ..models import check_llama
 from .block_manager import BlockManager, PagedKVCache
 
@@ -196,8 +197,12 @@ class Engine:
             slots.append(slot)
         tables = [self.blocks.block_table(r.id) for r in running]
         width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
-        context_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device)  # [B]
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        context_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32)  # [B]
+        # The kernel trusts these values for its addresses: check them here, once per step and on the
+        # CPU, rather than in every layer's attention call on the device (a GPU sync per check).
+        check_block_tables(block_tables, context_lens, self.blocks.num_blocks, self.block_size)
+        block_tables, context_lens = block_tables.to(device), context_lens.to(device)  # [B, width], [B]
         slots = torch.tensor(slots, device=device)  # [B]
         tokens = torch.tensor([[r.output_ids[-1]] for r in running], device=device)  # [B, 1]
 
@@ -221,6 +226,7 @@ class Engine:
                 context_lens,
                 scale=attn.scaling,
                 backend=self.backend,
+                check_values=False,  # checked above, once per step
             )  # [B, heads, head_dim]
             h = residual + attn.o_proj(o.reshape(B, 1, self.num_heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
