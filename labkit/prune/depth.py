@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models import check_llama
+from ..transform import record
 from ..walk import layer_states
 
 
@@ -52,6 +53,7 @@ def drop_layers(model, keep: list[int] | None = None):
     layer_types = getattr(student.config, "layer_types", None)
     if layer_types is not None and len(layer_types) == n:  # per-layer attention types (sliding window, ...)
         student.config.layer_types = [layer_types[i] for i in keep]
+    record(student, "drop layers", f"{len(keep)} of {n} kept", "prune")
     return student
 
 
