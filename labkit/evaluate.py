@@ -121,27 +121,33 @@ def weight_bytes(model: nn.Module) -> int:
     Tied tensors (the embedding reused as the output layer) are counted once. Non-persistent
     buffers (e.g. rotary inv_freq, recomputed on load) are not weights and are not counted.
     """
-    seen: set[int] = set()
+    from .models import tensor_key, tied_copies
+
+    seen: set = set()
+    copies = tied_copies(model)  # declared ties held as separate tensors (the meta device): counted once
     total = 0
 
-    def visit(module: nn.Module) -> None:
+    def visit(module: nn.Module, prefix: str) -> None:
         nonlocal total
         if hasattr(module, "stored_bytes"):
             total += module.stored_bytes()
-            seen.update(t.data_ptr() for t in [*module.parameters(), *module.buffers()])
+            seen.update(tensor_key(t) for t in [*module.parameters(), *module.buffers()])
             return
-        tensors = list(module.parameters(recurse=False))
+        tensors = [(prefix + n, t) for n, t in module.named_parameters(recurse=False)]
         tensors += [
-            b for name, b in module.named_buffers(recurse=False) if name not in module._non_persistent_buffers_set
+            (prefix + n, b)
+            for n, b in module.named_buffers(recurse=False)
+            if n not in module._non_persistent_buffers_set
         ]
-        for t in tensors:
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
+        for name, t in tensors:
+            key = tensor_key(t)  # storage and offset; the tensor itself on meta, where data_ptr() is always 0
+            if key not in seen and name not in copies:
+                seen.add(key)
                 total += tensor_bytes(t)
-        for child in module.children():
-            visit(child)
+        for n, child in module.named_children():
+            visit(child, f"{prefix}{n}.")
 
-    visit(model)
+    visit(model, "")
     return total
 
 

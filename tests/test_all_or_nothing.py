@@ -327,7 +327,6 @@ def test_counting_on_meta_matches_the_real_model(model):
     assert models.parameter_breakdown(meta) == models.parameter_breakdown(model)
 
 
-@pytest.mark.xfail(strict=True, reason="weight_bytes lives in labkit/evaluate.py: models.tensor_key to be used there")
 def test_weight_bytes_on_meta_matches_the_real_model(model):
     assert evaluate.weight_bytes(copy.deepcopy(model).to("meta")) == evaluate.weight_bytes(model)
 

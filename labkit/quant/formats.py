@@ -135,10 +135,7 @@ def quantize_codes(
     """Codes of x on the grid (scale, zero), which broadcast against x. Returns uint8, same shape as x."""
     maxq = 2**bits - 1
     x = x.float()
-    if float_offset:
-        q = torch.round((x - zero) / scale)
-    else:
-        q = torch.round(x / scale) + zero
+    q = torch.round((x - zero) / scale) if float_offset else torch.round(x / scale) + zero  # Q4_1's grid, or ints
     return q.clamp(0, maxq).to(torch.uint8)
 
 

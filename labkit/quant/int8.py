@@ -167,10 +167,7 @@ class Int8Linear(nn.Module):
             y = nn.functional.linear(x, self.dequantized_weight(x.dtype))
         else:
             x2 = x.reshape(-1, self.in_features)  # [tokens, in]
-            if self.act == "llm.int8":
-                y = self._mixed(x2)
-            else:
-                y = self._int8(x2)
+            y = self._mixed(x2) if self.act == "llm.int8" else self._int8(x2)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
