@@ -53,19 +53,20 @@ LESSONS = {
     "03": Need(
         "A100-40",
         "estimate",
-        "a second model is loaded while the first is alive (two fp16 copies: "
-        "25.1 GiB rehearsed), then FLaP's calibration walk and LoRA recovery",
+        "Taylor importance backpropagates through `model` (fp16 gradients of the decoder linears), and a second "
+        "model is loaded while the first is alive (two fp16 copies: 25.1 GiB rehearsed), also for LoRA recovery",
     ),
     "04": Need(
-        "A100-40",
+        "L4",
         "estimate",
-        "each RTN setting quantizes a fresh copy while `model` is alive (two fp16 copies: 25.1 GiB rehearsed)",
+        "one model at a time (cell 31 frees `model` before the RTN copies) and a one-sample walk: like lesson 00 "
+        "(13.16 GiB rehearsed), over the T4's budget",
     ),
     "05": Need(
-        "A100-40",
+        "L4",
         "estimate",
-        "GPTQ's walk on a fresh copy while `model` and the kept packed W3 copy are "
-        "alive (two fp16 copies 25.1 GiB rehearsed, plus ~3.5 GiB packed and the walk's activations)",
+        "GPTQ's walk with the model on the GPU (~19 GiB rehearsed, tight on the L4's 19.8 GiB budget), one model "
+        "at a time from cell 28; the packed W3 copy next to a fresh one in cells 36-37 is ~16.5 GiB",
     ),
     "06": Need(
         "A100-40",
@@ -97,7 +98,10 @@ LESSONS = {
     ),
     "11": Need("T4", "estimate", "the demonstrations run SmolLM2-135M on every profile; LLaMA-7B is not loaded"),
     "12": Need(
-        "A100-80", "rehearsed", "cell 15 holds three fp16 copies (37.65 GiB), over the A100 40 GB's 35.0 GiB budget"
+        "A100-80",
+        "rehearsed",
+        "cell 15 holds three fp16 copies (37.65 GiB), over the A100 40 GB's 35.0 GiB budget; cell 20 trains a "
+        "FLaP-20% copy with AdamW next to the teacher (~55 GiB, estimate)",
     ),
 }
 
@@ -259,16 +263,33 @@ def profile_cell(nb, lesson: str):
     return cells[0]
 
 
+def sync_readme(text: str) -> str:
+    """`text` (the README) with its runtime table replaced by markdown_table()."""
+    header = markdown_table().split("\n", 1)[0]
+    if text.count(header) != 1:
+        raise ValueError(f"the README needs exactly one runtime table starting with {header!r}.")
+    start = text.index(header)
+    end = text.find("\n\n", start)
+    return text[:start] + markdown_table() + (text[end:] if end != -1 else "\n")
+
+
 def main() -> None:
+    """After changing LESSONS: bring the lessons' first cells, set-up cells, checks and metadata, and the
+    README's table, in step (`python -m labkit.runtime`)."""
     import nbformat
 
-    from .course import lessons
+    from .course import ROOT, lessons
 
     for path in lessons():
         nb = nbformat.read(path, as_version=4)
         if sync_notebook(nb, path.name[:2]):
             nbformat.write(nb, path)
             print(f"updated {path.name}")
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    if sync_readme(text) != text:
+        readme.write_text(sync_readme(text), encoding="utf-8")
+        print("updated README.md")
 
 
 if __name__ == "__main__":

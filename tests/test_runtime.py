@@ -180,7 +180,13 @@ def test_sync_notebook_fixes_an_old_notebook_and_keeps_outputs():
 
 
 def test_readme_shows_the_runtime_table():
-    assert runtime.markdown_table() in (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert runtime.markdown_table() in readme
+    assert runtime.sync_readme(readme) == readme
+    stale = readme.replace(runtime.markdown_table(), runtime.markdown_table().replace("Colab L4", "Colab T4"))
+    assert stale != readme and runtime.sync_readme(stale) == readme
+    with pytest.raises(ValueError, match="exactly one runtime table"):
+        runtime.sync_readme("no table here")
 
 
 # --- the set-up cell -----------------------------------------------------------------------------------
