@@ -70,6 +70,7 @@ def get(name: str | None = None, *, rehearse: bool = False) -> Profile:
     if profile.device == "cuda" and not torch.cuda.is_available() and not rehearse:
         raise RuntimeError(
             f"The {name!r} profile needs a CUDA GPU and torch sees none. Unset LABKIT_PROFILE (or set "
-            f"LABKIT_PROFILE=cpu) to run the CPU profile, or use a GPU runtime (Colab: Runtime > Change runtime type)."
+            f"LABKIT_PROFILE=cpu; in a lesson on Colab: PROFILE = 'cpu' in the set-up cell) to run the CPU profile, "
+            "or use a GPU runtime (Colab: Runtime > Change runtime type; the lesson's first cell names which)."
         )
     return profile

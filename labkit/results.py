@@ -1,6 +1,7 @@
 """One place for measured results: lessons record rows, the capstone gathers them.
 
-Rows live in $LABKIT_RESULTS_DIR/<profile>.json (default ~/.cache/labkit/results), keyed by
+Rows live in $LABKIT_RESULTS_DIR/<profile>.json (default ~/.cache/labkit/results; on Colab with Google
+Drive mounted, a folder on Drive: results_dir), keyed by
 (lesson, method, setting): re-running a lesson replaces its rows. Reference numbers that the
 lessons check live in labkit/references.json, per profile, each with its tolerance and origin.
 Each check also keeps the value it measured under measured/<profile>/ in the same folder; only the
@@ -48,7 +49,14 @@ class Row:
 
 
 def results_dir() -> Path:
-    return Path(os.environ.get("LABKIT_RESULTS_DIR") or Path.home() / ".cache" / "labkit" / "results")
+    """$LABKIT_RESULTS_DIR; else, on Colab with Google Drive mounted, <Drive>/labkit/results (kept across
+    sessions: labkit.colab); else ~/.cache/labkit/results."""
+    if os.environ.get("LABKIT_RESULTS_DIR"):
+        return Path(os.environ["LABKIT_RESULTS_DIR"])
+    from .colab import drive_folder  # here, not at the top: `python -m labkit.colab` imports labkit first
+
+    drive = drive_folder()
+    return drive / "results" if drive is not None else Path.home() / ".cache" / "labkit" / "results"
 
 
 def _path(profile: str) -> Path:

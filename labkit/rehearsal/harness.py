@@ -106,6 +106,7 @@ class Runtime:
     host_bytes: int  # MemTotal of the VM (what Colab shows as "System RAM")
     sm: int  # compute capability, e.g. 75 for 7.5
     source: str
+    colab: str = ""  # Colab's choice in Runtime > Change runtime type (and the notebook's gpuType); "" = not offered
 
 
 RUNTIMES = {
@@ -117,6 +118,7 @@ RUNTIMES = {
         "GPU: '14.75 GiB total capacity' in torch's OOM message on Colab's Tesla T4 (16 GB card, 15360 MiB in "
         "nvidia-smi less ECC); host: Colab's 'System RAM 12.7 GB' (MemTotal ≈ 13.29e9 B). sm75: no bf16 tensor "
         "cores, no FP8, no 2:4 sparse kernels.",
+        colab="T4",
     ),
     "L4": Runtime(
         "Colab L4",
@@ -124,6 +126,7 @@ RUNTIMES = {
         int(53.0 * GiB),
         89,
         "GPU: 23034 MiB in nvidia-smi; host: Colab's L4 runtime shows 'System RAM 53 GB' (assumed; check on Colab).",
+        colab="L4",
     ),
     "A100-40": Runtime(
         "Colab A100 40 GB",
@@ -132,6 +135,7 @@ RUNTIMES = {
         80,
         "GPU: '39.39 GiB total capacity' in torch's OOM message on an A100-SXM4-40GB; host: Colab's A100 runtime "
         "shows 'System RAM 83.5 GB'.",
+        colab="A100",
     ),
     "A100-80": Runtime(
         "A100 80 GB",

@@ -1,0 +1,296 @@
+"""The runtime each lesson's GPU profile needs, and the start-up check that the machine has it.
+
+One line per lesson in LESSONS: the smallest runtime of labkit.rehearsal's RUNTIMES (the one home of
+the runtime facts: GPU memory, host RAM, compute capability, sources) on which the lesson's GPU
+profile runs *with today's code*, and why. "rehearsed": the peak comes from a plan of
+labkit.rehearsal (`python -m labkit.rehearsal`) and `fits` with its margin; "estimate": read from the
+lesson's code (how many LLaMA-7B copies are alive at once, what else sits on the GPU) and priced with
+the rehearsed numbers of those pieces. When a memory plan makes a lesson smaller, change its line.
+
+The lessons call `require(lesson, P)` right after `P = profiles.get()`. On the CPU profile it does
+nothing and prints nothing. On the GPU profile it compares the GPU's memory and compute capability
+with the declared runtime and raises, naming the runtime to pick, when either falls short; less CPU
+RAM than the runtime has only warns (the host figures of some runtimes are assumptions).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from . import colab
+from .rehearsal.harness import RUNTIMES, GiB, Runtime
+
+GPU_SLACK = 0.02  # a GPU may report up to 2% less memory than the runtime's figure (driver, ECC) and still pass
+HOST_SLACK = 0.10  # CPU RAM: 10% less than the runtime's figure before warning (several figures are assumptions)
+
+
+@dataclass(frozen=True)
+class Need:
+    runtime: str  # a key of RUNTIMES: the smallest runtime the lesson's GPU profile fits today
+    basis: str  # "rehearsed" (a labkit.rehearsal plan) or "estimate" (read from the lesson's code)
+    why: str  # one line: what needs that much
+    min_sm: int = 75  # compute capability the lesson's GPU code needs (e.g. 80: 2:4 sparse kernels)
+
+
+# Rehearsed peaks at LLaMA-7B fp16 (python -m labkit.rehearsal): load + generate + perplexity 13.16 GiB;
+# a calibration walk with the model on the GPU (models.load puts it there) ~19 GiB; two fp16 copies on the
+# GPU 25.1 GiB; three 37.65 GiB. GPU budgets with fits()'s margin: T4 12.8, L4 19.8, A100-40 35.0 GiB.
+LESSONS = {
+    "00": Need("L4", "rehearsed", "load, generate and perplexity peak at 13.16 GiB, over the T4's 12.8 GiB budget"),
+    "01": Need(
+        "A100-80",
+        "estimate",
+        "cell 11 loads a fresh copy per scope while `model` and the last copy are "
+        "alive (three fp16 copies: 37.65 GiB rehearsed), and global magnitude ranks all decoder weights at once",
+    ),
+    "02": Need(
+        "L4",
+        "estimate",
+        "SparseGPT's walk with the model on the GPU (~19 GiB rehearsed); the 2:4 timing needs sm80+ sparse kernels",
+        min_sm=80,
+    ),
+    "03": Need(
+        "A100-40",
+        "estimate",
+        "Taylor importance backpropagates through `model` (fp16 gradients of the decoder linears), and a second "
+        "model is loaded while the first is alive (two fp16 copies: 25.1 GiB rehearsed), also for LoRA recovery",
+    ),
+    "04": Need(
+        "L4",
+        "estimate",
+        "one model at a time (cell 31 frees `model` before the RTN copies) and a one-sample walk: like lesson 00 "
+        "(13.16 GiB rehearsed), over the T4's budget",
+    ),
+    "05": Need(
+        "L4",
+        "estimate",
+        "GPTQ's walk with the model on the GPU (~19 GiB rehearsed, tight on the L4's 19.8 GiB budget), one model "
+        "at a time from cell 28; the packed W3 copy next to a fresh one in cells 36-37 is ~16.5 GiB",
+    ),
+    "06": Need(
+        "A100-40",
+        "estimate",
+        "SmoothQuant's copy is loaded while the first model is alive (two fp16 "
+        "copies: 25.1 GiB rehearsed) and calibrated on the GPU",
+    ),
+    "07": Need(
+        "A100-80",
+        "estimate",
+        "the 7B teacher, a 16-layer student and its deep copies trained with AdamW "
+        "(gradients and two optimizer states per parameter) are on the GPU together",
+    ),
+    "08": Need(
+        "A100-40",
+        "estimate",
+        "copy.deepcopy of the model (two fp16 copies: 25.1 GiB rehearsed) plus SVD-LLM's calibration walk",
+    ),
+    "09": Need(
+        "L4",
+        "estimate",
+        "one model and its KV caches: lesson 00's load + generate + perplexity alone "
+        "peaks at 13.16 GiB (rehearsed), over the T4's budget",
+    ),
+    "10": Need(
+        "L4",
+        "estimate",
+        "one model, fused in place, and lesson 00's measurements (13.16 GiB rehearsed for those), over the T4's budget",
+    ),
+    "11": Need("T4", "estimate", "the demonstrations run SmolLM2-135M on every profile; LLaMA-7B is not loaded"),
+    "12": Need(
+        "A100-80",
+        "rehearsed",
+        "cell 15 holds three fp16 copies (37.65 GiB), over the A100 40 GB's 35.0 GiB budget; cell 20 trains a "
+        "FLaP-20% copy with AdamW next to the teacher (~55 GiB, estimate)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Machine:
+    gpu: str  # the GPU's name, e.g. "Tesla T4"
+    gpu_bytes: int  # torch.cuda.get_device_properties(device).total_memory
+    sm: int  # compute capability, e.g. 75
+    host_bytes: int  # total CPU RAM
+
+
+def lesson_key(lesson: int | str) -> str:
+    """'00'..'12' from 0, '0', '00' or a notebook name like '00_baseline'."""
+    text = str(lesson)
+    key = text[:2] if len(text) > 2 and text[2] == "_" else text
+    if key.isdigit() and f"{int(key):02d}" in LESSONS:
+        return f"{int(key):02d}"
+    raise ValueError(f"lesson={lesson!r}: allowed are {list(LESSONS)} (or their numbers, or a notebook name).")
+
+
+def need(lesson: int | str) -> Need:
+    return LESSONS[lesson_key(lesson)]
+
+
+def declared(lesson: int | str) -> Runtime:
+    return RUNTIMES[need(lesson).runtime]
+
+
+def colab_gpu_type(lesson: int | str) -> str:
+    """What the notebook's metadata asks Colab for: the runtime's Colab choice, else Colab's largest (A100)."""
+    return declared(lesson).colab or "A100"
+
+
+def first_cell_line(lesson: int | str) -> str:
+    """The line the lesson's first cell carries (tests/test_runtime.py checks it)."""
+    n = need(lesson)
+    return f"**Runtime (GPU profile):** {RUNTIMES[n.runtime].name} or larger ({n.basis}: {n.why})."
+
+
+def machine(device: int = 0) -> Machine:
+    """This machine's GPU `device` and CPU RAM."""
+    import psutil
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return Machine(props.name, props.total_memory, 10 * props.major + props.minor, psutil.virtual_memory().total)
+
+
+def problems(lesson: int | str, have: Machine) -> tuple[list[str], list[str]]:
+    """(what makes `have` unable to run the lesson's GPU profile, what only might): plain sentences."""
+    n, runtime = need(lesson), declared(lesson)
+    hard, soft = [], []
+    if have.gpu_bytes < runtime.gpu_bytes * (1 - GPU_SLACK):
+        hard.append(f"GPU memory {have.gpu_bytes / GiB:.1f} GiB < {runtime.gpu_bytes / GiB:.1f} GiB")
+    if have.sm < n.min_sm:
+        hard.append(f"compute capability {have.sm / 10:.1f} < {n.min_sm / 10:.1f}")
+    if have.host_bytes < runtime.host_bytes * (1 - HOST_SLACK):
+        soft.append(f"CPU RAM {have.host_bytes / GiB:.1f} GiB < {runtime.host_bytes / GiB:.1f} GiB")
+    return hard, soft
+
+
+def advice(lesson: int | str) -> str:
+    """What to pick instead: the declared runtime on Colab, or the CPU profile."""
+    runtime = declared(lesson)
+    if runtime.colab:
+        where = f"Colab: Runtime > Change runtime type > {runtime.colab} GPU"
+    else:
+        where = "Colab's runtime menu has no GPU this large (its A100 has 40 GB): use an 80 GB A100 or H100 machine"
+    return f"Pick {runtime.name} or larger ({where}), or run the CPU profile (PROFILE = 'cpu' in the set-up cell)."
+
+
+def require(lesson: int | str, profile, device: int = 0) -> Machine | None:
+    """Check at start-up that this machine has the runtime `lesson`'s GPU profile needs (see LESSONS).
+
+    CPU profile: nothing, silently (returns None). GPU profile: RuntimeError when GPU memory or compute
+    capability fall short, naming the runtime to pick; a warning when only CPU RAM does. Returns the Machine."""
+    key = lesson_key(lesson)
+    if getattr(profile, "device", None) != "cuda":
+        return None
+    have = machine(device)
+    hard, soft = problems(key, have)
+    n = LESSONS[key]
+    head = f"Lesson {key}'s GPU profile needs {RUNTIMES[n.runtime].name} or larger ({n.basis}: {n.why})"
+    if hard:
+        raise RuntimeError(f"{head}. This machine ({have.gpu}) has {'; '.join(hard + soft)}. {advice(key)}")
+    if soft:
+        warnings.warn(
+            f"{head}. This machine ({have.gpu}) has {'; '.join(soft)}: it may run out. {advice(key)}", stacklevel=2
+        )
+    return have
+
+
+def markdown_table() -> str:
+    """Lesson → runtime → why, as the README shows it (tests/test_runtime.py checks that it does)."""
+    lines = ["| lesson | GPU-profile runtime | basis | why |", "|---|---|---|---|"]
+    for key, n in LESSONS.items():
+        sm = f" (sm{n.min_sm}+)" if n.min_sm > 75 else ""
+        lines.append(f"| {key} | {RUNTIMES[n.runtime].name}{sm} | {n.basis} | {n.why} |")
+    return "\n".join(lines)
+
+
+# --- keeping the notebooks in step: `python -m labkit.runtime` ---------------------------------------
+
+RUNTIME_LINE = "**Runtime (GPU profile):**"  # how the first cell's runtime line starts
+PROFILE_LINE = "P = profiles.get()"
+
+
+def sync_notebook(nb, lesson: str) -> bool:
+    """Bring lesson `lesson`'s notebook (an nbformat node, changed in place) in step with LESSONS and
+    labkit.colab.SETUP_CELL: the runtime line of the first cell, the set-up cell (cell 1), the `require` call
+    after `P = profiles.get()`, the Colab and labkit metadata. Outputs are kept. Returns whether anything changed."""
+    before = repr((nb.metadata, [cell.source for cell in nb.cells]))
+    first = nb.cells[0]
+    if first.cell_type != "markdown":
+        raise ValueError(f"lesson {lesson}: cell 0 must be the title's markdown cell, got a {first.cell_type} cell.")
+    lines = first.source.split("\n")
+    if any(line.startswith(RUNTIME_LINE) for line in lines):  # replace the previous runtime line and its blank line
+        old = next(i for i, line in enumerate(lines) if line.startswith(RUNTIME_LINE))
+        del lines[old - 1 if old and lines[old - 1] == "" else old : old + 1]
+    badge = next((i for i, line in enumerate(lines) if "colab-badge" in line), None)
+    if badge is None:
+        raise ValueError(f"lesson {lesson}: cell 0 has no 'Open In Colab' badge to put the runtime line under.")
+    lines[badge + 1 : badge + 1] = ["", first_cell_line(lesson)]
+    first.source = "\n".join(lines)
+
+    if nb.cells[1].cell_type != "code" or not nb.cells[1].source.startswith("# Set-up."):
+        raise ValueError(f"lesson {lesson}: cell 1 must be the set-up code cell ('# Set-up. ...').")
+    nb.cells[1].source = colab.SETUP_CELL
+
+    cell = profile_cell(nb, lesson)
+    code = [line for line in cell.source.split("\n") if not line.startswith("runtime.require(")]
+    imports = [i for i, line in enumerate(code) if line.startswith("from labkit import ") and "profiles" in line]
+    if len(imports) != 1:
+        raise ValueError(f"lesson {lesson}: the profile cell needs one 'from labkit import ..., profiles, ...' line.")
+    names = code[imports[0]].removeprefix("from labkit import ").split(", ")
+    code[imports[0]] = "from labkit import " + ", ".join(sorted({*names, "runtime"}))
+    at = code.index(PROFILE_LINE)
+    code.insert(at + 1, require_line(lesson))
+    cell.source = "\n".join(code)
+
+    nb.metadata["accelerator"] = "GPU"
+    nb.metadata.setdefault("colab", {})["gpuType"] = colab_gpu_type(lesson)
+    nb.metadata["labkit"] = {"runtime": need(lesson).runtime}
+    return before != repr((nb.metadata, [cell.source for cell in nb.cells]))
+
+
+def require_line(lesson: str) -> str:
+    return f'runtime.require("{lesson}", P)  # this machine has the runtime of the first cell (CPU profile: nothing)'
+
+
+def profile_cell(nb, lesson: str):
+    """The code cell with `P = profiles.get()` (one per lesson)."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and PROFILE_LINE in c.source.split("\n")]
+    if len(cells) != 1:
+        raise ValueError(
+            f"lesson {lesson}: need exactly one code cell with the line {PROFILE_LINE!r}, found {len(cells)}."
+        )
+    return cells[0]
+
+
+def sync_readme(text: str) -> str:
+    """`text` (the README) with its runtime table replaced by markdown_table()."""
+    header = markdown_table().split("\n", 1)[0]
+    if text.count(header) != 1:
+        raise ValueError(f"the README needs exactly one runtime table starting with {header!r}.")
+    start = text.index(header)
+    end = text.find("\n\n", start)
+    return text[:start] + markdown_table() + (text[end:] if end != -1 else "\n")
+
+
+def main() -> None:
+    """After changing LESSONS: bring the lessons' first cells, set-up cells, checks and metadata, and the
+    README's table, in step (`python -m labkit.runtime`)."""
+    import nbformat
+
+    from .course import ROOT, lessons
+
+    for path in lessons():
+        nb = nbformat.read(path, as_version=4)
+        if sync_notebook(nb, path.name[:2]):
+            nbformat.write(nb, path)
+            print(f"updated {path.name}")
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    if sync_readme(text) != text:
+        readme.write_text(sync_readme(text), encoding="utf-8")
+        print("updated README.md")
+
+
+if __name__ == "__main__":
+    main()
