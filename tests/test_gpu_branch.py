@@ -115,6 +115,8 @@ def test_distill_and_blockwise_distill_in_fp16_stay_finite(tiny16):
     teacher = models.tiny_llama_random(seed=1)[0].half()
     curve = distill.distill(tiny16, teacher, data, 3, lr=1e-3, alpha_ce=0.5, progress=False)
     assert all(math.isfinite(v) for v in curve) and all_finite(tiny16)
+    curve = distill.distill(tiny16, teacher, data[:, :12], 2, lr=1e-3, on_policy=True, progress=False)  # GKD samples
+    assert all(math.isfinite(v) for v in curve) and all_finite(tiny16)
     inputs, kwargs = walk.layer_inputs(teacher, data, 1)
     student = copy.deepcopy(teacher.model.layers[0])
     curve = distill.blockwise_distill(
