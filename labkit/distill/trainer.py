@@ -10,6 +10,13 @@ One plain loop (`_train`), written out once:
         AdamW step
     return the loss of every step                      # the learning curve, for a plot
 
+Mixed precision (the GPU profile trains fp16 models): AdamW steps fp32 master copies of the
+fp16/bf16 trainable parameters and keeps its state in fp32; the model computes in its own dtype
+and the weights are copied back after each step (Micikevicius et al., 2018). In fp16 AdamW's
+eps = 1e-8 rounds to 0 and a zero gradient gives 0 / 0 = NaN; an update ~lr · w is below fp16's
+resolution. fp32 parameters are trained as they are (the CPU profile: no copy, no change).
+The losses are computed in fp32 (losses.py upcasts the logits).
+
 Every step sees batch_size · grad_accum windows of the token data, so `distill` and `finetune`
 with the same steps, batch_size and grad_accum train on the same token budget: the comparison
 "distillation vs plain fine-tuning on the same tokens" changes only the target (the teacher's
@@ -100,28 +107,37 @@ def _train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad is False everywhere).")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    masters = [_master_weight(p) for p in params]  # what AdamW updates: fp32
+    optimizer = torch.optim.AdamW(masters, lr=lr, weight_decay=weight_decay)
     curve: list[float] = []
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     try:
         for step in bar:
-            optimizer.zero_grad(set_to_none=True)
+            _zero_grad(params, optimizer)
             total = 0.0
             for _ in range(grad_accum):
                 loss = micro_loss()
                 value = loss.item()
                 if not math.isfinite(value):
-                    _stop(optimizer, step, steps, f"the loss is {value}")
+                    _stop(params, optimizer, step, steps, f"the loss is {value}")
                 (loss / grad_accum).backward()  # gradients add up over the micro-batches
                 total += value
+            for p, master in zip(params, masters):
+                if master is not p:  # the low-precision gradient, in fp32, on the master copy
+                    master.grad = None if p.grad is None else p.grad.float()
+                    p.grad = None
             if max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(masters, max_grad_norm)
             else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                norm = torch.nn.utils.get_total_norm([m.grad for m in masters if m.grad is not None])
             if not torch.isfinite(norm):
-                _stop(optimizer, step, steps, f"the gradient norm is {norm.item()}")
+                _stop(params, optimizer, step, steps, f"the gradient norm is {norm.item()}")
             optimizer.step()
+            with torch.no_grad():
+                for p, master in zip(params, masters):
+                    if master is not p:
+                        p.copy_(master)  # rounded to the model's dtype for the next forward
             curve.append(total / grad_accum)
             bar.set_postfix(loss=f"{curve[-1]:.4f}")
     finally:
@@ -129,9 +145,22 @@ def _train(
     return curve
 
 
-def _stop(optimizer, step: int, steps: int, what: str) -> None:
-    """A non-finite loss or gradient: stop before the update, so the weights stay those of the last good step."""
+def _master_weight(p: nn.Parameter) -> torch.Tensor:
+    """The tensor the optimizer updates for parameter p: p itself if it is fp32 or fp64, else an fp32 copy."""
+    if p.dtype in (torch.float32, torch.float64):
+        return p
+    return p.detach().float().requires_grad_(True)
+
+
+def _zero_grad(params: list, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad = None
+
+
+def _stop(params: list, optimizer, step: int, steps: int, what: str) -> None:
+    """A non-finite loss or gradient: stop before the update, so the weights stay those of the last good step."""
+    _zero_grad(params, optimizer)
     raise FloatingPointError(
         f"training step {step + 1} of {steps}: {what}. Stopped before updating: the weights are those after "
         f"step {step}. Lower lr, check the data and the model's weights for NaN/inf, or clip with max_grad_norm."

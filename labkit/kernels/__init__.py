@@ -15,6 +15,7 @@ needed) and reports registers, spills and shared memory.
 """
 
 from ._triton import available as triton_available
+from ._triton import device as triton_device
 from ._triton import interpreted as triton_interpreted
 from .fused import (
     rms_norm,

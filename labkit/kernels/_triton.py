@@ -15,6 +15,7 @@ launch after the variable changed gets a clear error here rather than Triton's "
 
     available()     is triton importable?
     interpreted()   do the kernels run in Triton's interpreter?
+    device()        where backend="triton" needs its tensors here: "cpu" (interpreter) or "cuda"
     resolve_backend(backend, where, *tensors)  "auto" | "triton" | "torch" -> "triton" | "torch"
 """
 
@@ -45,6 +46,12 @@ def interpreted() -> bool:
     if language is None:
         return _env_interpret()
     return type(language.sum).__name__ == "InterpretedFunction"  # a JITFunction when compiling for GPUs
+
+
+def device() -> torch.device:
+    """Where backend="triton" needs its tensors in this process: the CPU in Triton's interpreter, else CUDA.
+    Lessons build small examples on the CPU; on a GPU (no interpreter) they move them here before a launch."""
+    return torch.device("cpu" if interpreted() else "cuda")
 
 
 def load():

@@ -35,6 +35,7 @@ from .svd import (
     rank_for_ratio,
     svd,
     truncated_svd,
+    truncation_errors,
     whitened_svd,
     whitening,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "sparse_plus_lowrank",
     "svd",
     "truncated_svd",
+    "truncation_errors",
     "whitened_svd",
     "whitening",
 ]

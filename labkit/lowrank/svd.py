@@ -172,6 +172,37 @@ def discarded(s: torch.Tensor, rank: int) -> float:
     return float(squares[rank:].sum() / squares.sum().clamp_min(1e-300))
 
 
+def truncation_errors(weight: torch.Tensor, H: torch.Tensor, ranks: list[int]) -> dict[str, list[float]]:
+    """Relative errors of rank-r truncations of one linear, for each r in `ranks`, given H ∝ X Xᵀ of its inputs:
+
+        "plain SVD: weight error"   ‖W − W_r‖² / ‖W‖²                   (W_r: the top r of W's own SVD)
+        "plain SVD: output error"   tr(ΔW H ΔWᵀ) / tr(W H Wᵀ),  ΔW = W − W_r
+        "SVD-LLM: output error"     Σ_{i>r} σ_i(W S)² / Σ σ_i(W S)²      (whitened: S = cholesky(H))
+
+    weight: [out, in]; H: [in, in]. Computed on weight's device: the plain SVD in fp32 (a 4096 × 11008
+    matrix of LLaMA-7B stays on the GPU), SVD-LLM's whitening in fp64 (whitened_svd).
+    """
+    W = weight.detach().float()  # [out, in]
+    full = min(W.shape)
+    if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= full for r in ranks):
+        raise ValueError(f"ranks={ranks!r}: need a non-empty list of integers in [1, {full}] (min(out, in)).")
+    Hf = H.detach().to(W.device, torch.float32)  # [in, in]
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # U: [out, full], S: [full], Vh: [full, in]
+    whitened = whitened_svd(W, H, 1)[2]  # singular values of W S
+    weight_energy, out_energy = (W**2).sum(), torch.trace(W @ Hf @ W.T)
+    curves: dict[str, list[float]] = {
+        "plain SVD: weight error": [],
+        "plain SVD: output error": [],
+        "SVD-LLM: output error": [],
+    }
+    for r in ranks:
+        dW = (U[:, r:] * S[r:]) @ Vh[r:]  # [out, in] = W − W_r: the discarded singular directions
+        curves["plain SVD: weight error"].append(((dW**2).sum() / weight_energy).item())
+        curves["plain SVD: output error"].append((torch.trace(dW @ Hf @ dW.T) / out_energy).item())
+        curves["SVD-LLM: output error"].append(discarded(whitened, r))
+    return curves
+
+
 def check_choice(rank, param_ratio, energy) -> None:
     given = [name for name, v in (("rank", rank), ("param_ratio", param_ratio), ("energy", energy)) if v is not None]
     if len(given) != 1:

@@ -47,6 +47,7 @@ from .sparse_storage import (
     encode,
     semi_structured_bytes,
     semi_structured_speed,
+    semi_structured_unavailable,
     storage_bytes,
     to_sparse,
 )
@@ -120,6 +121,7 @@ __all__ = [
     "row_mask",
     "semi_structured_bytes",
     "semi_structured_speed",
+    "semi_structured_unavailable",
     "sparsegpt",
     "sparsegpt_naive",
     "sparsegpt_prune",

@@ -109,7 +109,11 @@ def taylor_importance(
             loss.backward()  # gradients add up over batches
         importance = {}
         for i, found in linears.items():
-            salience = {name: (lin.weight.detach() * lin.weight.grad).float().abs() for name, lin in found.items()}
+            # |w · g| in fp32: in fp16 the product of a small weight and a small gradient underflows to 0
+            # (the gradients themselves add up over the batches in the model's dtype, as autograd keeps them)
+            salience = {
+                name: (lin.weight.detach().float() * lin.weight.grad.float()).abs() for name, lin in found.items()
+            }
             importance[i] = tuple(t.cpu() for t in group_importance(model.model.layers[i], salience))
     finally:
         for p, flag in flags.items():

@@ -224,6 +224,23 @@ def to_sparse(model, format: str = "bitmask"):
 # --- 2:4 on a GPU --------------------------------------------------------------------------------
 
 
+def semi_structured_unavailable(device=None) -> str | None:
+    """Why torch has no 2:4 sparse matmul on `device` (default: the GPU if there is one, else the CPU), in words;
+    None where it has one: CUDA with compute capability >= 8.0 (Ampere+). A Colab T4 (sm75) has no sparse
+    tensor cores, and torch.sparse.to_sparse_semi_structured raises there: check this before timing."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "CPU: no sparse tensor cores, so a 2:4 matrix is multiplied as a dense one; the GPU profile times it."
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return (
+            f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}): no sparse tensor cores "
+            f"(2:4 kernels need 8.0 or newer: A100, L4, H100), so a 2:4 matrix is multiplied as a dense one; "
+            f"2:4 timing skipped."
+        )
+    return None
+
+
 @torch.no_grad()
 def semi_structured_speed(
     out_features: int = 4096,
@@ -235,7 +252,8 @@ def semi_structured_speed(
 ) -> dict[str, float]:
     """Time y = x Wᵀ with a dense W and with W in torch's 2:4 format (torch.sparse.to_sparse_semi_structured).
 
-    Returns {"dense_ms", "sparse_ms", "speedup"}. CUDA only, compute capability ≥ 8.0 (Ampere+).
+    Returns {"dense_ms", "sparse_ms", "speedup"}. CUDA only, compute capability ≥ 8.0 (Ampere+):
+    semi_structured_unavailable() says whether this machine has it.
     Shapes should be multiples of 64; the speed-up is largest for big matmuls (prefill), and
     small at decode (1 token), where the time goes to reading weights, not multiplying.
     """
@@ -246,10 +264,9 @@ def semi_structured_speed(
             "cores through cuSPARSELt/CUTLASS. On a CPU torch has no 2:4 kernel, and a dense matmul over a "
             "matrix that is half zeros does all the same work, so no speed-up is expected there."
         )
-    if torch.cuda.get_device_capability(device)[0] < 8:
-        raise RuntimeError(
-            f"{torch.cuda.get_device_name(device)} has no sparse tensor cores (needs compute capability >= 8.0)."
-        )
+    why_not = semi_structured_unavailable(device)
+    if why_not is not None:
+        raise RuntimeError(why_not)
     from torch.sparse import to_sparse_semi_structured
 
     weight = torch.randn(out_features, in_features, dtype=dtype, device=device)

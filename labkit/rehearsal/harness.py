@@ -12,8 +12,10 @@ Two devices. Fake CUDA tensors fail on a CPU-only torch build, so two fake CPU d
     HOST = cpu     everything else: CPU RAM (the default device, `.cpu()`, tensors made without a device)
 
 FakeTensorMode refuses an op that mixes cpu:1 and cpu tensors, exactly as CUDA refuses cuda and cpu
-(0-dim CPU scalars excepted, as on CUDA), so a device mismatch crashes the rehearsal as it would
-crash Colab. The model "in CPU memory" is a fake model on HOST: its bytes are counted, none is used.
+(0-dim CPU scalars excepted, as on CUDA; a 0-dim cpu:1 tensor among CPU tensors, which FakeTensorMode
+lets through as a "CPU scalar", is refused by the rehearsal itself), so a device mismatch crashes the
+rehearsal as it would crash Colab. The model "in CPU memory" is a fake model on HOST: its bytes are
+counted, none is used.
 Why not fake "cuda": on a CPU-only build, indexing (`t[None]`), `cumsum` and other ops that take a
 CUDA device guard before reaching Python raise "PyTorch is not linked with support for cuda devices".
 What the stand-in changes: code that branches on `device.type == "cuda"` (CUDA syncs, the GPU peak of
@@ -321,6 +323,7 @@ class Rehearsal(TorchDispatchMode):
             return self._ask("item", t, lambda p: 1.0 if t.dtype.is_floating_point else 1)
         if func in (_ATEN.equal.default, _ATEN.allclose.default):
             return self._ask(_op_name(func), None, lambda p: True)
+        _check_devices(func, args, kwargs)
         if func is _ATEN.nonzero.default:
             self._ask("nonzero", args[0], lambda p: "no element")
             out = torch.empty((0, args[0].dim()), dtype=torch.long, device=args[0].device)
@@ -334,6 +337,25 @@ class Rehearsal(TorchDispatchMode):
                     name = name or _op_name(func)
                     self._producers[t] = name
         return out
+
+
+_MOVES = {_ATEN._to_copy.default, _ATEN.copy_.default, _ATEN.copy.default}  # ops that move data between devices
+
+
+def _check_devices(func, args, kwargs) -> None:
+    """FakeTensorMode lets a 0-dim tensor on any "cpu" device join CPU tensors, which covers the stand-in GPU
+    (cpu:1); CUDA allows that only for 0-dim *CPU* tensors. Refuse a 0-dim GPU tensor in an op on host tensors
+    (e.g. torch.randn(n) * w_on_gpu.std()), with CUDA's message."""
+    if func in _MOVES:
+        return
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    if any(t.device == GPU and t.dim() == 0 for t in tensors) and any(
+        t.device == HOST and t.dim() > 0 for t in tensors
+    ):
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found at least two devices, {GPU} (the stand-in "
+            f"GPU) and cpu! ({_op_name(func)}: a 0-dim GPU tensor with CPU tensors, refused by CUDA)"
+        )
 
 
 class _KeepStandInDevice(TorchFunctionMode):
