@@ -294,10 +294,18 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
 
 
+# Called with (the module that set_module is about to replace, its replacement). labkit.transform.all_or_nothing
+# adds a callback while a transform runs, to park a replaced module's accelerator tensors in CPU memory.
+before_replace: list = []
+
+
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted `name` (e.g. 'self_attn.q_proj') of `root` by `module`."""
     parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
+    owner = root.get_submodule(parent) if parent else root
+    for callback in before_replace:
+        callback(getattr(owner, child), module)
+    setattr(owner, child, module)
 
 
 def tensor_key(t: torch.Tensor) -> tuple:

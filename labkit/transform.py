@@ -10,11 +10,15 @@ Pruning then quantizing is allowed (lesson 12: SparseGPT 2:4, then GPTQ with kee
 quantization is refused with a message, since the weights are then codes, not the float weights a method expects.
 
 `all_or_nothing` restores the model when the call raises, at any point (an interrupt included): every module's
-attributes (submodules, parameters, buffers, sizes), each parameter's and buffer's tensor, and the config. The
-snapshot holds references, not copies, so it costs nothing; this works because labkit's transforms never
-write into a tensor the model already holds: they install new tensors or new modules (`replace_data`).
-The replaced tensors stay alive until the call returns, so a call that rewrites every decoder weight (Wanda,
-SparseGPT, GPTQ with pack=False) holds the decoder's old weights beside the new ones at its end.
+attributes (submodules, parameters, buffers, sizes), each parameter's and buffer's tensor, and the config. This
+works because labkit's transforms never write into a tensor the model already holds: they install new tensors
+(`replace_data`) or new modules (`models.set_module`). What is kept for the restore:
+- tensors in CPU memory: a reference (no copy). A call that rewrites every decoder weight (Wanda, SparseGPT,
+  GPTQ with pack=False) holds the old CPU weights beside the new ones until it returns: small on the CPU
+  profile (0.5 GB);
+- tensors on an accelerator: nothing at first; when one is replaced (`replace_data`, or its module replaced by
+  `models.set_module`), its old values are copied to CPU memory and its accelerator memory is freed, so GPU
+  memory is not doubled (a 7B model's 13.5 GB would not fit twice on an L4). The restore copies them back.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import models
 from .models import check_llama, decoder_layers
 
 
@@ -127,11 +132,51 @@ def check_damping(value, name: str = "percdamp") -> float:
     return float(value)
 
 
+def _parked(t: torch.Tensor) -> bool:
+    """Kept for a restore as a CPU copy made when it is replaced (accelerator memory), not as a reference."""
+    return t.device.type not in ("cpu", "meta")
+
+
+class _Journal:
+    """What an all_or_nothing call parked in CPU memory: the old values of replaced accelerator tensors."""
+
+    def __init__(self):
+        self.tensors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.device]] = {}
+
+    def tensor_replaced(self, t: torch.Tensor) -> None:
+        if _parked(t) and id(t) not in self.tensors:
+            self.tensors[id(t)] = (t, t.data.to("cpu", copy=True), t.device)
+
+    def module_replaced(self, old: nn.Module, new: nn.Module) -> None:
+        """`old` leaves the model: its accelerator tensors are parked and emptied, except those `new` still holds
+        (a bias passed on, or a base layer that a LoRA wrapper keeps)."""
+        kept = {id(t) for t in [*new.parameters(), *new.buffers()]}
+        for t in [*old.parameters(), *old.buffers()]:
+            if _parked(t) and id(t) not in kept:
+                self.tensor_replaced(t)
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)  # frees its accelerator memory
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, old, device in self.tensors.values():
+                t.data = old.to(device)
+
+
+_journals: list[_Journal] = []  # one per all_or_nothing call in progress (they may nest)
+
+
 def replace_data(tensor: torch.Tensor, new: torch.Tensor) -> None:
     """Give `tensor` (a parameter or buffer of the model) the values `new`, in a new storage.
 
     Never written in place, so that all_or_nothing can put the old storage back."""
+    for journal in _journals:
+        journal.tensor_replaced(tensor)
     tensor.data = new.to(tensor.dtype)
+
+
+def _module_replaced(old: nn.Module, new: nn.Module) -> None:
+    for journal in _journals:
+        journal.module_replaced(old, new)
 
 
 def _snapshot(model: nn.Module):
@@ -143,7 +188,7 @@ def _snapshot(model: nn.Module):
         modules.append((module, state))
     tensors = [t for module, _ in modules for t in [*module._parameters.values(), *module._buffers.values()]]
     config = copy.deepcopy(model.config.__dict__) if hasattr(model, "config") else None
-    return modules, [(t, t.data) for t in tensors if t is not None], config
+    return modules, [(t, t.data) for t in tensors if t is not None and not _parked(t)], config
 
 
 def _restore(model: nn.Module, snapshot) -> None:
@@ -171,11 +216,19 @@ def all_or_nothing(transform):
     def wrapper(model, *args, **kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{transform.__qualname__}: model must be a torch.nn.Module; got {type(model).__name__}.")
-        snapshot = _snapshot(model)
+        snapshot, journal = _snapshot(model), _Journal()
+        _journals.append(journal)
+        if _module_replaced not in models.before_replace:
+            models.before_replace.append(_module_replaced)
         try:
             return transform(model, *args, **kwargs)
         except BaseException:
             _restore(model, snapshot)
+            journal.restore()
             raise
+        finally:
+            _journals.remove(journal)
+            if not _journals:
+                models.before_replace.remove(_module_replaced)
 
     return wrapper

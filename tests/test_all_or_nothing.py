@@ -356,3 +356,32 @@ def test_all_or_nothing_undoes_moves_new_modules_attributes_and_config(model):
     assert_unchanged(model, before)
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
     assert model.model.layers[1].self_attn.num_key_value_groups == 2
+
+
+# --- on an accelerator, replaced tensors are parked in CPU memory, not kept beside the new ones -------------
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_parking_replaced_accelerator_tensors_restores_bit_identically(name, model, cal, monkeypatch):
+    """What happens to a model on a GPU, imitated on CPU: every tensor counts as an accelerator tensor, so it is
+    not referenced by the snapshot but copied when replaced, and a replaced module's tensors are emptied."""
+    monkeypatch.setattr(transform, "_parked", lambda t: t.device.type != "meta")
+    before = state(model)
+    _fail_at_the_end(monkeypatch, name)
+    with pytest.raises(RuntimeError, match="boom"):
+        TRANSFORMS[name](model, cal)
+    assert_unchanged(model, before)
+    assert not transform._journals and not models.before_replace
+
+
+@pytest.mark.parametrize("name", ["quant.rtn", "quant.gptq", "prune.wanda"])
+def test_parking_frees_what_a_successful_transform_replaced(name, model, cal, monkeypatch):
+    reference = copy.deepcopy(model)
+    TRANSFORMS[name](reference, cal)  # without parking
+    monkeypatch.setattr(transform, "_parked", lambda t: t.device.type != "meta")
+    old = [m.weight for layer in models.decoder_layers(model) for m in models.linear_layers(layer).values()]
+    TRANSFORMS[name](model, cal)
+    now, then = model.state_dict(), reference.state_dict()
+    assert now.keys() == then.keys() and all(torch.equal(now[k], then[k]) for k in now)  # parking changes no result
+    if name != "prune.wanda":  # the float linears left the model: their memory was freed
+        assert all(w.numel() == 0 for w in old)
