@@ -138,17 +138,25 @@ class QuantLinear(nn.Module):
     ) -> QuantLinear:
         """Round-to-nearest quantization of an nn.Linear into a QuantLinear."""
         codes, scales, zeros = quantize(linear.weight.detach(), bits, group_size, sym, float_offset=float_offset)
-        return cls.from_codes(
-            codes,
-            scales,
-            zeros,
-            bits,
-            group_size,
-            sym=sym,
-            float_offset=float_offset,
-            bias=linear.bias,
-            dtype=linear.weight.dtype,
-        )
+        return cls.replacing(linear, codes, scales, zeros, bits, group_size, sym=sym, float_offset=float_offset)
+
+    @classmethod
+    def replacing(
+        cls,
+        linear: nn.Linear,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bits: int,
+        group_size: int | None = None,
+        *,
+        sym: bool = False,
+        float_offset: bool = False,
+        g_idx: torch.Tensor | None = None,
+    ) -> QuantLinear:
+        """from_codes for codes [out, in] that quantize `linear`'s weight: its bias and dtype carry over."""
+        kw = dict(sym=sym, float_offset=float_offset, g_idx=g_idx)
+        return cls.from_codes(codes, scales, zeros, bits, group_size, **kw, bias=linear.bias, dtype=linear.weight.dtype)
 
     # --- reading --------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:  # [out, in] uint8
