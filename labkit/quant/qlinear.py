@@ -142,21 +142,13 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def replacing(
-        cls,
-        linear: nn.Linear,
-        codes: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor,
-        bits: int,
-        group_size: int | None = None,
-        *,
-        sym: bool = False,
-        float_offset: bool = False,
-        g_idx: torch.Tensor | None = None,
+        cls, linear: nn.Linear, codes, scales, zeros, bits: int, group_size: int | None = None, **options
     ) -> QuantLinear:
-        """from_codes for codes [out, in] that quantize `linear`'s weight: its bias and dtype carry over."""
-        kw = dict(sym=sym, float_offset=float_offset, g_idx=g_idx)
-        return cls.from_codes(codes, scales, zeros, bits, group_size, **kw, bias=linear.bias, dtype=linear.weight.dtype)
+        """from_codes for codes [out, in] that quantize `linear`'s weight: its bias and dtype carry over.
+
+        options: from_codes's sym, float_offset, g_idx."""
+        bias, dtype = linear.bias, linear.weight.dtype
+        return cls.from_codes(codes, scales, zeros, bits, group_size, **options, bias=bias, dtype=dtype)
 
     # --- reading --------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:  # [out, in] uint8
