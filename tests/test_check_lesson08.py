@@ -54,12 +54,3 @@ def test_rank_r_approximation(capsys):
 
     assert not check.lesson08.rank_r_approximation(columns)
     assert "first r columns of Vh" in capsys.readouterr().out
-
-
-def test_not_written_yet(capsys):
-    def todo(*args):
-        raise NotImplementedError
-
-    for name in ("factored_params", "break_even_rank", "rank_r_approximation"):
-        assert not getattr(check.lesson08, name)(todo)
-        assert "not written yet" in capsys.readouterr().out

@@ -20,6 +20,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import ROW
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -429,22 +430,6 @@ def test_checks_answer_every_return_value_in_words(module, name, answer, capsys)
 
 # --- results.record -----------------------------------------------------------------------------------------
 
-ROW = dict(
-    lesson="00_baseline",
-    method="fp32",
-    setting="-",
-    profile="cpu",
-    model="m",
-    params=10,
-    weight_bytes=40,
-    runtime_bytes=None,
-    tokens_per_s=1.5,
-    perplexity=20.0,
-    seqlen=512,
-    eval_windows=None,
-    data="local:x",
-    device="cpu",
-)
 TEXT_FIELDS = ("lesson", "method", "setting", "model", "data", "device", "note")
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import transformers
 
 from labkit.kernels import rms_norm_torch, roofline, swiglu_torch, w4a16_matmul_torch
+from labkit.rehearsal import llama_7b_config
 
 META = dict(device="meta", dtype=torch.float16)
 
@@ -35,14 +36,7 @@ def test_gpu_table_and_roofline():
 
 
 def test_decoder_costs_decode_is_memory_bound_prefill_compute_bound():
-    cfg = transformers.LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    )
+    cfg = llama_7b_config()
     ridge = roofline.device_peak("A100-SXM4-80GB").ridge
     decode = roofline.decoder_layer_costs(cfg, tokens=1, context=2048)
     prefill = roofline.decoder_layer_costs(cfg, tokens=2048)

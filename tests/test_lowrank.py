@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from helpers import correlated_layer, output_error
 
 from labkit import evaluate, lowrank, models
 
@@ -15,26 +16,11 @@ def tokens():
     return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
-def correlated_layer(seed=0, rows=32, columns=48, tokens=512):
-    """A weight and inputs whose features are correlated and unevenly scaled, like an LLM's."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, columns, generator=g)  # [rows, columns]
-    mixing = torch.randn(columns, columns, generator=g) / columns**0.5
-    scales = torch.ones(columns)
-    scales[:4] = 10.0  # a few outlier channels
-    X = torch.randn(tokens, columns, generator=g) @ mixing * scales + 0.1 * torch.randn(tokens, columns, generator=g)
-    return W, X  # X: [tokens, columns]
-
-
-def output_error(W, W_hat, X):
-    return ((X @ W.T - X @ W_hat.T) ** 2).sum().item()  # ‖WX − ŴX‖²
-
-
 # --- one matrix ----------------------------------------------------------------------------------
 
 
 def test_full_rank_svd_reproduces_the_layer():
-    W, X = correlated_layer()
+    W, X = correlated_layer(columns=48, noise=0.1)
     A, B, _s = lowrank.truncated_svd(W, 32)
     layer = lowrank.LowRankLinear.from_factors(A, B)
     torch.testing.assert_close(layer(X), X @ W.T, rtol=1e-4, atol=1e-3)  # fp32 SVD of a 32 x 48 matrix
@@ -43,7 +29,7 @@ def test_full_rank_svd_reproduces_the_layer():
 
 @pytest.mark.parametrize("rank", [1, 5, 20])
 def test_truncation_error_is_eckart_young(rank):
-    W, _ = correlated_layer()
+    W, _ = correlated_layer(columns=48, noise=0.1)
     A, B, s = lowrank.truncated_svd(W, rank)
     error = ((W - B @ A) ** 2).sum().item()
     assert error == pytest.approx((s[rank:] ** 2).sum().item(), rel=1e-4)  # Σ_{i>r} σ_i²
@@ -52,7 +38,7 @@ def test_truncation_error_is_eckart_young(rank):
 
 
 def test_whitened_svd_minimises_the_output_error():
-    W, X = correlated_layer()
+    W, X = correlated_layer(columns=48, noise=0.1)
     H = X.T @ X  # ∝ X Xᵀ in the docstring's [in, tokens] convention
     rank = 8
     A, B, _s = lowrank.truncated_svd(W, rank)
@@ -222,7 +208,7 @@ def test_allocation_errors(tiny, calibration):
 
 
 def test_sparse_plus_lowrank_module():
-    W, X = correlated_layer()
+    W, X = correlated_layer(columns=48, noise=0.1)
     linear = torch.nn.Linear(48, 32, bias=True)
     with torch.no_grad():
         linear.weight.copy_(W)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import correlated_layer, output_error
 from torch import nn
 
 from labkit import evaluate, prune
@@ -10,21 +11,6 @@ from labkit.prune import masks, sparse_storage
 
 def linears(model):
     return prune.decoder_linears(model)
-
-
-def correlated_layer(seed=0, rows=32, columns=64, tokens=512):
-    """A weight and inputs whose features are correlated and unevenly scaled, like an LLM's."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, columns, generator=g)  # [rows, columns]
-    mixing = torch.randn(columns, columns, generator=g) / columns**0.5
-    scales = torch.ones(columns)
-    scales[:4] = 10.0  # a few outlier channels
-    X = torch.randn(tokens, columns, generator=g) @ mixing * scales + 0.3 * torch.randn(tokens, columns, generator=g)
-    return W, X  # X: [tokens, columns]
-
-
-def reconstruction_error(W, W_hat, X):
-    return ((X @ W.T - X @ W_hat.T) ** 2).sum().item()  # ‖WX − ŴX‖²
 
 
 def check_nm(weight, n, m):
@@ -176,9 +162,9 @@ def test_sparsegpt_beats_magnitude_and_wanda(pattern, sparsity):
     norm = X.norm(dim=0)
     scope = "row" if pattern == "unstructured" else "layer"
     errors = {
-        "magnitude": reconstruction_error(W, W.masked_fill(prune.magnitude_mask(W, sparsity, pattern, scope), 0), X),
-        "wanda": reconstruction_error(W, W.masked_fill(prune.wanda_mask(W, norm, sparsity, pattern), 0), X),
-        "sparsegpt": reconstruction_error(W, prune.sparsegpt_prune(W, H, sparsity, pattern, blocksize=16)[0], X),
+        "magnitude": output_error(W, W.masked_fill(prune.magnitude_mask(W, sparsity, pattern, scope), 0), X),
+        "wanda": output_error(W, W.masked_fill(prune.wanda_mask(W, norm, sparsity, pattern), 0), X),
+        "sparsegpt": output_error(W, prune.sparsegpt_prune(W, H, sparsity, pattern, blocksize=16)[0], X),
     }
     assert errors["sparsegpt"] < min(errors["wanda"], errors["magnitude"]), errors
 

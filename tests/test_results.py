@@ -3,28 +3,9 @@ import os
 import time
 
 import pytest
+from helpers import row
 
 from labkit import profiles, results
-
-
-def row(**kw):
-    base = dict(
-        lesson="00_baseline",
-        method="fp32",
-        setting="-",
-        profile="cpu",
-        model="m",
-        params=10,
-        weight_bytes=40,
-        runtime_bytes=50,
-        tokens_per_s=1.5,
-        perplexity=20.0,
-        seqlen=512,
-        eval_windows=32,
-        data="local:x",
-        device="cpu",
-    )
-    return results.Row(**{**base, **kw})
 
 
 def test_record_replaces_same_key_and_keeps_others(tmp_path, monkeypatch):

@@ -254,22 +254,18 @@ def gptq(
                 threads=threads,
             )
             if pack:
-                set_module(
-                    layer,
-                    name,
-                    QuantLinear.from_codes(
-                        result.codes,
-                        result.scales,
-                        result.zeros,
-                        bits,
-                        group_size,
-                        sym=sym,
-                        float_offset=float_offset,
-                        g_idx=result.g_idx,
-                        bias=linear.bias,
-                        dtype=linear.weight.dtype,
-                    ),
+                packed = QuantLinear.replacing(
+                    linear,
+                    result.codes,
+                    result.scales,
+                    result.zeros,
+                    bits,
+                    group_size,
+                    sym=sym,
+                    float_offset=float_offset,
+                    g_idx=result.g_idx,
                 )
+                set_module(layer, name, packed)
             else:
                 replace_data(linear.weight, result.weight)
             report.errors[f"layers.{index}.{name}"] = result.loss

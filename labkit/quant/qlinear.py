@@ -138,17 +138,17 @@ class QuantLinear(nn.Module):
     ) -> QuantLinear:
         """Round-to-nearest quantization of an nn.Linear into a QuantLinear."""
         codes, scales, zeros = quantize(linear.weight.detach(), bits, group_size, sym, float_offset=float_offset)
-        return cls.from_codes(
-            codes,
-            scales,
-            zeros,
-            bits,
-            group_size,
-            sym=sym,
-            float_offset=float_offset,
-            bias=linear.bias,
-            dtype=linear.weight.dtype,
-        )
+        return cls.replacing(linear, codes, scales, zeros, bits, group_size, sym=sym, float_offset=float_offset)
+
+    @classmethod
+    def replacing(
+        cls, linear: nn.Linear, codes, scales, zeros, bits: int, group_size: int | None = None, **options
+    ) -> QuantLinear:
+        """from_codes for codes [out, in] that quantize `linear`'s weight: its bias and dtype carry over.
+
+        options: from_codes's sym, float_offset, g_idx."""
+        bias, dtype = linear.bias, linear.weight.dtype
+        return cls.from_codes(codes, scales, zeros, bits, group_size, **options, bias=bias, dtype=dtype)
 
     # --- reading --------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:  # [out, in] uint8

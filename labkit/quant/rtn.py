@@ -40,21 +40,10 @@ def rtn(
                 (w - w_hat).float().pow(2).sum() / w.float().pow(2).sum().clamp(min=1e-30)
             ).item()
             if pack:
-                set_module(
-                    layer,
-                    name,
-                    QuantLinear.from_codes(
-                        codes,
-                        scales,
-                        zeros,
-                        bits,
-                        group_size,
-                        sym=sym,
-                        float_offset=float_offset,
-                        bias=linear.bias,
-                        dtype=w.dtype,
-                    ),
+                packed = QuantLinear.replacing(
+                    linear, codes, scales, zeros, bits, group_size, sym=sym, float_offset=float_offset
                 )
+                set_module(layer, name, packed)
             else:
                 replace_data(linear.weight, w_hat)
             report.layers += 1

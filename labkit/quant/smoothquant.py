@@ -119,12 +119,7 @@ def smooth(model, calibration: torch.Tensor, alpha: float = 0.5, device=None, ba
 def w8a8(model) -> Int8Report:
     """Every decoder linear -> int8 weights (per output channel) and int8 activations (per token, dynamic);
     the matmul runs in int8 with int32 accumulation (labkit.quant.int8.int8_matmul)."""
-    check_model(model, "quant.w8a8")
-    start = time.perf_counter()
-    report = Int8Report("W8A8", "per-channel W, per-token A")
-    report.layers, report.params = to_int8(model, "per-token")
-    record(model, report.method, report.setting, "quantize")
-    report.seconds = time.perf_counter() - start
+    report = _to_int8(model, "quant.w8a8", Int8Report("W8A8", "per-channel W, per-token A"), "per-token")
     report.matmul = _probe_path(model)
     return report
 
@@ -132,13 +127,18 @@ def w8a8(model) -> Int8Report:
 @all_or_nothing
 def w8a16(model) -> Int8Report:
     """Every decoder linear -> int8 weights (per output channel), dequantized on the fly; float activations."""
-    check_model(model, "quant.w8a16")
+    report = _to_int8(model, "quant.w8a16", Int8Report("W8A16", "per-channel W, float A"), "float")
+    report.matmul = "float (weights dequantized on the fly)"
+    return report
+
+
+def _to_int8(model, entry: str, report: Int8Report, act: str) -> Int8Report:
+    """w8a8 and w8a16: check, convert every decoder linear with activations `act`, record, time."""
+    check_model(model, entry)
     start = time.perf_counter()
-    report = Int8Report("W8A16", "per-channel W, float A")
-    report.layers, report.params = to_int8(model, "float")
+    report.layers, report.params = to_int8(model, act)
     record(model, report.method, report.setting, "quantize")
     report.seconds = time.perf_counter() - start
-    report.matmul = "float (weights dequantized on the fly)"
     return report
 
 
