@@ -61,6 +61,7 @@ def calibration_walk(
     samples: int = 128,
     seqlen: int = 2048,
     batch_size: int = 8,
+    activations: str = "device",
 ) -> None:
     """labkit.walk.calibration_walk as GPTQ / SparseGPT use it: Hessians of every linear's inputs (fp32,
     4096² and 11008²), then the method's update, on 128 samples x 2048 tokens, the first `layers` layers.
@@ -68,6 +69,8 @@ def calibration_walk(
     resident: where the model lives. "gpu" is what the GPU profile does today (models.load puts LLaMA-7B
     on the GPU; the walk then moves nothing); "host" is what walk.py's docstring describes (the model in
     CPU memory, one layer at a time on the GPU).
+    activations: the walk's `activations` argument: "host" keeps the calibration activations in CPU
+    memory and moves one batch at a time to the GPU (the walk's default); "device" keeps them on the GPU.
     The update runs the method's memory, not its column loop (see column_loop_stand_in).
     """
     if method not in ("gptq", "sparsegpt"):
@@ -95,9 +98,19 @@ def calibration_walk(
 
     with r.phase("walk"), contextlib.suppress(_EnoughLayers):
         walk.calibration_walk(
-            model, calibration, make_stats, update, device=GPU, sequential=sequential, batch_size=batch_size
+            model,
+            calibration,
+            make_stats,
+            update,
+            device=GPU,
+            sequential=sequential,
+            batch_size=batch_size,
+            activations=activations,
         )
-    r.note(f"{method}, model on the {resident}, {layers} of 32 layers walked (all layers have the same shapes)")
+    r.note(
+        f"{method}, model on the {resident}, activations on the {activations}, {layers} of 32 layers walked "
+        f"(all layers have the same shapes)"
+    )
 
 
 def column_loop_stand_in(weight: torch.Tensor, H: torch.Tensor, method: str) -> torch.Tensor:
