@@ -279,7 +279,8 @@ def calibration_walk(
             if stats:
                 _observe(layer, linears, stats, batches, device)
             results.append(update(index, layer, stats))
-        for i, (hidden, kwargs) in enumerate(batches):  # the next layer's inputs, each replacing its batch
+        for i in range(len(batches)):  # the next layer's inputs, each replacing its batch
+            hidden, kwargs = batches[i]
             batches[i] = (layer(hidden.to(device), **kwargs).to(store), kwargs)
             del hidden  # the replaced batch is freed now, not after the loop: one set of activations at a time
         layer.to(home)
