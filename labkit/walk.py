@@ -4,13 +4,18 @@ and the one place that runs a model up to a decoder-layer boundary and captures 
     capture the inputs of decoder layer 0 on the calibration batch
     for each decoder layer:
         move it to the compute device
-        run it on its inputs, while hooks feed every nn.Linear's inputs to a statistic
+        run it on its inputs, batch by batch, while hooks feed every nn.Linear's inputs to a statistic
         let the method change the layer, using those statistics
-        run the changed layer again: its outputs are the next layer's inputs
+        run the changed layer again: each batch's outputs replace its inputs, as the next layer's inputs
         move it back
 
-Only one decoder layer (plus the calibration activations) is on the compute device at a time,
-so a 7B model in fp16 (13.5 GB) can be compressed on a 16 GB GPU while it lives in CPU memory.
+The calibration activations (128 x 2048 tokens of LLaMA-7B: 2 GiB in fp16) stay in CPU memory
+(`activations="host"`, the default) and go to the compute device one batch at a time, so the device
+holds one decoder layer, one batch and the layer's statistics; on a CPU device nothing moves. Layers
+move only if the model lives elsewhere: a model in CPU memory needs a few GiB of GPU for the walk, but
+its 13.5 GB of fp16 weights in RAM (more than a free Colab T4 has); a model on the GPU (what
+models.load does for 7B) needs its weights plus the walk's few GiB there. `python -m labkit.rehearsal`
+shows both at LLaMA-7B's shapes.
 Because each layer sees the outputs of the already-compressed layers before it, later layers
 correct for earlier layers' errors, as in the GPTQ and SparseGPT papers.
 
