@@ -240,6 +240,7 @@ def calibration_walk(
     batch_size: int = 8,
     desc: str = "layers",
     activations: str = "host",
+    layers=None,
 ) -> list:
     """Walk the decoder layers in order, observing linear inputs and letting `update` change each layer.
 
@@ -257,6 +258,9 @@ def calibration_walk(
         outputs come back, so the device holds one layer, one batch and the statistics (128 x 2048 tokens
         of LLaMA-7B are 2 GiB in fp16). "device": kept on `device` (faster when it has room). On a CPU
         `device` both are the same: nothing moves.
+    layers: where the decoder layers' weights come from when the model does not hold them (labkit.stream:
+        `layers.load(index, layer, device)` before a layer's turn, `layers.store(index, layer)` after it);
+        None: the model's own layers, moved to `device` and back.
     """
     check_llama(model, "calibration_walk")
     if activations not in ("host", "device"):
@@ -272,8 +276,11 @@ def calibration_walk(
     ]
     results = []
     for index, layer in enumerate(tqdm(model.model.layers, desc=desc, leave=False)):
-        home = next(layer.parameters()).device
-        layer.to(device)
+        if layers is None:
+            home = next(layer.parameters()).device
+            layer.to(device)
+        else:
+            layers.load(index, layer, device)
         linears = linear_layers(layer)
         groups = sequential if sequential is not None else [list(linears)]
         for group in groups:
@@ -288,7 +295,10 @@ def calibration_walk(
             hidden, kwargs = batches[i]
             batches[i] = (layer(hidden.to(device), **kwargs).to(store), kwargs)
             del hidden  # the replaced batch is freed now, not after the loop: one set of activations at a time
-        layer.to(home)
+        if layers is None:
+            layer.to(home)
+        else:
+            layers.store(index, layer)
     return results
 
 

@@ -203,3 +203,23 @@ def test_fits_checks_its_arguments(lesson00):
     with pytest.raises(ValueError, match="margin"):
         fits(lesson00, "T4", margin=1.5)
     assert not fits(lesson00, "L4", margin=0.5).ok  # a margin can refuse what fits with the default
+
+
+@pytest.mark.parametrize("method", ["gptq", "sparsegpt"])
+def test_walk_with_streamed_layers_fits_a_t4(method):
+    """labkit.stream: the decoder layers on meta, each read from the shards onto the GPU in its turn and written
+    back to a new folder (a host copy of the layer while save_file runs); the activations in CPU memory. The host
+    holds the embedding and output layer, the token ids, the activations, one batch and one layer's copy; the GPU
+    one layer, one layer's statistics, a batch and the update. Both fit a free T4 with the margin."""
+    report = rehearse(lambda r: plans.calibration_walk(r, method, resident="streamed", layers=2, activations="host"))
+    layer = 202_383_360 * 2
+    activations = 128 * 2048 * 4096 * 2
+    batch = 8 * 2048 * 4096 * 2
+    outside = 2 * 32000 * 4096 * 2 + 4096 * 2  # embedding, output layer, final norm (fp16)
+    host = outside + 128 * 2048 * 8 + activations
+    assert host <= report.peak_host <= host + layer + 2 * batch
+    hessians = (6 * 4096**2 + 11008**2) * 4 if method == "sparsegpt" else 11008**2 * 4  # observed at once
+    update = 8 * 2048 * 11008 * 4 + 6 * 11008**2 * 4 + 4096 * 11008 * 4  # as in the tests above
+    assert layer + hessians < report.peak_gpu < layer + hessians + 2 * batch + update
+    fit = fits(report, "T4")
+    assert fit.ok, fit.why

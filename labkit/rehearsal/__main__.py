@@ -18,6 +18,8 @@ PLANS = {
     "GPTQ walk, model on the host, activations on the host": _walk("gptq", "host", "host"),
     "SparseGPT walk, model on the GPU, activations on the host": _walk("sparsegpt", "gpu", "host"),
     "SparseGPT walk, model on the host, activations on the host": _walk("sparsegpt", "host", "host"),
+    "GPTQ walk, layers streamed from the shards, activations on the host": _walk("gptq", "streamed", "host"),
+    "SparseGPT walk, layers streamed from the shards, activations on the host": _walk("sparsegpt", "streamed", "host"),
     "two fp16 copies on the GPU": plans.two_models,
     "three fp16 copies on the GPU": lambda r: plans.copies(r, 3),
 }
