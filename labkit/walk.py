@@ -14,8 +14,10 @@ The calibration activations (128 x 2048 tokens of LLaMA-7B: 2 GiB in fp16) stay 
 holds one decoder layer, one batch and the layer's statistics; on a CPU device nothing moves. Layers
 move only if the model lives elsewhere: a model in CPU memory needs a few GiB of GPU for the walk, but
 its 13.5 GB of fp16 weights in RAM (more than a free Colab T4 has); a model on the GPU (what
-models.load does for 7B) needs its weights plus the walk's few GiB there. `python -m labkit.rehearsal`
-shows both at LLaMA-7B's shapes.
+models.load does for 7B) needs its weights plus the walk's few GiB there. With `layers=` (labkit.stream)
+the model holds no decoder layer at all: each is read from the checkpoint's shards in its turn and
+written to a new folder afterwards, so neither memory holds the whole model (a free T4 suffices).
+`python -m labkit.rehearsal` shows all three at LLaMA-7B's shapes.
 Because each layer sees the outputs of the already-compressed layers before it, later layers
 correct for earlier layers' errors, as in the GPTQ and SparseGPT papers.
 
