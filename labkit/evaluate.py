@@ -105,6 +105,7 @@ def perplexity(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         )
         nll_sum += nll.item()
+        del batch, logits, nll  # not alive while the next window's forward runs (its logits would be)
     return math.exp(nll_sum / (n_windows * (seqlen - 1)))
 
 

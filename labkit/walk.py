@@ -4,13 +4,20 @@ and the one place that runs a model up to a decoder-layer boundary and captures 
     capture the inputs of decoder layer 0 on the calibration batch
     for each decoder layer:
         move it to the compute device
-        run it on its inputs, while hooks feed every nn.Linear's inputs to a statistic
+        run it on its inputs, batch by batch, while hooks feed every nn.Linear's inputs to a statistic
         let the method change the layer, using those statistics
-        run the changed layer again: its outputs are the next layer's inputs
+        run the changed layer again: each batch's outputs replace its inputs, as the next layer's inputs
         move it back
 
-Only one decoder layer (plus the calibration activations) is on the compute device at a time,
-so a 7B model in fp16 (13.5 GB) can be compressed on a 16 GB GPU while it lives in CPU memory.
+The calibration activations (128 x 2048 tokens of LLaMA-7B: 2 GiB in fp16) stay in CPU memory
+(`activations="host"`, the default) and go to the compute device one batch at a time, so the device
+holds one decoder layer, one batch and the layer's statistics; on a CPU device nothing moves. Layers
+move only if the model lives elsewhere: a model in CPU memory needs a few GiB of GPU for the walk, but
+its 13.5 GB of fp16 weights in RAM (more than a free Colab T4 has); a model on the GPU (what
+models.load does for 7B) needs its weights plus the walk's few GiB there. With `layers=` (labkit.stream)
+the model holds no decoder layer at all: each is read from the checkpoint's shards in its turn and
+written to a new folder afterwards, so neither memory holds the whole model (a free T4 suffices).
+`python -m labkit.rehearsal` shows all three at LLaMA-7B's shapes.
 Because each layer sees the outputs of the already-compressed layers before it, later layers
 correct for earlier layers' errors, as in the GPTQ and SparseGPT papers.
 
@@ -234,6 +241,8 @@ def calibration_walk(
     sequential: Sequence[Sequence[str]] | None = None,
     batch_size: int = 8,
     desc: str = "layers",
+    activations: str = "host",
+    layers=None,
 ) -> list:
     """Walk the decoder layers in order, observing linear inputs and letting `update` change each layer.
 
@@ -246,20 +255,34 @@ def calibration_walk(
         inside each layer (GPTQ's "true sequential": the MLP sees the inputs that the already
         compressed attention produces). Default: every linear of the layer in one group.
     device: where each layer runs; defaults to CUDA when available.
+    activations: where the calibration activations (every batch's inputs of the current layer) live
+        between uses. "host" (default): in CPU memory; each batch goes to `device` for its forward and its
+        outputs come back, so the device holds one layer, one batch and the statistics (128 x 2048 tokens
+        of LLaMA-7B are 2 GiB in fp16). "device": kept on `device` (faster when it has room). On a CPU
+        `device` both are the same: nothing moves.
+    layers: where the decoder layers' weights come from when the model does not hold them (labkit.stream:
+        `layers.load(index, layer, device)` before a layer's turn, `layers.store(index, layer)` after it);
+        None: the model's own layers, moved to `device` and back.
     """
     check_llama(model, "calibration_walk")
+    if activations not in ("host", "device"):
+        raise ValueError(f"activations={activations!r}: allowed are 'host' (CPU memory) and 'device'.")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
     device = torch.device(device)
+    store = torch.device("cpu") if activations == "host" else device
     # The inputs of layer 0, batch by batch (no other reference kept: each layer's outputs replace them).
     batches = [
-        (states[0], kwargs)
+        (states[0].to(store), kwargs)
         for states, kwargs in capture(model, calibration, [0], batch_size=batch_size, device=device, name="calibration")
     ]
     results = []
     for index, layer in enumerate(tqdm(model.model.layers, desc=desc, leave=False)):
-        home = next(layer.parameters()).device
-        layer.to(device)
+        if layers is None:
+            home = next(layer.parameters()).device
+            layer.to(device)
+        else:
+            layers.load(index, layer, device)
         linears = linear_layers(layer)
         groups = sequential if sequential is not None else [list(linears)]
         for group in groups:
@@ -268,17 +291,24 @@ def calibration_walk(
                 raise ValueError(f"sequential names {unknown} are not linears of the layer; allowed: {list(linears)}.")
             stats = {name: s for name in group if (s := make_stats(name, linears[name])) is not None}
             if stats:
-                _observe(layer, linears, stats, batches)
+                _observe(layer, linears, stats, batches, device)
             results.append(update(index, layer, stats))
-        batches = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in batches]  # next layer's inputs
-        layer.to(home)
+        for i in range(len(batches)):  # the next layer's inputs, each replacing its batch
+            hidden, kwargs = batches[i]
+            batches[i] = (layer(hidden.to(device), **kwargs).to(store), kwargs)
+            del hidden  # the replaced batch is freed now, not after the loop: one set of activations at a time
+        if layers is None:
+            layer.to(home)
+        else:
+            layers.store(index, layer)
     return results
 
 
-def _observe(layer: nn.Module, linears: dict, stats: dict, batches: list) -> None:
+def _observe(layer: nn.Module, linears: dict, stats: dict, batches: list, device: torch.device) -> None:
     """Feed each observed linear's inputs to its statistic, batch by batch. The layer's forward stops as
     soon as the last of them has received its input: what would follow (that linear itself and the rest
-    of the layer) is not needed here, so e.g. q/k/v's group costs only the input norm, not the layer."""
+    of the layer) is not needed here, so e.g. q/k/v's group costs only the input norm, not the layer.
+    Each batch is moved to `device` for its forward (a no-op when it is there already)."""
     seen = set()
 
     def feeder(name):
@@ -296,13 +326,23 @@ def _observe(layer: nn.Module, linears: dict, stats: dict, batches: list) -> Non
         for hidden, kwargs in batches:
             seen.clear()
             with contextlib.suppress(_Stop):
-                layer(hidden, **kwargs)
+                layer(hidden.to(device), **kwargs)
     finally:
         for hook in hooks:
             hook.remove()
 
 
 # --- statistics of a linear layer's inputs -------------------------------------------------------
+
+
+# A statistic converts a batch to fp32/fp64 at most this many bytes at a time. Below it (every batch of the
+# CPU profile's models) the batch is converted whole, exactly as before chunking existed: chunking changes the
+# order of the sums, so results would move in their last bits.
+CHUNK_BYTES = 256 * 2**20
+
+
+def _chunk_rows(x: torch.Tensor, itemsize: int = 4) -> int:  # x: [tokens, in_features]
+    return max(1, CHUNK_BYTES // (x.shape[1] * itemsize))
 
 
 class Hessian:
@@ -314,9 +354,14 @@ class Hessian:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:  # x: [tokens, in_features]
-        x = x.float()
         self.xtx = self.xtx.to(x.device)
-        self.xtx.addmm_(x.T, x)
+        if x.dtype == torch.float32 or x.numel() * 4 <= CHUNK_BYTES:
+            x = x.float()  # no copy for fp32 (the CPU profile); a small one otherwise
+            self.xtx.addmm_(x.T, x)
+        else:  # an fp16/bf16 batch of LLaMA-7B (16k x 11008) is 0.7 GB in fp32: convert a chunk of tokens at a time
+            for chunk in x.split(_chunk_rows(x), 0):
+                c = chunk.float()
+                self.xtx.addmm_(c.T, c)
         self.n += x.shape[0]
 
     @property
@@ -337,9 +382,15 @@ class ColumnStats:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:  # x: [tokens, in_features]
-        x64 = x.double()
-        self.sum = self.sum.to(x.device) + x64.sum(0)
-        self.sumsq = self.sumsq.to(x.device) + (x64 * x64).sum(0)
+        self.sum, self.sumsq = self.sum.to(x.device), self.sumsq.to(x.device)
+        # Small batches (every CPU-profile one) in one piece, as before; large ones a chunk of tokens at a time,
+        # so that no fp64 copy of the whole batch exists (16k x 11008 tokens of LLaMA-7B: 1.4 GB each).
+        chunks = [x] if x.numel() * 8 <= CHUNK_BYTES else x.split(_chunk_rows(x, 8), 0)
+        for chunk in chunks:
+            x64 = chunk.double()
+            self.sum = self.sum + x64.sum(0)
+            self.sumsq = self.sumsq + (x64 * x64).sum(0)
+            del x64
         self.max_abs = torch.maximum(self.max_abs.to(x.device), x.abs().amax(0).float())
         self.n += x.shape[0]
 

@@ -266,3 +266,43 @@ def test_order_inside_a_sequential_group_does_not_change_results():
     forward = run(walk.SEQUENTIAL_GROUPS)
     backward = run([group[::-1] for group in walk.SEQUENTIAL_GROUPS])
     assert all(torch.equal(forward[k], backward[k]) for k in forward)
+
+
+def test_large_batches_are_converted_in_chunks(monkeypatch):
+    """Above CHUNK_BYTES a statistic converts a fp16 batch a chunk of tokens at a time (no full fp32/fp64
+    copy); the sums agree with the whole-batch ones to fp32 rounding (the order of the sums differs).
+    Below it, and for fp32 batches, the batch is added whole: bit for bit what one addmm gives."""
+    x = torch.randn(300, 7, generator=torch.Generator().manual_seed(1))
+    whole = torch.zeros(7, 7).addmm_(x.T, x)
+    h = walk.Hessian(7)
+    h.add(x)
+    assert torch.equal(h.xtx, whole)
+    monkeypatch.setattr(walk, "CHUNK_BYTES", 7 * 4 * 64)  # 64 tokens per fp32 chunk, 32 per fp64 chunk
+    assert walk._chunk_rows(x) == 64 and walk._chunk_rows(x, 8) == 32
+    h16, c16, c32 = walk.Hessian(7), walk.ColumnStats(7), walk.ColumnStats(7)
+    x16 = x.half()
+    h16.add(x16)
+    c16.add(x16)
+    c32.add(x)  # fp32 batches are chunked in ColumnStats too (its copy is fp64)
+    ref = x16.float()
+    assert torch.allclose(h16.xtx, ref.T @ ref, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(c16.sum, ref.double().sum(0)) and torch.allclose(c16.sumsq, (ref.double() ** 2).sum(0))
+    assert torch.allclose(c32.sum, x.double().sum(0)) and torch.equal(c32.max_abs, x.abs().amax(0))
+    assert h16.n == c16.n == 300
+
+
+def test_activations_on_host_or_device_give_the_same_walk(tiny):
+    """On a CPU device host and device are the same memory: both settings give the same statistics."""
+    seen = {}
+    for where in ("host", "device"):
+        seen[where] = walk.calibration_walk(
+            tiny,
+            CALIB,
+            lambda n, lin: Keep(),
+            lambda i, layer, s: s["mlp.down_proj"].x,
+            batch_size=2,
+            activations=where,
+        )
+    assert all(torch.equal(a, b) for a, b in zip(seen["host"], seen["device"]))
+    with pytest.raises(ValueError, match=r"activations='gpu': allowed are 'host'"):
+        walk.calibration_walk(tiny, CALIB, lambda n, lin: None, lambda i, layer, s: None, activations="gpu")

@@ -55,8 +55,9 @@ lesson would (with `GPU` where the profile says "cuda"), and may mark phases:
     print(table([report]))           # plan | peak GPU | peak host | fits T4, L4, A100-40, A100-80
 
 Loops that repeat the same shapes (perplexity windows, decoder layers, generated tokens) reach
-their peak by the second iteration (not the first: evaluate.perplexity still holds one window's
-logits while the next forward runs); plans run two or more of them and say so (`Report.notes`).
+their peak by the second iteration (not always the first: a loop that keeps one iteration's tensors
+alive into the next, as evaluate.perplexity did with a window's logits, peaks in the second); plans run
+two or more of them and say so (`Report.notes`).
 """
 
 from __future__ import annotations

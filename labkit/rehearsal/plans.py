@@ -61,21 +61,25 @@ def calibration_walk(
     samples: int = 128,
     seqlen: int = 2048,
     batch_size: int = 8,
+    activations: str = "device",
 ) -> None:
     """labkit.walk.calibration_walk as GPTQ / SparseGPT use it: Hessians of every linear's inputs (fp32,
     4096² and 11008²), then the method's update, on 128 samples x 2048 tokens, the first `layers` layers.
 
     resident: where the model lives. "gpu" is what the GPU profile does today (models.load puts LLaMA-7B
-    on the GPU; the walk then moves nothing); "host" is what walk.py's docstring describes (the model in
-    CPU memory, one layer at a time on the GPU).
+    on the GPU; the walk then moves nothing); "host": the model in CPU memory, one layer at a time on the
+    GPU; "streamed": labkit.stream (the decoder layers on `meta`, each read from the shards onto the GPU
+    when its turn comes and written back to a new folder; see _FakeShards).
+    activations: the walk's `activations` argument: "host" keeps the calibration activations in CPU
+    memory and moves one batch at a time to the GPU (the walk's default); "device" keeps them on the GPU.
     The update runs the method's memory, not its column loop (see column_loop_stand_in).
     """
     if method not in ("gptq", "sparsegpt"):
         raise ValueError(f"method={method!r}: allowed are 'gptq', 'sparsegpt'.")
-    if resident not in ("gpu", "host"):
-        raise ValueError(f"resident={resident!r}: allowed are 'gpu', 'host'.")
+    if resident not in ("gpu", "host", "streamed"):
+        raise ValueError(f"resident={resident!r}: allowed are 'gpu', 'host', 'streamed'.")
     with r.phase("load"):
-        model = llama_7b(GPU if resident == "gpu" else HOST)
+        model = llama_7b(GPU if resident == "gpu" else HOST) if resident != "streamed" else _skeleton()
     calibration = tokens(samples, seqlen)  # [samples, seqlen] on the host, as data.calibration makes it
     sequential = walk.SEQUENTIAL_GROUPS if method == "gptq" else None  # GPTQ's true-sequential groups
     groups = len(sequential) if sequential else 1
@@ -95,9 +99,44 @@ def calibration_walk(
 
     with r.phase("walk"), contextlib.suppress(_EnoughLayers):
         walk.calibration_walk(
-            model, calibration, make_stats, update, device=GPU, sequential=sequential, batch_size=batch_size
+            model,
+            calibration,
+            make_stats,
+            update,
+            device=GPU,
+            sequential=sequential,
+            batch_size=batch_size,
+            activations=activations,
+            layers=_FakeShards() if resident == "streamed" else None,
         )
-    r.note(f"{method}, model on the {resident}, {layers} of 32 layers walked (all layers have the same shapes)")
+    r.note(
+        f"{method}, model on the {resident}, activations on the {activations}, {layers} of 32 layers walked "
+        f"(all layers have the same shapes)"
+    )
+
+
+def _skeleton():
+    """labkit.stream.skeleton at LLaMA-7B's shapes: decoder layers on meta, the embedding, final norm, output
+    layer and rotary buffer in CPU memory."""
+    model = llama_7b("meta")
+    inner = model.model
+    for module in (inner.embed_tokens, inner.norm, inner.rotary_emb, model.lm_head):
+        module.to_empty(device=HOST)
+    return model
+
+
+class _FakeShards:
+    """labkit.stream.ShardLayers' memory without files: load puts the layer's weights on the device
+    (safe_open reads each tensor and moves it there); store copies every weight to the host at once, as
+    save_file is given them, then sends the layer back to meta."""
+
+    def load(self, index, layer, device):
+        layer.to_empty(device=device)
+
+    def store(self, index, layer):
+        tensors = {n: t.detach().contiguous().cpu() for n, t in layer.state_dict().items()}
+        del tensors  # written to disk
+        layer.to("meta")
 
 
 def column_loop_stand_in(weight: torch.Tensor, H: torch.Tensor, method: str) -> torch.Tensor:
