@@ -95,8 +95,8 @@ LESSONS = {
     "10": Need(
         "L4",
         "rehearsed",
-        "peak 16.5 GiB while fuse(w4a16=True) packs the model in place (fp16 and 4-bit layers side by side), "
-        "over the T4's 12.8 GiB budget",
+        "peak 13.35 GiB GPU (the model and layer 0's W4A16 packing) and 12.1 GiB host (fuse parks the replaced fp16 "
+        "weights in CPU memory for its all-or-nothing restore): over the T4's 12.8 GiB GPU and 9.1 GiB RAM budgets",
     ),
     "11": Need(
         "T4",
