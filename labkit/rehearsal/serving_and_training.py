@@ -305,7 +305,9 @@ def lesson12(r: Rehearsal) -> None:
     r.note(
         f"FLaP's selection not rehearsed, its result stood in by a model with a 30%-narrower MLP (~80% of the "
         f"parameters); {STEPS} distillation steps (lesson: 1000); {WINDOWS} perplexity windows; the export's "
-        f"reload (cell 24) not rehearsed"
+        f"reload (cell 24) not rehearsed; host: prune.sparsegpt and quant.gptq are all_or_nothing and on CUDA park "
+        f"the replaced decoder weights in CPU memory during each call (~12 GiB), not rehearsed (the walk's stand-in "
+        f"update replaces nothing)"
     )
 
 
