@@ -76,9 +76,10 @@ LESSONS = {
     ),
     "07": Need(
         "A100-80",
-        "estimate",
-        "the 7B teacher, a 16-layer student and its deep copies trained with AdamW "
-        "(gradients and two optimizer states per parameter) are on the GPU together",
+        "rehearsed",
+        "fits no runtime today, peak 84.6 GiB: the 7B teacher, the untrained 16-layer student and its copy "
+        "trained with AdamW (fp32 master copies, fp32 gradients and two fp32 states: 16 bytes per trainable "
+        "parameter, 50 GiB) are on the GPU together, over the A100 80 GB's 70.8 GiB budget",
     ),
     "08": Need(
         "A100-40",
@@ -87,21 +88,27 @@ LESSONS = {
     ),
     "09": Need(
         "L4",
-        "estimate",
-        "one model and its KV caches: lesson 00's load + generate + perplexity alone "
-        "peaks at 13.16 GiB (rehearsed), over the T4's budget",
+        "rehearsed",
+        "peak 14.2 GiB: the model, the 2048-token KV cache of the timing cell (1 GiB, kept) and the next one "
+        "being filled, over the T4's 12.8 GiB budget",
     ),
     "10": Need(
         "L4",
-        "estimate",
-        "one model, fused in place, and lesson 00's measurements (13.16 GiB rehearsed for those), over the T4's budget",
+        "rehearsed",
+        "peak 13.35 GiB GPU (the model and layer 0's W4A16 packing) and 12.1 GiB host (fuse parks the replaced fp16 "
+        "weights in CPU memory for its all-or-nothing restore): over the T4's 12.8 GiB GPU and 9.1 GiB RAM budgets",
     ),
-    "11": Need("T4", "estimate", "the demonstrations run SmolLM2-135M on every profile; LLaMA-7B is not loaded"),
+    "11": Need(
+        "T4",
+        "rehearsed",
+        "peak 0.3 GiB GPU, 0.8 GiB host: the demonstrations run SmolLM2-135M on every profile; LLaMA-7B is not loaded",
+    ),
     "12": Need(
         "A100-80",
         "rehearsed",
-        "cell 15 holds three fp16 copies (37.65 GiB), over the A100 40 GB's 35.0 GiB budget; cell 20 trains a "
-        "FLaP-20% copy with AdamW next to the teacher (~55 GiB, estimate)",
+        "fits no runtime today, peak 119.4 GiB: cell 20 distils a FLaP-20% copy with AdamW (fp32 masters and "
+        "states) next to the dense teacher and the SparseGPT+GPTQ copy; cell 15 alone holds three fp16 copies "
+        "and a walk (43.8 GiB)",
     ),
 }
 
