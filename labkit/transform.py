@@ -133,8 +133,13 @@ def check_damping(value, name: str = "percdamp") -> float:
 
 
 def _parked(t: torch.Tensor) -> bool:
-    """Kept for a restore as a CPU copy made when it is replaced (accelerator memory), not as a reference."""
-    return t.device.type not in ("cpu", "meta")
+    """Kept for a restore as a CPU copy made when it is replaced (accelerator memory), not as a reference.
+
+    Any device but CPU memory and meta; `cpu:1` counts as an accelerator, since labkit.rehearsal uses it as
+    the stand-in GPU (real CPU tensors are on `cpu`, index None)."""
+    if t.device.type == "meta":
+        return False
+    return t.device.type != "cpu" or (t.device.index or 0) > 0
 
 
 class _Journal:
