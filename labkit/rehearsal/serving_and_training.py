@@ -141,21 +141,6 @@ def lesson09(r: Rehearsal) -> None:
 # --- lesson 10 -------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _gpu_parked_like_cuda():
-    """labkit.transform.all_or_nothing parks the old values of replaced *accelerator* tensors in CPU memory and
-    frees them on the accelerator; it tells them by device type, and the stand-in GPU's type is "cpu". Inside
-    this block it treats the stand-in GPU as the accelerator it stands for."""
-    from .. import transform
-
-    original = transform._parked
-    transform._parked = lambda t: t.device == GPU or original(t)
-    try:
-        yield
-    finally:
-        transform._parked = original
-
-
 def lesson10(r: Rehearsal) -> None:
     """LLaMA-7B on the GPU; layer 0's linears packed to W4A16 one by one (cell 20); the dense model's logits and
     a short generate; fuse(model, w4a16=True) in place; the fused model's logits (torch backend)."""
@@ -169,7 +154,7 @@ def lesson10(r: Rehearsal) -> None:
         del packed
     with r.phase("dense"):
         ref_logits = model(prompt).logits.float()
-    with r.phase("fuse"), _gpu_parked_like_cuda():  # the replaced fp16 weights are parked in CPU memory
+    with r.phase("fuse"):  # the replaced fp16 weights are parked in CPU memory (transform._parked: cpu:1)
         fused_llama.fuse(model, w4a16=True, group_size=128, float_offset=False, backend="torch")
     with r.phase("fused"):
         model(prompt).logits.float()  # the one-token timing forward is smaller
