@@ -40,39 +40,39 @@ LESSONS = {
     "00": Need("L4", "rehearsed", "load, generate and perplexity peak at 13.16 GiB, over the T4's 12.8 GiB budget"),
     "01": Need(
         "A100-80",
-        "estimate",
-        "cell 11 loads a fresh copy per scope while `model` and the last copy are "
-        "alive (three fp16 copies: 37.65 GiB rehearsed), and global magnitude ranks all decoder weights at once",
+        "rehearsed",
+        "fits no runtime today: cell 11 loads a fresh copy per scope while `model` and the last copy are alive "
+        "and global magnitude ranks every decoder weight at once in fp32 (91.45 GiB GPU peak, 12.06 GiB host)",
     ),
     "02": Need(
         "L4",
-        "estimate",
-        "SparseGPT's walk with the model on the GPU (~19 GiB rehearsed); the 2:4 timing needs sm80+ sparse kernels",
+        "rehearsed",
+        "SparseGPT's walk with the model on the GPU peaks at 19.03 GiB (L4 budget 19.8), host 0.76 GiB in 2 "
+        "layers walked; the 2:4 timing needs sm80+ sparse kernels",
         min_sm=80,
     ),
     "03": Need(
         "A100-40",
-        "estimate",
-        "Taylor importance backpropagates through `model` (fp16 gradients of the decoder linears), and a second "
-        "model is loaded while the first is alive (two fp16 copies: 25.1 GiB rehearsed), also for LoRA recovery",
+        "rehearsed",
+        "a second copy beside `model` for FLaP, LLM-Pruner and the LoRA recovery: 28.15 GiB GPU peak (the "
+        "recovery), 12.10 GiB host (the weights all_or_nothing parks in CPU memory)",
     ),
     "04": Need(
         "L4",
-        "estimate",
-        "one model at a time (cell 31 frees `model` before the RTN copies) and a one-sample walk: like lesson 00 "
-        "(13.16 GiB rehearsed), over the T4's budget",
+        "rehearsed",
+        "one model at a time (cell 31 frees `model` before the RTN copies): 16.35 GiB GPU peak (an RTN copy), "
+        "12.18 GiB host (the weights all_or_nothing parks in CPU memory), over the T4's budgets",
     ),
     "05": Need(
         "L4",
-        "estimate",
-        "GPTQ's walk with the model on the GPU (~19 GiB rehearsed, tight on the L4's 19.8 GiB budget), one model "
-        "at a time from cell 28; the packed W3 copy next to a fresh one in cells 36-37 is ~16.5 GiB",
+        "rehearsed",
+        "the Hessian walk and GPTQ's walk with the model on the GPU peak at 19.03 GiB (L4 budget 19.8), "
+        "12.06 GiB host (RTN's parked weights); one model at a time from cell 28",
     ),
     "06": Need(
         "A100-40",
-        "estimate",
-        "SmoothQuant's copy is loaded while the first model is alive (two fp16 "
-        "copies: 25.1 GiB rehearsed) and calibrated on the GPU",
+        "rehearsed",
+        "SmoothQuant's copy is loaded and calibrated while `model` is alive: 30.75 GiB GPU peak, 12.06 GiB host",
     ),
     "07": Need(
         "A100-80",
@@ -83,8 +83,8 @@ LESSONS = {
     ),
     "08": Need(
         "A100-40",
-        "estimate",
-        "copy.deepcopy of the model (two fp16 copies: 25.1 GiB rehearsed) plus SVD-LLM's calibration walk",
+        "rehearsed",
+        "copy.deepcopy of the model plus SVD-LLM's activation-aware walk: 31.55 GiB GPU peak, 0.76 GiB host",
     ),
     "09": Need(
         "L4",
