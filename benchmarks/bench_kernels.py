@@ -124,7 +124,7 @@ def bench_elementwise(report, device, dtype, tokens, hidden, inter, heads, head_
     )
 
     gate_up = torch.randn(tokens, 2 * inter, dtype=dtype, device=device)
-    eager = lambda: K.swiglu_torch(gate_up[:, :inter], gate_up[:, inter:])  # noqa: E731
+    eager = lambda: K.swiglu_torch(gate_up[:, :inter], gate_up[:, inter:])
     comp = compiled(K.swiglu_torch, use_compile)
     compare(
         report,

@@ -47,7 +47,7 @@ QUANTIZATION_LLAMA_2_7B = [
 
 def format_pruning() -> str:
     head = f"{'method':<26}{'setting':>8}{'RM GB':>8}{'WM GB':>8}{'tok/s':>8}{'ppl':>9}"
-    cell = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    cell = lambda v, f: "-" if v is None else format(v, f)
     lines = [head, "-" * len(head)]
     for m, s, rm, wm, tps, ppl in PRUNING_LLAMA_7B:
         lines.append(f"{m:<26}{s:>8}{cell(rm, '.2f'):>8}{cell(wm, '.2f'):>8}{cell(tps, '.2f'):>8}{cell(ppl, '.2f'):>9}")
@@ -56,7 +56,7 @@ def format_pruning() -> str:
 
 def format_quantization() -> str:
     head = f"{'method':<18}{'engine':<14}{'WM GB':>7}{'RM GB':>7}{'tok/s':>8}{'ppl':>7}"
-    cell = lambda v, f: "NaN" if v is None else format(v, f)  # noqa: E731
+    cell = lambda v, f: "NaN" if v is None else format(v, f)
     lines = [head, "-" * len(head)]
     for m, e, wm, rm, tps, ppl in QUANTIZATION_LLAMA_2_7B:
         lines.append(f"{m:<18}{e:<14}{wm:>7.2f}{rm:>7.2f}{tps:>8.2f}{cell(ppl, '.2f'):>7}")

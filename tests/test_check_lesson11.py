@@ -32,7 +32,7 @@ def test_column_shards(capsys):
 
 
 def test_ring_bytes_per_token(capsys):
-    right = lambda h, l, b, w: 2 * (w - 1) / w * 2 * l * h * b  # noqa: E731
+    right = lambda h, l, b, w: 2 * (w - 1) / w * 2 * l * h * b
     assert check.lesson11.ring_bytes_per_token(right)
     assert capsys.readouterr().out.startswith("✓ ring_bytes_per_token")
     assert not check.lesson11.ring_bytes_per_token(lambda h, l, b, w: 2 * l * h * b)

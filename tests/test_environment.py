@@ -28,7 +28,7 @@ def environment_pip_section():
 
 
 def test_environment_lists_the_same_dependencies_as_pyproject():
-    canon = lambda specs: {Requirement(s).name.lower(): Requirement(s).specifier for s in specs}  # noqa: E731
+    canon = lambda specs: {Requirement(s).name.lower(): Requirement(s).specifier for s in specs}
     assert canon(environment_pip_section()) == canon(pyproject_requirements())
 
 

@@ -188,7 +188,7 @@ def test_lesson04_grid_comparison_runs_on_the_gpu():
 
     def plan(r):
         w = torch.randn(64, 128, device=GPU, dtype=torch.float16)
-        rel_error = lambda a, b: ((a - b).float().pow(2).sum() / a.float().pow(2).sum()).item()  # noqa: E731 (lesson 04)
+        rel_error = lambda a, b: ((a - b).float().pow(2).sum() / a.float().pow(2).sum()).item()
         run_cell(source, {"torch": torch, "quant": quant, "w": w, "rel_error": rel_error})
 
     rehearse(plan)

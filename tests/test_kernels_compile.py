@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (`pip install triton`)")
 try:
     from triton.backends.compiler import GPUTarget  # noqa: F401  (only: is the offline-compile API there?)
-    from triton.compiler import ASTSource  # noqa: F401
+    from triton.compiler import ASTSource  # noqa: F401  (likewise)
 except ImportError as err:
     pytest.skip(f"this triton has no ASTSource/GPUTarget API for an offline compile ({err})", allow_module_level=True)
 

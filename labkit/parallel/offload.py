@@ -129,7 +129,7 @@ def offload(model, folder=None, device=None, prefetch: bool = True):
         load = _folder_loader(folder)
     else:
         kept = [{k: _pinned(v) for k, v in layer.state_dict().items()} for layer in layers]
-        load = lambda index, dev: {k: v.to(dev, non_blocking=True) for k, v in kept[index].items()}  # noqa: E731
+        load = lambda index, dev: {k: v.to(dev, non_blocking=True) for k, v in kept[index].items()}
     return _install(model, load, device, prefetch)
 
 
