@@ -6,6 +6,11 @@ the time of one decode step of a LLaMA-7B-shaped model (random weights) in fp16 
     python benchmarks/bench_kernels.py --no-compile    # skip torch.compile baselines
     python benchmarks/bench_kernels.py --smoke         # tiny shapes on CPU (Triton interpreter): checks the
                                                        # script runs; its timings mean nothing
+    python benchmarks/bench_kernels.py --quick --json build/bench.json   # also the rows and targets as JSON
+
+Targets (TARGETS below; --quick and the full run enforce them): the script exits with status 1 when a
+kernel falls below its target or a targeted row was not measured. --smoke checks nothing (its shapes are
+too small for bandwidth to mean anything).
 
 These kernels move many bytes and do few flops, so the figure of merit is achieved bandwidth:
 GB/s = (bytes the op must read + bytes it must write) / time, compared with the GPU's peak (a
@@ -29,10 +34,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import math
 import os
+import re
 import sys
 from functools import partial
+from typing import NamedTuple
 
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (labkit.kernels imports it)
@@ -103,6 +111,129 @@ def compare(report, name, nbytes, device, triton_fn, eager_fn, compile_fn=None):
         except Exception as err:
             print(f"  (torch.compile failed for {name}: {type(err).__name__}: {str(err)[:120]})")
     report.add(name, "triton", bench_ms(triton_fn, device), nbytes, eager)
+
+
+# --- targets -----------------------------------------------------------------------------------------
+#
+# Where they come from (labkit.kernels.roofline): every kernel below does under 1 FLOP per byte (RMSNorm
+# ~1.3 FLOP per element over 8 bytes moved; SiLU-and-mul ~5 over 6; decode attention 4 FLOP per K/V
+# element of 2 bytes, i.e. 2 FLOP/byte), far below the ridge point of any GPU in roofline.GPUS (T4: ~200,
+# H200: ~206 FLOP/byte). So the roofline bound is bandwidth, and the best a kernel can do is the peak
+# bandwidth. In practice a device-to-device copy reaches ~85-90% of the datasheet figure, and tuned
+# memory-bound kernels (e.g. vLLM's) reach 70-85% at these sizes. The targets sit well below that so that
+# they fail on a real regression (a lost fusion: RMSNorm + residual done eagerly moves 10 tensor-sized
+# passes instead of 4, i.e. <= 40% of the fused kernel's figure; an uncoalesced load; a launch grid
+# that leaves most of the GPU idle), not on run-to-run noise or an untuned GPU model. "% of peak" is of
+# the datasheet peak when the GPU is in roofline.GPUS, else of the measured copy bandwidth.
+
+
+class Target(NamedTuple):  # not a dataclass: tests load this file with importlib
+    """A row (kernel name matched in full by the regex `kernel`, implementation `impl`) must reach
+    `min_pct_peak` % of peak, or (if `faster_than` is given) take less time than the row whose kernel
+    name is `faster_than` (a regex; `\\1`.. refer to `kernel`'s groups) with the same `impl`."""
+
+    kernel: str
+    impl: str
+    why: str
+    min_pct_peak: float | None = None
+    faster_than: str | None = None
+
+
+TARGETS = [
+    Target(
+        r"rms_norm \+ residual \[\d+x4096\]",
+        "triton",
+        "fused RMSNorm + residual at LLaMA-7B width (4096 tokens): reads x and the residual, writes both, "
+        "one pass; memory-bound, so >= 50% of peak bandwidth (a copy reaches ~85-90%)",
+        min_pct_peak=50,
+    ),
+    Target(
+        r"silu_and_mul \[\d+x22016\]",
+        "triton",
+        "fused SwiGLU (SiLU(gate) * up) at LLaMA-7B's intermediate size: one read of gate_up, one write; "
+        "memory-bound, so >= 50% of peak bandwidth",
+        min_pct_peak=50,
+    ),
+    Target(
+        r"rotary \[8x32x\d+x128\]",
+        "triton",
+        "rotary embedding at LLaMA-7B heads: elementwise, memory-bound; >= 30% of peak (half the tensor "
+        "is re-read for the rotated half, and cos/sin are small broadcast tensors)",
+        min_pct_peak=30,
+    ),
+    Target(
+        r"paged attn b32 ctx1024 h32/(32|8) d128",
+        "triton",
+        "paged decode attention, 32 sequences of 1024 tokens (134-537 MB of K/V): reads the cache once; "
+        "memory-bound (2 FLOP/byte), >= 30% of peak (block-table indirection and the softmax's "
+        "serial pass over the context cost some of it)",
+        min_pct_peak=30,
+    ),
+    Target(
+        r"decode (\d+)L b1 ctx512 W4A16 g128",
+        "triton paged",
+        "a batch-1 decode step reads every weight once: in W4A16 ~0.27 of fp16's bytes, so the W4A16 step "
+        "must be faster than the fp16 step over the same kernels (the point of W4A16 at decode)",
+        faster_than=r"decode \1L b1 ctx512 b?float16",
+    ),
+    Target(
+        r"decode \d+L b1 ctx512 b?float16",
+        "triton paged",
+        "the fp16 batch-1 decode step against its bandwidth limit (weights + KV cache / peak): >= 20% "
+        "(Python and launch overhead of ~15 kernels per layer is included in this timing)",
+        min_pct_peak=20,
+    ),
+]
+
+
+def check_targets(rows: list[dict], targets: list[Target] = TARGETS) -> list[dict]:
+    """One result per target and matching row: {target, kernel, impl, measured, required, ok, why}.
+    rows: Report.rows (kernel, impl, ms, gbps, pct_peak). A target no row matches gives one result with
+    ok False (not measured: a skipped kernel must not pass silently)."""
+    results = []
+    for t in targets:
+        matched = [(r, m) for r in rows if r["impl"] == t.impl and (m := re.fullmatch(t.kernel, r["kernel"]))]
+        if not matched:
+            required = f"< the row {t.faster_than}" if t.faster_than else f">= {t.min_pct_peak}% of peak"
+            results.append(
+                dict(target=t.kernel, kernel=None, impl=t.impl, measured=None, required=required, ok=False, why=t.why)
+            )
+        for row, m in matched:
+            if t.faster_than is not None:
+                other = m.expand(t.faster_than)
+                base = [r for r in rows if r["impl"] == t.impl and re.fullmatch(other, r["kernel"])]
+                measured = f"{row['ms']:.4g} ms"
+                required = f"< {base[0]['ms']:.4g} ms ({base[0]['kernel']})" if base else f"< ({other}: not measured)"
+                ok = bool(base) and row["ms"] < base[0]["ms"]
+            else:
+                pct = row.get("pct_peak")
+                measured = None if pct is None else round(pct, 1)
+                required = f">= {t.min_pct_peak}% of peak"
+                ok = pct is not None and pct >= t.min_pct_peak
+            results.append(
+                dict(
+                    target=t.kernel,
+                    kernel=row["kernel"],
+                    impl=t.impl,
+                    measured=measured,
+                    required=required,
+                    ok=ok,
+                    why=t.why,
+                )
+            )
+    return results
+
+
+def print_targets(results: list[dict], enforced: bool) -> None:
+    print(f"\ntargets ({'enforced' if enforced else 'not enforced: --smoke'}):")
+    for r in results:
+        print(
+            f"  {'ok  ' if r['ok'] else 'FAIL'} {r['kernel'] or r['target']} [{r['impl']}]: "
+            f"{r['measured'] if r['measured'] is not None else 'not measured'} (needs {r['required']})"
+        )
+    for r in results:
+        if not r["ok"]:
+            print(f"  -> {r['kernel'] or r['target']}: {r['why']}")
 
 
 # --- the elementwise kernels --------------------------------------------------------------------------
@@ -497,6 +628,7 @@ def main(argv=None):
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph decode timing")
     p.add_argument("--layers", type=int, default=None, help="decoder layers in the decode benchmark (default 32)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--json", default=None, help="write the rows and the target checks to this JSON file")
     args = p.parse_args(argv)
 
     if args.smoke:
@@ -537,7 +669,7 @@ def main(argv=None):
         bench_w4a16(report, device, dtype, [(48, 64)], [1], 32, False)
         bench_paged_attention(report, device, dtype, [(2, 40, 4, 2, 16)], 16)
         bench_decode(report, device, dtype, 2, 2, 20, tiny, 32, 16, False, backend="triton")
-        return report
+        return finish(report, args, name, peak, copy, enforced=False)
     tokens = 4096 if args.quick else 8192
     bench_elementwise(report, device, dtype, tokens, 4096, 11008, 32, 128, use_compile)
     shapes = [(4096, 4096), (11008, 4096)]  # [out, in]: q/k/v/o_proj, up/gate_proj
@@ -563,8 +695,38 @@ def main(argv=None):
             )
             continue
         bench_decode(report, device, dtype, layers, batch, ctx, LLAMA_7B, 128, 16, not args.no_graph, backend="auto")
+    return finish(report, args, name, peak, copy, enforced=True)
+
+
+def finish(report, args, device_name, peak, copy, enforced):
+    """Check the targets, print them, write --json; report.failed: a target missed (when enforced)."""
+    report.targets = check_targets(report.rows)
+    print_targets(report.targets, enforced)
+    report.failed = enforced and not all(r["ok"] for r in report.targets)
+    if args.json:
+        import triton
+
+        summary = dict(
+            device=device_name,
+            peak_gbps=peak,
+            copy_gbps=copy if copy == copy else None,
+            pct_of="datasheet peak" if peak else "measured copy",
+            torch=torch.__version__,
+            triton=triton.__version__,
+            rows=report.rows,
+            targets=report.targets,
+            enforced=enforced,
+            failed=report.failed,
+        )
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    if report.failed:
+        print(
+            "FAILED: " + "; ".join(f"{r['kernel'] or r['target']} [{r['impl']}]" for r in report.targets if not r["ok"])
+        )
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().failed else 0)

@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# Everything about labkit.kernels that needs a CUDA GPU, in one call (about 5-8 minutes):
+# Everything in the project that needs a CUDA GPU, in one call, in at most 8 minutes (the steps' time limits
+# add up to 470 s) on one GPU, without network access:
 #   1. tests: tests/test_kernels.py, test_kernels_llama.py and test_kernels_roofline.py with the kernels
 #      compiled for the GPU (TRITON_INTERPRET=0), not interpreted;
-#   1b. compile: every kernel compiled for sm75/80/89/90 and this GPU's arch at LLaMA-7B shapes
+#   2. compile: every kernel compiled for sm75/80/89/90 and this GPU's arch at LLaMA-7B shapes
 #      (python -m labkit.kernels.offline): registers, spills, shared memory per kernel, in
 #      $LOGS/kernels_compile.json; fails on a spill or on shared memory over the arch's limit;
-#   2. bench: benchmarks/bench_kernels.py --quick (GB/s and % of peak per kernel against eager and
-#      torch.compile; a 4-layer LLaMA-7B-shaped decode step in fp16 and W4A16 against the bandwidth limit);
-#   3. lessons: the GPU code paths of lessons 09 and 10 on tiny-llama-random (no download): lesson 09's
+#   3. bench: benchmarks/bench_kernels.py --quick on random-weight LLaMA-7B-shaped layers (GB/s and % of peak
+#      per kernel against eager and torch.compile; a 4-layer decode step in fp16 and W4A16 against the
+#      bandwidth limit); fails when a kernel misses its bandwidth target (bench_kernels.TARGETS);
+#   4. lessons: the GPU code paths of lessons 09 and 10 on tiny-llama-random (no download): lesson 09's
 #      kernel-timing cell and its engine on the Triton kernels, checked token for token against
 #      model.generate; lesson 10's GPU profile cell (the cell tagged "gpu", run as is) and its fused
-#      W4A16 model.
+#      W4A16 model;
+#   5. lesson_tests: every lesson's GPU-profile calls (tests/test_gpu_branch.py) and the parking of replaced
+#      tensors (tests/test_all_or_nothing.py -k parking), each also on real CUDA tensors (their "cuda" cases).
+# Then $LOGS/summary.json: each step's exit code, seconds and limit, the GPU, torch and triton versions,
+# GB/s and % of peak per kernel, the targets checked, the compile table's path, the tests and lesson checks
+# passed and failed (benchmarks/gpu_summary.py).
 #
 #   bash benchmarks/gpu_check.sh                  # from anywhere; logs go to $OUT or build/gpu_check
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
 #
-# Needs: torch with CUDA, triton, transformers, pytest (no nbval, no notebook kernel, no network).
+# Needs: torch with CUDA, triton, transformers, pytest (no nbval, no notebook kernel, no network), and the
+# WikiText-2 files (step 5's calibration data) under $LABKIT_DATA_DIR, shared/data or ../shared/data.
 # Each step has its own time limit; the script exits non-zero if any step fails, after running all.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +31,11 @@ LOGS="${OUT:-build/gpu_check}"
 mkdir -p "$LOGS"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-export TOKENIZERS_PARALLELISM=false LABKIT_RESULTS_DIR="$LOGS/results"
+export TOKENIZERS_PARALLELISM=false LABKIT_RESULTS_DIR="$LOGS/results" GPU_CHECK_LOGS="$LOGS"
+for d in "${LABKIT_DATA_DIR:-}" shared/data ../shared/data; do  # offline WikiText-2 for the calibration sets
+    if [ -n "$d" ] && [ -d "$d" ]; then export LABKIT_DATA_DIR="$(cd "$d" && pwd)"; break; fi
+done
+PYTEST=("$PY" -m pytest -q -o addopts="" -p no:cacheprovider --durations=5)
 status=0
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $LOGS/NAME.log
@@ -33,26 +45,31 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $LOGS/NA
     timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
     rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$LOGS/summary.txt"
+    printf '{"name": "%s", "rc": %d, "seconds": %d, "limit": %d}\n' "$name" "$rc" $((SECONDS - start)) "$limit" \
+        >> "$LOGS/steps.jsonl"
     [ "$rc" -eq 0 ] || status=1
 }
 
 : > "$LOGS/summary.txt"
+: > "$LOGS/steps.jsonl"
+rm -f "$LOGS/bench.json" "$LOGS/lessons.json" "$LOGS/kernels_compile.json" "$LOGS"/*.xml "$LOGS/summary.json"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOGS/summary.txt"
 "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 '| triton', triton.__version__, '| transformers', transformers.__version__,
 '| GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1 | tee -a "$LOGS/summary.txt"
 
-step tests 170 "$PY" -m pytest -q -o addopts="" -p no:cacheprovider --durations=5 \
+step tests 100 "${PYTEST[@]}" --junitxml="$LOGS/tests.xml" \
     tests/test_kernels.py tests/test_kernels_llama.py tests/test_kernels_roofline.py
 
 ARCH=$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(); print(10 * a + b)" 2>/dev/null)
-step compile 150 "$PY" -m labkit.kernels.offline --arch $(printf '%s\n' 75 80 89 90 $ARCH | sort -un) \
+step compile 80 "$PY" -m labkit.kernels.offline --arch $(printf '%s\n' 75 80 89 90 $ARCH | sort -un) \
     --json "$LOGS/kernels_compile.json"
 
-step bench 220 "$PY" benchmarks/bench_kernels.py --quick
+step bench 150 "$PY" benchmarks/bench_kernels.py --quick --json "$LOGS/bench.json"
 
-step lessons 170 "$PY" - <<'PYEOF'
+step lessons 50 "$PY" - <<'PYEOF'
 import json
+import os
 import time
 from pathlib import Path
 
@@ -64,6 +81,11 @@ from labkit.kernels import roofline
 
 assert torch.cuda.is_available(), "no CUDA device: nothing to check"
 failures = []
+checks = []  # (name, passed), for summary.json
+
+
+def check(name, ok):
+    checks.append((name, bool(ok)))
 
 
 def code_cells(notebook):
@@ -82,6 +104,7 @@ if len(timing) != 1:
     failures.append(f"lesson 09: expected one GPU timing cell, found {len(timing)}")
 else:
     exec(timing[0], {"torch": torch, "kernels": kernels})
+check("lesson 09: kernel-timing cell", len(timing) == 1)
 
 print("\nlesson 09, section 6: the engine on the Triton kernels (tiny-llama-random), against model.generate")
 prompts = ["The history of the city", "Paris is", "def fibonacci(n):\n    # Return the n-th Fibonacci number.\n",
@@ -104,6 +127,7 @@ for dtype in (torch.float32, torch.float16):  # fp32: must be identical; fp16: n
           f"{engine.stats['steps']} decode steps, batch sizes {engine.stats['batch_sizes']}; {seconds:.2f} s")
     if dtype == torch.float32 and same != len(prompts):
         failures.append(f"lesson 09 engine (fp32, Triton kernels): {same}/{len(prompts)} identical to generate")
+    check(f"lesson 09: engine on Triton kernels, {str(dtype)[6:]}", dtype != torch.float32 or same == len(prompts))
 
 # --- lesson 10 -------------------------------------------------------------------------------------------
 print("\nlesson 10, section 7.2: the GPU profile cell (tagged 'gpu'), run as is")
@@ -113,6 +137,7 @@ if len(gpu_cells) != 1:
     failures.append(f"lesson 10: expected one cell tagged 'gpu', found {len(gpu_cells)}")
 else:
     exec(gpu_cells[0], {"__name__": "lesson10_gpu"})
+check("lesson 10: GPU profile cell", len(gpu_cells) == 1)
 
 print("\nlesson 10, section 6: a model through fuse(w4a16=True), on the Triton kernels (tiny-llama-random, fp16)")
 model, tok = models.load("tiny-llama-random", device="cuda", dtype=torch.float16)
@@ -133,11 +158,17 @@ print(f"  {report}; W4A16Linear in the model: {'W4A16Linear' in kinds}; max |log
       f"generated {tokens.shape[1] - ids.shape[1]} tokens")
 if not torch.isfinite(out).all() or "W4A16Linear" not in kinds:
     failures.append("lesson 10: the fused W4A16 model did not run on the Triton kernels")
+check("lesson 10: fused W4A16 model", torch.isfinite(out).all() and "W4A16Linear" in kinds)
 
+Path(os.environ["GPU_CHECK_LOGS"], "lessons.json").write_text(json.dumps(dict(checks=checks, failures=failures)))
 print("\nFAILED: " + "; ".join(failures) if failures else "\nall lesson GPU paths ran")
 raise SystemExit(1 if failures else 0)
 PYEOF
 
+step lesson_tests 90 "${PYTEST[@]}" --junitxml="$LOGS/lesson_tests.xml" \
+    tests/test_gpu_branch.py tests/test_all_or_nothing.py -k "test_gpu_branch or parking"
+
 echo "=== summary"
 cat "$LOGS/summary.txt"
+"$PY" benchmarks/gpu_summary.py "$LOGS" || status=1
 exit $status

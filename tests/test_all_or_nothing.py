@@ -361,11 +361,24 @@ def test_all_or_nothing_undoes_moves_new_modules_attributes_and_config(model):
 # --- on an accelerator, replaced tensors are parked in CPU memory, not kept beside the new ones -------------
 
 
-@pytest.mark.parametrize("name", TRANSFORMS)
-def test_parking_replaced_accelerator_tensors_restores_bit_identically(name, model, cal, monkeypatch):
-    """What happens to a model on a GPU, imitated on CPU: every tensor counts as an accelerator tensor, so it is
-    not referenced by the snapshot but copied when replaced, and a replaced module's tensors are emptied."""
+# "imitated": on CPU, every tensor counts as an accelerator tensor; "cuda" (where present, e.g. in
+# benchmarks/gpu_check.sh): the model on a real GPU, where parking happens by itself.
+PARKING = ["imitated"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _parking_on(where, model, monkeypatch):
+    if where == "cuda":
+        return model.cuda()
     monkeypatch.setattr(transform, "_parked", lambda t: t.device.type != "meta")
+    return model
+
+
+@pytest.mark.parametrize("where", PARKING)
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_parking_replaced_accelerator_tensors_restores_bit_identically(name, where, model, cal, monkeypatch):
+    """What happens to a model on a GPU (imitated on CPU: every tensor counts as an accelerator tensor, so it
+    is not referenced by the snapshot but copied when replaced, and a replaced module's tensors are emptied)."""
+    model = _parking_on(where, model, monkeypatch)
     before = state(model)
     _fail_at_the_end(monkeypatch, name)
     with pytest.raises(RuntimeError, match="boom"):
@@ -374,11 +387,16 @@ def test_parking_replaced_accelerator_tensors_restores_bit_identically(name, mod
     assert not transform._journals and not models.before_replace
 
 
+@pytest.mark.parametrize("where", PARKING)
 @pytest.mark.parametrize("name", ["quant.rtn", "quant.gptq", "prune.wanda"])
-def test_parking_frees_what_a_successful_transform_replaced(name, model, cal, monkeypatch):
+def test_parking_frees_what_a_successful_transform_replaced(name, where, model, cal, monkeypatch):
+    if where == "cuda":
+        model = model.cuda()
     reference = copy.deepcopy(model)
-    TRANSFORMS[name](reference, cal)  # without parking
-    monkeypatch.setattr(transform, "_parked", lambda t: t.device.type != "meta")
+    with monkeypatch.context() as patch:
+        patch.setattr(transform, "_parked", lambda t: False)  # without parking
+        TRANSFORMS[name](reference, cal)
+    model = _parking_on(where, model, monkeypatch)
     old = [m.weight for layer in models.decoder_layers(model) for m in models.linear_layers(layer).values()]
     TRANSFORMS[name](model, cal)
     now, then = model.state_dict(), reference.state_dict()

@@ -34,10 +34,15 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 # --- helpers --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny16():
-    """tiny-llama-random in fp16, the GPU profile's dtype (on CPU)."""
-    return models.load("tiny-llama-random", device="cpu", dtype=torch.float16)[0]
+# On CPU the GPU profile's dtype; where CUDA is present (benchmarks/gpu_check.sh), also on real CUDA tensors.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def tiny16(request):
+    """tiny-llama-random in fp16, the GPU profile's dtype, on each of DEVICES (the inputs stay on CPU, as in
+    the lessons: labkit moves them to the model's device)."""
+    return models.load("tiny-llama-random", device=request.param, dtype=torch.float16)[0]
 
 
 def tokens(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
@@ -167,7 +172,8 @@ def test_method_on_fp16_model_gives_finite_perplexity(tiny16, method):
     ppl = evaluate.perplexity(tiny16, test, 64, progress=False)
     assert math.isfinite(ppl) and ppl > 1
     with torch.no_grad():
-        assert tiny16(test[:, :16]).logits.dtype == torch.float16  # still computes in the profile's dtype
+        logits = tiny16(test[:, :16].to(tiny16.device)).logits
+        assert logits.dtype == torch.float16  # still computes in the profile's dtype
 
 
 # --- device mixes, under the stand-in GPU ----------------------------------------------------------------
