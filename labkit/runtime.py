@@ -33,11 +33,11 @@ class Need:
     min_sm: int = 75  # compute capability the lesson's GPU code needs (e.g. 80: 2:4 sparse kernels)
 
 
-# Rehearsed peaks at LLaMA-7B fp16 (python -m labkit.rehearsal): load + generate + perplexity 13.16 GiB;
-# a calibration walk with the model on the GPU (models.load puts it there) ~19 GiB; two fp16 copies on the
+# Rehearsed peaks at LLaMA-7B fp16 (python -m labkit.rehearsal): load + generate + perplexity 13.04 GiB;
+# a calibration walk with the model on the GPU (models.load puts it there) ~16-18 GiB; two fp16 copies on the
 # GPU 25.1 GiB; three 37.65 GiB. GPU budgets with fits()'s margin: T4 12.8, L4 19.8, A100-40 35.0 GiB.
 LESSONS = {
-    "00": Need("L4", "rehearsed", "load, generate and perplexity peak at 13.16 GiB, over the T4's 12.8 GiB budget"),
+    "00": Need("L4", "rehearsed", "load, generate and perplexity peak at 13.04 GiB, over the T4's 12.8 GiB budget"),
     "01": Need(
         "A100-80",
         "rehearsed",
@@ -47,8 +47,9 @@ LESSONS = {
     "02": Need(
         "L4",
         "rehearsed",
-        "SparseGPT's walk with the model on the GPU peaks at 19.03 GiB (L4 budget 19.8), host 0.76 GiB in 2 "
-        "layers walked; the 2:4 timing needs sm80+ sparse kernels",
+        "SparseGPT's walk with the model on the GPU peaks at 16.85 GiB (L4 budget 19.8), host 2.76 GiB with 2 of "
+        "32 layers walked (the replaced weights parked in CPU memory grow to ~12 GiB over all 32); the 2:4 timing "
+        "needs sm80+ sparse kernels",
         min_sm=80,
     ),
     "03": Need(
@@ -66,13 +67,13 @@ LESSONS = {
     "05": Need(
         "L4",
         "rehearsed",
-        "the Hessian walk and GPTQ's walk with the model on the GPU peak at 19.03 GiB (L4 budget 19.8), "
+        "the Hessian walk and GPTQ's walk with the model on the GPU peak at 16.19 GiB (L4 budget 19.8), "
         "12.06 GiB host (RTN's parked weights); one model at a time from cell 28",
     ),
     "06": Need(
         "A100-40",
         "rehearsed",
-        "SmoothQuant's copy is loaded and calibrated while `model` is alive: 30.75 GiB GPU peak, 12.06 GiB host",
+        "SmoothQuant's copy is loaded and calibrated while `model` is alive: 27.68 GiB GPU peak, 12.06 GiB host",
     ),
     "07": Need(
         "A100-80",
@@ -84,7 +85,8 @@ LESSONS = {
     "08": Need(
         "A100-40",
         "rehearsed",
-        "copy.deepcopy of the model plus SVD-LLM's activation-aware walk: 31.55 GiB GPU peak, 0.76 GiB host",
+        "copy.deepcopy of the model plus SVD-LLM's activation-aware walk: 29.55 GiB GPU peak, 2.76 GiB host "
+        "with 2 of 32 layers walked (~12 GiB of parked weights over all 32)",
     ),
     "09": Need(
         "L4",
