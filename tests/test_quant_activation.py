@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from labkit import evaluate, quant
+from labkit import evaluate, quant, walk
 from labkit.quant.int8 import Int8Linear, absmax_quantize, int8_matmul, int8_matmul_reference, matmul_path
 from labkit.quant.nf4 import NF4Linear, double_dequantize, double_quantize, dynamic_map
 
@@ -109,17 +109,7 @@ def test_llm_int8_on_tiny_model(tiny):
     assert report.layers == 14
     assert len(quant.int8.int8_linears(model)) == 14
     assert set(report.outliers) == {
-        f"layers.{i}.{n}"
-        for i in range(2)
-        for n in [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ]
+        f"layers.{i}.{n}" for i in range(2) for n in (name for group in walk.SEQUENTIAL_GROUPS for name in group)
     }
     assert any(v > 0 for v in report.outliers.values())  # threshold 1 on unit-scale activations: many
     assert (model(ids).logits - ref).abs().max() < 0.05

@@ -39,15 +39,7 @@ from ..models import check_llama, set_module
 from ..transform import all_or_nothing, check_count, check_damping, check_model, record
 from ..walk import SEQUENTIAL_GROUPS, Hessian, calibration_walk, check_calibration
 
-TARGETS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+TARGETS = tuple(name for group in SEQUENTIAL_GROUPS for name in group)  # the 7 linears of a decoder layer
 
 
 class LowRankLinear(nn.Module):
