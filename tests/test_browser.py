@@ -267,9 +267,14 @@ def open_page(browser, url, expect_url=None):
         if expect_url:  # a redirect page: wait until its target has loaded
             deadline = time.monotonic() + 15
             while True:
-                href = browser.send(
-                    "Runtime.evaluate", {"expression": "location.href + ' ' + document.readyState"}, session=session
-                )["result"]["value"]
+                try:
+                    href = browser.send(
+                        "Runtime.evaluate", {"expression": "location.href + ' ' + document.readyState"}, session=session
+                    )["result"]["value"]
+                except RuntimeError as error:  # the redirect replaced the page while we asked: ask again
+                    if not any(m in str(error) for m in ("navigated or closed", "context was destroyed")):
+                        raise
+                    href = "(navigating)"
                 if href == f"{expect_url} complete":
                     break
                 if time.monotonic() > deadline:
