@@ -52,6 +52,33 @@ def _check_stream(token_ids) -> torch.Tensor:
     return token_ids.reshape(-1).long()  # long ids stay the same tensor
 
 
+def _windows(model, token_ids, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    """The first `max_windows` non-overlapping windows of `seqlen` tokens: [n_windows, seqlen], checked."""
+    stream = _check_stream(token_ids)
+    _check_int(seqlen, "seqlen", 2, "a window needs at least 2 tokens: one to read, one to predict")
+    if max_windows is not None:
+        _check_int(max_windows, "max_windows", 1, "or None for all windows")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and seqlen > max_pos:
+        raise ValueError(
+            f"seqlen={seqlen} is larger than the model's context ({max_pos} positions, "
+            f"config.max_position_embeddings). Use seqlen <= {max_pos}."
+        )
+    n_windows = stream.numel() // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows < 1:
+        raise ValueError(f"token_ids has {stream.numel()} tokens: fewer than one window of seqlen={seqlen}.")
+    windows = stream[: n_windows * seqlen].view(n_windows, seqlen)
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and (windows.min() < 0 or windows.max() >= vocab):
+        raise ValueError(
+            f"token_ids holds ids from {windows.min().item()} to {windows.max().item()}; the model's vocabulary "
+            f"is 0..{vocab - 1}. Tokenize with the model's own tokenizer."
+        )
+    return windows
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -71,29 +98,9 @@ def perplexity(
     seqlen: an integer >= 2; max_windows: a positive integer or None (all); batch_size: windows per
     forward pass, a positive integer. Bad arguments raise ValueError naming the argument.
     """
-    stream = _check_stream(token_ids)
-    _check_int(seqlen, "seqlen", 2, "a window needs at least 2 tokens: one to read, one to predict")
-    if max_windows is not None:
-        _check_int(max_windows, "max_windows", 1, "or None for all windows")
+    windows = _windows(model, token_ids, seqlen, max_windows)
+    n_windows = windows.shape[0]
     _check_int(batch_size, "batch_size", 1, "windows per forward pass")
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and seqlen > max_pos:
-        raise ValueError(
-            f"seqlen={seqlen} is larger than the model's context ({max_pos} positions, "
-            f"config.max_position_embeddings). Use seqlen <= {max_pos}."
-        )
-    n_windows = stream.numel() // seqlen
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
-    if n_windows < 1:
-        raise ValueError(f"token_ids has {stream.numel()} tokens: fewer than one window of seqlen={seqlen}.")
-    windows = stream[: n_windows * seqlen].view(n_windows, seqlen)
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and (windows.min() < 0 or windows.max() >= vocab):
-        raise ValueError(
-            f"token_ids holds ids from {windows.min().item()} to {windows.max().item()}; the model's vocabulary "
-            f"is 0..{vocab - 1}. Tokenize with the model's own tokenizer."
-        )
     device = _device(model)
     nll_sum = 0.0
     for start in tqdm(
@@ -107,6 +114,38 @@ def perplexity(
         nll_sum += nll.item()
         del batch, logits, nll  # not alive while the next window's forward runs (its logits would be)
     return math.exp(nll_sum / (n_windows * (seqlen - 1)))
+
+
+@dataclass
+class Predictions:
+    """How a model's next-token distributions look on the test windows (all per predicted token)."""
+
+    nll: float  # mean negative log-likelihood of the true next token, nats (log of the perplexity)
+    entropy: float  # mean entropy of the predicted distribution, nats (a uniform guess: log of the vocabulary)
+    top1_accuracy: float  # fraction of tokens whose most likely prediction is the true next token
+    top_probability: float  # mean probability of the most likely prediction: how confident the model is
+    uniform_nll: float  # log(vocabulary size): the NLL of a uniform guess, perplexity = vocabulary size
+
+
+@torch.no_grad()
+def predictions(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | None = 1) -> Predictions:
+    """Confidence and accuracy of the next-token predictions on the first `max_windows` windows (the windows
+    of `perplexity`, same arguments). A perplexity above the vocabulary size means confident wrong guesses:
+    these numbers show how confident and how wrong."""
+    windows = _windows(model, token_ids, seqlen, max_windows)
+    device = _device(model)
+    nll = entropy = hits = top = 0.0
+    for window in windows:
+        ids = window[None].to(device)
+        logp = model(ids, use_cache=False).logits[0, :-1].float().log_softmax(-1)  # [seqlen - 1, vocab]
+        target = ids[0, 1:]
+        nll += -logp.gather(1, target[:, None]).sum().item()
+        entropy += -(logp.exp() * logp).sum().item()
+        hits += (logp.argmax(-1) == target).sum().item()
+        top += logp.max(-1).values.exp().sum().item()
+        vocab = logp.shape[-1]
+    n = windows.shape[0] * (seqlen - 1)
+    return Predictions(nll / n, entropy / n, hits / n, top / n, math.log(vocab))
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

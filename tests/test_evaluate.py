@@ -148,3 +148,34 @@ def test_best_time_keeps_the_fastest_call_after_the_warmup(monkeypatch):
     for repeats, warmup in ((0, 0), (1, -1)):
         with pytest.raises(ValueError, match=f"repeats={repeats}, warmup={warmup}"):
             evaluate.best_time(lambda: None, repeats=repeats, warmup=warmup)
+
+
+def test_predictions_agree_with_perplexity_and_a_uniform_guess(tiny):
+    model = tiny
+    ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+    got = evaluate.predictions(model, ids, 32, max_windows=3)
+    assert math.exp(got.nll) == pytest.approx(evaluate.perplexity(model, ids, 32, progress=False), rel=1e-5)
+    assert 0 <= got.top1_accuracy <= 1 and 1 / 256 <= got.top_probability <= 1
+    assert got.uniform_nll == pytest.approx(math.log(256))
+    model.lm_head.weight = nn.Parameter(torch.zeros_like(model.lm_head.weight))  # all logits 0: a uniform guess
+    flat = evaluate.predictions(model, ids, 32)
+    assert flat.entropy == pytest.approx(math.log(256), rel=1e-5) and flat.nll == pytest.approx(math.log(256), rel=1e-5)
+    assert flat.top_probability == pytest.approx(1 / 256, rel=1e-5)
+
+
+def test_predictions_of_a_confident_wrong_model():
+    """A model sure of one wrong token: NLL far above a uniform guess's, no hit, top probability near 1."""
+
+    class Sure(nn.Module):
+        config = type("Config", (), {"vocab_size": 8, "max_position_embeddings": 64})()
+
+        def forward(self, ids, use_cache=False):
+            logits = torch.full((*ids.shape, 8), -20.0)
+            logits[..., 7] = 20.0  # always token 7, never in the data
+            return type("Out", (), {"logits": logits})()
+
+    model = Sure()
+    model.weight = nn.Parameter(torch.zeros(1))  # a device to read
+    got = evaluate.predictions(model, torch.randint(0, 7, (1, 64)), 16, max_windows=None)
+    assert got.top1_accuracy == 0 and got.top_probability == pytest.approx(1, abs=1e-6)
+    assert got.nll > 10 * got.uniform_nll and got.entropy < 1e-3
