@@ -30,7 +30,8 @@ layer). Each pruned layer removes the same share r = ratio · (all decoder-linea
 With GQA the attention unit is coarse: SmolLM2 has 3 KV groups per layer, so a share below 1/3
 (ratio < 0.267 with layers 4-27) removes no head at all, only MLP channels, as the authors' code
 does at 20%. Rounding the share to the nearest group instead (round(0.25 · 3) = 1) removed a third
-of every pruned layer's attention at 20% (benchmarks/bench_prune_reference.py measures both).
+of every pruned layer's attention at 20% and scored far worse (issue 16); benchmarks/
+bench_prune_reference.py --methods llm_pruner compares this allocation with the authors' code.
 
 LLM-Pruner's public code, run on a GQA model, scores KV head g together with query heads
 g, g + n_kv, g + 2·n_kv, ... while removing heads g·group ... (g+1)·group − 1; here a group's
