@@ -196,13 +196,49 @@ def test_llm_pruner_ratio_zero_changes_nothing(tiny, calibration, batch):
 
 
 def test_llm_pruner_same_share_per_layer_and_runnable(tiny, calibration, batch):
-    report = prune.llm_pruner(tiny, calibration, 0.3)
-    assert abs(report.linear_removed - 0.3) < 0.01
+    report = prune.llm_pruner(tiny, calibration, 0.6)  # a share of 60%: one of the 2 KV groups, then MLP channels
+    assert abs(report.linear_removed - 0.6) < 0.01
     assert report.layers_after[0] == report.layers_after[1]  # the same share in each pruned layer
     assert report.layers_after[0].kv_heads == 1 and report.layers_after[0].heads == 2
     assert torch.isfinite(logits(tiny, batch)).all()
-    kept = prune.structure(tiny)[0]
-    assert kept.channels < 160
+    assert prune.structure(tiny)[0].channels == 160 - 102  # (0.6 · 43,008 − 6,144) / 192 channels removed
+
+
+def test_llm_pruner_rounds_each_structure_on_its_own(tiny, calibration):
+    # A share of 30% covers 0.6 of the 2 KV groups: per structure, as the authors' code, no group goes and
+    # the MLP alone loses the share. Rounding the share to the nearest group (round(0.6) = 1) removed half
+    # the attention of every layer; on SmolLM2 at 20% (round(0.25 · 3) = 1) that cost 86 vs 49 perplexity.
+    report = prune.llm_pruner(tiny, calibration, 0.3)
+    assert abs(report.linear_removed - 0.3) < 0.01
+    for before, after in zip(report.layers_before, report.layers_after):
+        assert (after.heads, after.kv_heads) == (before.heads, before.kv_heads)
+        assert after.channels == 160 - 67  # 0.3 · 43,008 / 192 = 67.2 channels
+
+
+def test_layer_plan_on_smollm2_shapes():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    config = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64
+    )
+    layer = LlamaDecoderLayer(config, 0)  # SmolLM2-135M's: 3 KV groups of 294,912 weights, channels of 1,728
+    share = prune.layer_param_count(layer)  # 3,538,944 weights
+    assert prune.layer_plan(layer, 0.25 * share) == (0, 512)  # the issue's 20%: MLP channels only, no head
+    assert prune.layer_plan(layer, share / 3) == (1, 512)  # a share covering one group whole takes it
+    assert prune.layer_plan(layer, 0.625 * share) == (1, 1109)  # 50%: floor(1.875) = 1 group
+    assert prune.layer_plan(layer, 0) == (0, 0)
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), True, "100", None])
+def test_layer_plan_bad_count(tiny, bad):
+    with pytest.raises(ValueError, match=r"remove_params=.*allowed is a number of weights >= 0"):
+        prune.layer_plan(tiny.model.layers[0], bad)
+
+
+def test_layer_plan_that_empties_the_mlp(tiny):
+    with pytest.raises(ValueError, match=r"1 of its 2 KV groups and all 160 MLP channels.*at most 85.3%"):
+        prune.layer_plan(tiny.model.layers[0], 0.9 * prune.layer_param_count(tiny.model.layers[0]))
 
 
 def test_llm_pruner_skips_layers(tiny, calibration):
@@ -242,8 +278,11 @@ def test_bad_ratio(tiny, calibration, ratio):
 
 
 def test_ratio_that_empties_a_layer(tiny, calibration):
-    with pytest.raises(ValueError, match=r"ratio=0.8 .*every attention head of layer 0.*ratio < 0.750"):
-        prune.llm_pruner(tiny, calibration, 0.8)
+    dense = copy.deepcopy(tiny)  # the unchanged model, to compare with
+    with pytest.raises(ValueError, match=r"ratio=0.9 .*too large for layer 0: .*all 160 MLP channels"):
+        prune.llm_pruner(tiny, calibration, 0.9)
+    for (name, p), q in zip(tiny.state_dict().items(), dense.state_dict().values()):
+        assert torch.equal(p, q), name  # a failed call leaves the model unchanged
     with pytest.raises(ValueError, match=r"largest allowed ratio"):
         prune.llm_pruner(tiny, calibration, 0.6, layers=[1])
 

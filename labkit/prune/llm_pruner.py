@@ -10,7 +10,7 @@
    paper's eq. 3-4, "element-wise, first order", the `param_first` setting of its code):
        I(W_k) = |∂L/∂W_k · W_k|
    and a group's importance is the sum over its weights (the code's default aggregation).
-3. The same ratio in every pruned layer, with the first and last layers left whole (they are
+3. The same share in every pruned layer, with the first and last layers left whole (they are
    the most sensitive). The paper's LLaMA-7B runs prune layers 4-29 of 32 (attention and MLP);
    here the default skips the first round(L/8) and the last round(L/16) layers, which is exactly
    4 and 2 for 32 layers, and layers 4-27 of SmolLM2-135M's 30.
@@ -20,9 +20,18 @@
 Ratio: `ratio` is the fraction of the decoder linears' parameters removed over the whole model,
 as in FLaP's and the papers' tables (the paper reaches "20%" on LLaMA-7B with 25% per pruned
 layer). Each pruned layer removes the same share r = ratio · (all decoder-linear parameters) /
-(parameters of the pruned layers): attention groups round(r · n_groups), and MLP channels
-chosen so the layer loses r of its parameters (the head count is coarse with GQA: SmolLM2 has
-only 3 groups per layer, so the MLP takes up the rounding).
+(parameters of the pruned layers). Its rounding is per structure, as in the authors' code (whose
+`ch_sparsity` applies to each coupled structure on its own, keeping int(C · (1 − r)) of its C units):
+    attention: floor(r · n_kv) whole KV groups, rounded on its own: a group goes only when the
+               share covers all of it;
+    MLP:       the channels that bring the layer's loss to r of its weights, rounded on their own
+               (a channel is fine: 1,728 weights on SmolLM2), so the MLP also takes up what the
+               attention's rounding left and `ratio` holds (the authors' code removes less instead).
+With GQA the attention unit is coarse: SmolLM2 has 3 KV groups per layer, so a share below 1/3
+(ratio < 0.267 with layers 4-27) removes no head at all, only MLP channels, as the authors' code
+does at 20%. Rounding the share to the nearest group instead (round(0.25 · 3) = 1) removed a third
+of every pruned layer's attention at 20% and scored far worse (issue 16); benchmarks/
+bench_prune_reference.py --methods llm_pruner compares this allocation with the authors' code.
 
 LLM-Pruner's public code, run on a GQA model, scores KV head g together with query heads
 g, g + n_kv, g + 2·n_kv, ... while removing heads g·group ... (g+1)·group − 1; here a group's
@@ -31,6 +40,8 @@ importance sums exactly the weights the surgery removes.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Sequence
 
@@ -124,14 +135,29 @@ def taylor_importance(
 
 
 def layer_plan(layer: nn.Module, remove_params: float) -> tuple[int, int]:
-    """(KV groups, MLP channels) to remove so one layer loses about `remove_params` weights."""
+    """(KV groups, MLP channels) to remove so one decoder layer loses about `remove_params` weights.
+
+    Per structure, as the authors' code: the layer's share r = remove_params / (its parameters) of
+    the KV groups, rounded down (a group goes only when r covers it whole), then the MLP channels
+    that make up the rest. Raises ValueError when that would take every MLP channel.
+    """
     s = attention_shape(layer.self_attn)
+    n_channels = layer.mlp.down_proj.in_features
     group_cost, channel_cost = group_param_count(layer.self_attn), channel_param_count(layer.mlp)
-    layer_params = s.n_kv_heads * group_cost + layer.mlp.down_proj.in_features * channel_cost
-    r = remove_params / layer_params
-    groups = round(r * s.n_kv_heads)
-    channels = round((remove_params - groups * group_cost) / channel_cost)
-    return groups, max(0, min(channels, layer.mlp.down_proj.in_features - 1))
+    layer_params = s.n_kv_heads * group_cost + n_channels * channel_cost
+    if isinstance(remove_params, bool) or not isinstance(remove_params, numbers.Real) or not remove_params >= 0:
+        raise ValueError(f"remove_params={remove_params!r}: allowed is a number of weights >= 0.")
+    r = remove_params / layer_params  # the layer's share
+    groups = min(math.floor(r * s.n_kv_heads + 1e-9), s.n_kv_heads - 1)  # 1e-9: r · n exactly whole stays whole
+    channels = max(0, round((remove_params - groups * group_cost) / channel_cost))
+    if channels >= n_channels:
+        most = ((s.n_kv_heads - 1) * group_cost + (n_channels - 1) * channel_cost) / layer_params
+        raise ValueError(
+            f"remove_params={remove_params:,.0f} ({r:.0%} of the layer's {layer_params:,} weights) would remove "
+            f"{groups} of its {s.n_kv_heads} KV groups and all {n_channels} MLP channels; a layer keeps at least "
+            f"one of each, so it can lose at most {most:.1%} of its weights."
+        )
+    return groups, channels
 
 
 @torch.no_grad()
@@ -147,18 +173,15 @@ def _prune(model, importance, ratio, layers) -> dict:
             f"below {largest:.3f}. Use a smaller ratio or prune more layers."
         )
     plans = {}
-    for i in layers:
+    for i in layers:  # every plan first: a ratio too large for one layer fails before any surgery
         layer = model.model.layers[i]
-        s = attention_shape(layer.self_attn)
-        groups, channels = layer_plan(layer, r * layer_param_count(layer))
-        if groups >= s.n_kv_heads:
+        try:
+            plans[i] = layer_plan(layer, r * layer_param_count(layer))
+        except ValueError as error:
             raise ValueError(
-                f"ratio={ratio:g} (a share of {r:.0%} in each pruned layer) would remove every attention "
-                f"head of layer {i} ({groups} of its {s.n_kv_heads} KV groups); allowed is a ratio whose "
-                f"share stays below {1 - 0.5 / s.n_kv_heads:.0%}, i.e. ratio < "
-                f"{(1 - 0.5 / s.n_kv_heads) * pruned_params / total:.3f}."
-            )
-        plans[i] = (groups, channels)
+                f"ratio={ratio:g} (a share of {r:.0%} in each of the pruned layers {layers[0]}-{layers[-1]}) is too "
+                f"large for layer {i}: {error} Use a smaller ratio or prune more layers."
+            ) from None
     for i, (groups, channels) in plans.items():
         group_scores, channel_scores = importance[i]
         s = attention_shape(model.model.layers[i].self_attn)
