@@ -39,10 +39,11 @@ class Need:
 LESSONS = {
     "00": Need("L4", "rehearsed", "load, generate and perplexity peak at 13.04 GiB, over the T4's 12.8 GiB budget"),
     "01": Need(
-        "A100-80",
+        "L4",
         "rehearsed",
-        "fits no runtime today: cell 11 loads a fresh copy per scope while `model` and the last copy are alive "
-        "and global magnitude ranks every decoder weight at once in fp32 (91.45 GiB GPU peak, 12.06 GiB host)",
+        "one model on the GPU at a time, global magnitude's threshold by a radix select (no fp32 concatenation): "
+        "15.24 GiB GPU peak (prune.wanda's walk), 12.55 GiB host (wanda_50's weights kept in CPU memory for the "
+        "storage formats), over the T4's budgets",
     ),
     "02": Need(
         "L4",

@@ -1,5 +1,7 @@
 """labkit.prune: masks, magnitude, Wanda, SparseGPT, sparse storage. Fast: tiny random Llama and small matrices."""
 
+import copy
+
 import pytest
 import torch
 from helpers import correlated_layer, output_error
@@ -36,6 +38,71 @@ def test_lowest_mask_exact_with_ties():
     assert sum(int(m.sum()) for m in got) == 3
     assert got[0][1, 0]  # the lowest score is always pruned
     assert not got[0][1, 1] and not got[1][1]
+
+
+def concatenated_kth(scores, k):
+    """The reference kth_lowest replaced: every score in one fp32 tensor, then kthvalue."""
+    everything = torch.cat([s.flatten().float() for s in scores])
+    value = everything.kthvalue(k).values
+    return value, int((everything < value).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_kth_lowest_equals_the_concatenation(dtype, monkeypatch):
+    monkeypatch.setattr(masks, "_CHUNK", 7)  # several chunks per tensor
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        shapes = [tuple(torch.randint(1, 12, (2,), generator=g).tolist()) for _ in range(1 + trial % 4)]
+        tensors = [torch.randn(shape, generator=g) for shape in shapes]
+        if trial % 2:  # few distinct values: many ties at the threshold
+            tensors = [(t * 2).round() / 2 for t in tensors]
+        tensors[0].view(-1)[0] = -0.0  # -0.0 and 0.0 compare equal
+        tensors = [t.to(dtype) for t in tensors]
+        total = sum(t.numel() for t in tensors)
+        for k in (1, total, int(torch.randint(1, total + 1, (1,), generator=g))):
+            for score in (None, torch.abs):
+                scores = [score(t) if score else t for t in tensors]
+                value, below = masks.kth_lowest(tensors, k, score)
+                assert (value, below) == concatenated_kth(scores, k), (trial, k, score)
+    with pytest.raises(ValueError, match="k=0: need 1 <= k <= 2"):
+        masks.kth_lowest([torch.ones(2)], 0)
+
+
+def concatenated_global_magnitude(weights, k):
+    """Global magnitude as it was: one fp32 concatenation, kthvalue, then ties pruned in order."""
+    scores = [w.abs() for w in weights]
+    threshold, _ = concatenated_kth(scores, k)
+    pruned = [s.float() < threshold for s in scores]
+    missing = k - sum(int(m.sum()) for m in pruned)
+    for mask, s in zip(pruned, scores):
+        ties = (s.float() == threshold).flatten().nonzero().squeeze(1)[:missing]
+        mask.view(-1)[ties] = True
+        missing -= ties.numel()
+    return [w.masked_fill(mask, 0) for w, mask in zip(weights, pruned)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("ties", [False, True])
+def test_magnitude_global_equals_the_concatenation(dtype, ties, monkeypatch):
+    from labkit import models
+
+    monkeypatch.setattr(masks, "_CHUNK", 1000)
+    model = models.load("tiny-llama-random", device="cpu", dtype=dtype)[0]
+    if ties:  # weights on a coarse grid (as after 4-bit quantization): thousands of equal magnitudes
+        for lin in linears(model).values():
+            lin.weight.data = (lin.weight.float() * 64).round().div(64).to(dtype)
+    weights = [lin.weight.detach().clone() for lin in linears(model).values()]
+    for sparsity in (0.3, 0.5):
+        expected = concatenated_global_magnitude(weights, masks.n_pruned(sparsity, sum(w.numel() for w in weights)))
+        m = copy.deepcopy(model)
+        prune.magnitude(m, sparsity, scope="global")
+        for name, want in zip(linears(m), expected):
+            assert torch.equal(linears(m)[name].weight, want), (name, sparsity)
+    if ties:  # the threshold fell on a tie: some equal magnitudes kept, some pruned
+        flat = torch.cat([w.flatten().float().abs() for w in weights])
+        pruned = torch.cat([w.flatten() for w in expected]) == 0
+        threshold = flat[pruned].max()
+        assert (flat[~pruned] == threshold).any()
 
 
 # --- magnitude ------------------------------------------------------------------------------------

@@ -96,20 +96,91 @@ def lowest_mask(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     scores: tensors of any shapes. Ties at the threshold (common: these weights were 4-bit
     before) are broken in order, so the count is exact.
     """
-    masks = [torch.zeros_like(s, dtype=torch.bool) for s in scores]
+    return list(lowest_masks(scores, k))
+
+
+def lowest_masks(tensors: list[torch.Tensor], k: int, score=None):
+    """lowest_mask one tensor at a time: yields each tensor's mask, True at the k lowest scores of all
+    tensors together, with ties at the threshold broken in order (tensor by tensor, then flat index).
+
+    score: an elementwise function giving a tensor's scores (default: the values themselves), e.g.
+    torch.abs; applied when a tensor's turn comes, so only one tensor's scores exist at a time (global magnitude at 7B).
+    A tensor's mask is made when it is asked for, from the tensor as it is then.
+    """
     if k <= 0:
-        return masks
-    threshold = torch.cat([s.flatten().float() for s in scores]).kthvalue(k).values
-    for mask, s in zip(masks, scores):
-        mask.copy_(s.float() < threshold)
-    missing = k - sum(int(mask.sum()) for mask in masks)  # ties still to prune
-    for mask, s in zip(masks, scores):
-        if missing == 0:
-            break
-        ties = (s.float() == threshold).flatten().nonzero().squeeze(1)[:missing]
-        mask.view(-1)[ties] = True
-        missing -= ties.numel()
-    return masks
+        for t in tensors:
+            yield torch.zeros_like(t, dtype=torch.bool)
+        return
+    threshold, below = kth_lowest(tensors, k, score)
+    ties = k - below  # scores equal to the threshold still to prune
+    for t in tensors:
+        s = (score(t) if score is not None else t).float()
+        mask = s < threshold
+        if ties > 0:
+            tied = (s == threshold).flatten().nonzero().squeeze(1)[:ties]
+            mask.view(-1)[tied] = True
+            ties -= tied.numel()
+        yield mask
+
+
+_RADIX_BITS = 16  # kth_lowest: two passes, each ranking 16 of the fp32 order key's 32 bits
+_CHUNK = 2**22  # kth_lowest scores this many elements at a time (~100 MB of fp32 and int64 temporaries)
+
+
+def kth_lowest(tensors: list[torch.Tensor], k: int, score=None) -> tuple[torch.Tensor, int]:
+    """(value, below): the k-th lowest score of all `tensors` together, compared in fp32 (a 0-dim fp32
+    tensor), and how many scores are strictly lower. 1 <= k <= the number of elements; scores finite.
+
+    The value is torch.cat([score(t).flatten().float() for t in tensors]).kthvalue(k), found without the
+    concatenation: a radix select. Each score's fp32 bits, as an integer key, sort like the scores; one
+    pass counts the scores per value of the key's top 16 bits and finds the bucket holding the k-th, a
+    second counts that bucket's scores per value of the low 16 bits. Counting is exact, so the value is
+    too (and equal scores stay equal: ties are left to the caller). A single tensor without `score` uses
+    kthvalue directly. score: as in lowest_masks, applied to chunks of a tensor's flattened elements.
+    """
+    total = sum(t.numel() for t in tensors)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k!r}: need 1 <= k <= {total} (the number of scores).")
+    if len(tensors) == 1 and score is None:
+        s = tensors[0].flatten().float()
+        value = s.kthvalue(k).values
+        return value, int((s < value).sum())
+    score = score or (lambda t: t)
+    bins = 2**_RADIX_BITS
+    prefix, below, rank = 0, 0, k  # rank: the wanted score's rank among those left (1-based)
+    for high in (True, False):
+        counts = torch.zeros(bins, dtype=torch.long)
+        for t in tensors:
+            on_device = torch.zeros(bins, dtype=torch.long, device=t.device)
+            flat = t.detach().flatten()
+            for start in range(0, flat.numel(), _CHUNK):
+                keys = _order_keys(score(flat[start : start + _CHUNK]))  # [chunk] int64 in [0, 2^32)
+                if high:
+                    on_device.index_add_(0, keys >> _RADIX_BITS, torch.ones_like(keys))
+                else:  # count only the keys in the chosen top bucket
+                    in_bucket = (keys >> _RADIX_BITS == prefix).long()
+                    on_device.index_add_(0, keys & (bins - 1), in_bucket)
+            counts += on_device.cpu()
+        cumulative = counts.cumsum(0)
+        bucket = int((cumulative < rank).sum())  # the first bucket whose cumulative count reaches rank
+        skipped = int(cumulative[bucket - 1]) if bucket > 0 else 0
+        below, rank = below + skipped, rank - skipped
+        prefix = (prefix << _RADIX_BITS) | bucket
+    return _from_order_key(prefix), below
+
+
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2^32) in the order of the fp32 `values` (finite; -0.0 gets 0.0's key). values: [n]"""
+    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into 0.0
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # negatives: larger magnitude, smaller key
+
+
+def _from_order_key(key: int) -> torch.Tensor:
+    """The fp32 value (a 0-dim tensor) whose order key is `key`: _order_keys inverted."""
+    bits = key - 2**31
+    if bits < 0:
+        bits ^= 0x7FFFFFFF
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0]
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -236,7 +307,9 @@ __all__ = [
     "check_divisible",
     "check_sparsity",
     "decoder_linears",
+    "kth_lowest",
     "lowest_mask",
+    "lowest_masks",
     "mask_for",
     "n_pruned",
     "nm_mask",

@@ -120,42 +120,61 @@ def _note_repeats(r: Rehearsal) -> None:
 
 
 def lesson01(r: Rehearsal) -> None:
-    """Magnitude and Wanda: cell 4's walk on `model`; cell 11 loads a copy per scope while `model` and the
-    previous copy are alive (three copies), global magnitude on one; cells 13-17 one sweep copy at a time
-    beside `model` until cell 11's del... then magnitude_50 + wanda_50 (prune.wanda) + a third for storage."""
+    """Magnitude and Wanda, one model on the GPU at a time: cell 4's walk on `model`; cell 11 frees `model`,
+    then one fresh copy per scope (global magnitude's threshold by prune.masks.kth_lowest, no concatenation);
+    cells 13-14 one sweep copy at a time; cell 17 magnitude_50, freed, then wanda_50 (prune.wanda); cell 20
+    wanda_50's state dict to CPU memory, wanda_50 freed, one copy per storage format loaded from it."""
     from .. import prune
 
     calib = _calibration()
     with r.phase("cell 2: load"):
         model = llama_7b(GPU)
     with r.phase("cell 4: walk (ColumnStats, one Hessian)"), first_layers():
-        explore = model.model.layers[0].self_attn.o_proj
+        explore = model.model.layers[0].self_attn.o_proj  # kept alive by the lesson until its end (cell 23)
         walk.calibration_walk(
             model,
             calib,
             lambda name, lin: walk.Hessian(lin.in_features) if lin is explore else walk.ColumnStats(lin.in_features),
             lambda i, layer, s: None,
         )
-    with r.phase("cell 11: magnitude per layer, then global, beside `model`"):
+    del model
+    with r.phase("cell 11: magnitude per layer, then global, one copy at a time"):
+        for scope in ("layer", "global"):
+            m = llama_7b(GPU)
+            prune.magnitude(m, 0.5, scope=scope)
+            del m
+    with r.phase("cell 13: magnitude sweep, one copy at a time"):
         m = llama_7b(GPU)
-        prune.magnitude(m, 0.5, scope="layer")
-        m = llama_7b(GPU)  # loaded while the previous m is alive: three copies at once
-        prune.magnitude(m, 0.5, scope="global")
-        del m, model
-    with r.phase("cells 13-20: magnitude_50, wanda_50 (prune.wanda), a copy for the storage formats"):
+        prune.magnitude(m, 0.5)
+        _perplexity(m)
+        del m
+    with r.phase("cell 14: Wanda one shot with the walk's norms, one copy at a time"):
+        m = llama_7b(GPU)
+        for linear in prune.decoder_linears(m).values():  # the lesson's wanda_one_shot
+            norm = torch.ones(linear.in_features, device=GPU)  # ColumnStats.norm: fp32 [in_features]
+            linear.weight.data[prune.wanda_mask(linear.weight, norm, 0.5)] = 0
+        _perplexity(m)
+        del m
+    with r.phase("cell 17: magnitude_50, freed, then wanda_50 (prune.wanda)"):
         magnitude_50 = llama_7b(GPU)
         prune.magnitude(magnitude_50, 0.5)
         _perplexity(magnitude_50)
+        del magnitude_50
         wanda_50 = llama_7b(GPU)
         with first_layers():
             prune.wanda(wanda_50, calib, 0.5)
         _perplexity(wanda_50)
-        del magnitude_50
-        mm = llama_7b(GPU)
-        mm.load_state_dict(wanda_50.state_dict())
-        del mm
+    with r.phase("cell 20: wanda_50's weights in CPU memory, a copy per storage format"):
+        pruned = {name: t.cpu() for name, t in wanda_50.state_dict().items()}
+        del wanda_50
+        mm = llama_7b(GPU)  # the lesson loads one per format (bitmask, csr): the same shapes
+        mm.load_state_dict(pruned)
+        del mm, pruned
     _note_repeats(r)
-    r.note("explore = layer 0's o_proj (lesson: layer 10; same shape); prune.to_sparse not rehearsed (data-dependent)")
+    r.note(
+        "explore = layer 0's o_proj (lesson: layer 10; same shape); the sweeps: their 50% point only (every "
+        "sparsity has the same shapes); prune.to_sparse not rehearsed (data-dependent)"
+    )
 
 
 def lesson02(r: Rehearsal) -> None:
