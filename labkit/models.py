@@ -273,6 +273,17 @@ def tiny_llama_random(dtype=torch.float32, num_layers: int = 2, seed: int = 0):
     return model.to(dtype).eval(), byte_tokenizer()
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers are on the meta device: the same modules, shapes, dtypes
+    and ties, and no memory. For what can be read off the structure (weight bytes at another dtype, parameter
+    counts) without a second 13.5 GB copy of a 7B model next to the first, as copy.deepcopy would make."""
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:  # a tied tensor once: its copies stay tied
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
 def check_llama(model, where: str = "labkit") -> None:
     """Raise a clear error if `model` is not a Llama-architecture causal LM."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -77,11 +77,11 @@ LESSONS = {
         "SmoothQuant's copy is loaded and calibrated while `model` is alive: 27.68 GiB GPU peak, 12.06 GiB host",
     ),
     "07": Need(
-        "A100-80",
+        "A100-40",
         "rehearsed",
-        "fits no runtime today, peak 84.6 GiB: the 7B teacher, the untrained 16-layer student and its copy "
-        "trained with AdamW (fp32 master copies, fp32 gradients and two fp32 states: 16 bytes per trainable "
-        "parameter, 50 GiB) are on the GPU together, over the A100 80 GB's 70.8 GiB budget",
+        "the 7B teacher, the 16-layer student and one trained copy on the GPU at once; the students train rank-8 "
+        "LoRA adapters (AdamW on every weight would add 50 GiB): 29.72 GiB GPU peak (block-wise: the teacher's "
+        "hidden states at every layer boundary, 4.1 GiB), over the L4's 19.8 GiB budget",
     ),
     "08": Need(
         "A100-40",
@@ -107,11 +107,11 @@ LESSONS = {
         "peak 0.3 GiB GPU, 0.8 GiB host: the demonstrations run SmolLM2-135M on every profile; LLaMA-7B is not loaded",
     ),
     "12": Need(
-        "A100-80",
+        "A100-40",
         "rehearsed",
-        "fits no runtime today, peak 119.4 GiB: cell 20 distils a FLaP-20% copy with AdamW (fp32 masters and "
-        "states) next to the dense teacher and the SparseGPT+GPTQ copy; cell 15 alone holds three fp16 copies "
-        "and a walk (43.8 GiB)",
+        "one compressed 7B model at a time (cell 15 compresses `model` itself, cell 20 reloads the dense one as "
+        "the teacher): the FLaP-20% student trains rank-8 LoRA adapters beside the teacher and the packed "
+        "SparseGPT+GPTQ model, 31.87 GiB GPU peak, 12.06 GiB host (the weights all_or_nothing parks in CPU memory)",
     ),
 }
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from labkit import distill, evaluate, kernels, lora, lowrank, models, prune, quant, results, walk
+from labkit import distill, evaluate, kernels, lora, lowrank, models, profiles, prune, quant, results, walk
 from labkit.prune.llm_pruner import taylor_importance
 from labkit.rehearsal import harness
 from labkit.rehearsal.harness import GPU, HOST, rehearse
@@ -129,6 +129,40 @@ def test_distill_and_blockwise_distill_in_fp16_stay_finite(tiny16):
     )
     assert all(math.isfinite(v) for v in curve) and all_finite(student)
     assert curve[-1] < curve[0]
+
+
+def test_students_train_through_the_gpu_profiles_adapters_in_fp16(tiny16):
+    """The GPU profile trains lesson 07's and 12's students through LoRA adapters (profiles.Profile.lora_rank),
+    8 windows per step in micro-batches: in fp16 the adapters' fp32 masters keep the losses finite, the student
+    learns, and after the block it is a plain fp16 model again."""
+    rank = profiles.PROFILES["gpu"].lora_rank
+    assert isinstance(rank, int) and rank >= 1
+    data = tokens()
+    teacher = models.tiny_llama_random(seed=1)[0].half().to(tiny16.device)
+    with lora.adapters(tiny16, rank):
+        ft = distill.finetune(tiny16, data, 3, lr=1e-2, batch_size=2, grad_accum=4, progress=False)
+        kd = distill.distill(tiny16, teacher, data, 3, lr=1e-2, batch_size=2, grad_accum=4, progress=False)
+    for curve in (ft, kd):
+        assert all(math.isfinite(v) for v in curve) and curve[-1] < curve[0]
+    assert all_finite(tiny16) and all(p.dtype == torch.float16 for p in tiny16.parameters())
+    assert not any(isinstance(m, lora.LoRALinear) for m in tiny16.modules())
+    inputs, kwargs = walk.layer_inputs(teacher, data, 0)
+    targets, _ = walk.layer_inputs(teacher, data, 1)
+    layer = tiny16.model.layers[0]
+    with lora.adapters(layer, rank):
+        curve = distill.blockwise_distill(layer, None, inputs, 3, lr=1e-2, layer_kwargs=kwargs, targets=targets)
+    assert all(math.isfinite(v) for v in curve) and curve[-1] < curve[0] and all_finite(layer)
+
+
+def test_micro_batches_see_the_same_windows_as_one_batch():
+    """Lessons 07 and 12 split each step's 8 windows into micro-batches on the GPU profile (grad_accum): every
+    step still sees the same windows, so the token budget and order are the CPU profile's."""
+    data = torch.arange(48).view(24, 2)
+    whole = distill.batches(data, 8, torch.Generator().manual_seed(0))
+    micro = distill.batches(data, 2, torch.Generator().manual_seed(0))
+    for _ in range(6):  # two epochs
+        step = next(whole)
+        assert torch.equal(torch.cat([next(micro) for _ in range(4)]), step)
 
 
 def test_training_fp32_parameters_is_not_copied(tiny):
@@ -264,6 +298,45 @@ def test_lesson10_triton_examples_run_on_triton_device(monkeypatch):
 
     rehearse(plan)
     assert seen == [GPU] * 3
+
+
+def test_lesson07_training_cells_run_on_the_gpu_profile():
+    """Lesson 07's fine-tuning, distillation and block-wise cells, as the notebook has them, with the GPU profile's
+    settings (LoRA adapters, micro-batches) on small models on the stand-in GPU: a device mix or a setting the
+    trainers refuse fails here."""
+    import dataclasses
+    import time
+    import types
+
+    from labkit.rehearsal.serving_and_training import _deepcopy
+
+    sources = [cell("07", "curve_ft = distill.finetune"), cell("07", "curve_kd = distill.distill")]
+    sources.append(cell("07", "distill.blockwise_distill"))
+    profile = dataclasses.replace(harness.profile("gpu"), seqlen=64, sweep_windows=2)
+    # copy.deepcopy of fake models: the plans' stand-in (a deep-copied fake tensor has storages of its own)
+    fake_copy = types.SimpleNamespace(deepcopy=_deepcopy)
+    namespace = {"copy": fake_copy, "time": time, "torch": torch, "lora": lora, "distill": distill}
+    namespace["evaluate"] = evaluate
+    namespace.update(P=profile, STEPS=2, BATCH=8, MICRO=2, SEQ=32, LR=5e-4, BLOCK_STEPS=2, ppl={})
+
+    def plan(r):
+        r.assume("if not torch.isfinite(norm)", True)
+        teacher = harness.llama_7b(GPU, config=small_config(4))
+        student0 = harness.llama_7b(GPU, config=small_config(2))
+        student0.model.embed_tokens.weight.requires_grad_(False)
+        namespace.update(teacher=teacher, student0=student0, keep=[0, 2], n_layers=4)
+        namespace.update(train=harness.tokens(16, 32, vocab=256), test_ids=harness.tokens(1, 128, vocab=256))
+        with torch.enable_grad():  # rehearse() runs plans without autograd; a notebook has it on
+            for source in sources:
+                run_cell(source, namespace)
+        assert not any(isinstance(m, lora.LoRALinear) for m in namespace["student_kd"].modules())
+
+    rehearse(plan)
+    assert profile.lora_rank and set(namespace["ppl"]) == {
+        "student, fine-tuned",
+        "student, distilled",
+        "student, block-wise",
+    }
 
 
 # --- CUDA machines without a feature ---------------------------------------------------------------------

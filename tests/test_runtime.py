@@ -114,7 +114,9 @@ def test_require_refuses_a_t4_for_an_a100_lesson_and_names_the_runtime(machine_l
     assert "Runtime > Change runtime type > A100 GPU" in message and "PROFILE = 'cpu'" in message
 
 
-def test_require_says_when_colab_has_no_gpu_large_enough(machine_like):
+def test_require_says_when_colab_has_no_gpu_large_enough(machine_like, monkeypatch):
+    # a lesson declared on the 80 GB A100 (none may be today: the declaration is set here)
+    monkeypatch.setitem(runtime.LESSONS, "12", runtime.Need("A100-80", "estimate", "two 7B models and a walk"))
     machine_like(*gpu("NVIDIA A100-SXM4-40GB", "A100-40"))
     with pytest.raises(RuntimeError, match="Colab's runtime menu has no GPU this large"):
         runtime.require("12", profiles.PROFILES["gpu"])

@@ -11,19 +11,21 @@ the torch backend or plans.column_loop_stand_in, bounded by tests/test_rehearsal
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
+from torch import nn
 
-from .. import distill, evaluate, prune, serving, walk
+from .. import distill, evaluate, prune, serving
 from ..kernels import llama as fused_llama
-from .harness import GPU, HOST, Rehearsal, llama_7b, llama_7b_config, tokens
-from .plans import PROMPT_TOKENS, column_loop_stand_in
+from .harness import GPU, HOST, Rehearsal, llama_7b, llama_7b_config, profile, tokens
+from .plans import PROMPT_TOKENS
 
 SEQLEN, CALIB = 2048, 128  # the GPU profile's window and calibration samples
 WINDOWS = 2  # perplexity windows rehearsed (the lessons: 40 or the whole test split, same shapes)
 STEPS = 2  # training steps rehearsed (the lessons: 1000, same shapes)
+MICRO = 2  # windows per forward/backward when training a student (lessons 07 and 12: 8 per step, accumulated)
+ACCUM = 2  # micro-batches per step rehearsed (the lessons: 8 // MICRO = 4, same shapes; the peak is in the second)
 
 
 def _train_on_fake_values(r: Rehearsal) -> None:
@@ -35,12 +37,35 @@ def _ppl(model) -> None:
     evaluate.perplexity(model, tokens(1, WINDOWS * SEQLEN), SEQLEN, progress=False)
 
 
+def _generate(r: Rehearsal, model) -> None:
+    """evaluate.measure_generation's memory: a short greedy generate (2 tokens; the lesson: 128)."""
+    r.assume("unfinished_sequences.max() == 0", lambda n: n % 2 == 1)
+    model.generate(tokens(1, PROMPT_TOKENS, GPU), max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy(model) as the rehearsal makes it: the same modules with new tensors of the same shapes on the
+    same devices. A deep-copied fake tensor's views get storages of their own (a FakeTensorMode quirk), so each
+    transposed weight that training saves for the backward pass would count as another copy of the weight (the
+    whole student again); new empty tensors have none of that, and the values do not matter here."""
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        new = torch.empty_like(t)
+        memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return copy.deepcopy(model, memo)
+
+
 # --- lesson 07 -------------------------------------------------------------------------------------
 
 
-def lesson07(r: Rehearsal) -> None:
+def lesson07(r: Rehearsal, micro: int = MICRO) -> None:
     """Teacher LLaMA-7B; a 16-layer student (ShortGPT's block influence) trained by fine-tuning, distillation
-    and block-wise distillation with AdamW on fp32 master copies (cells 13-21)."""
+    and block-wise distillation (cells 13-25). The GPU profile trains through rank-8 LoRA adapters
+    (profiles.Profile.lora_rank: lora.adapters, merged afterwards), 8 windows per step in micro-batches of
+    `micro` (gradient accumulation)."""
+    from .. import lora
+
+    rank = profile("gpu").lora_rank
     batch, seq, block_steps = 8, 512, STEPS  # the lesson's GPU sizes (1000 steps, 200 block steps)
     _train_on_fake_values(r)
     with r.phase("load"):
@@ -50,30 +75,27 @@ def lesson07(r: Rehearsal) -> None:
         prune.block_influence(teacher, train[:16])
     keep = list(range(0, 32, 2))  # 16 of 32 layers (which ones does not change the shapes)
     with r.phase("student"):
-        student0 = prune.drop_layers(teacher, keep)
+        student0 = _deepcopy(prune.drop_layers(teacher, keep))  # drop_layers deep-copies the teacher: see _deepcopy
         student0.model.embed_tokens.weight.requires_grad_(False)
         _ppl(teacher)
         _ppl(student0)
+    sizes = dict(steps=STEPS, lr=5e-4, batch_size=micro, grad_accum=min(ACCUM, batch // micro), progress=False)
     with r.phase("fine-tune"), torch.enable_grad():
-        student_ft = copy.deepcopy(student0)
-        distill.finetune(student_ft, train, steps=STEPS, lr=5e-4, batch_size=batch, progress=False)
+        student_ft = _deepcopy(student0)
+        with lora.adapters(student_ft, rank):
+            distill.finetune(student_ft, train, **sizes)
+        with torch.no_grad():
+            _ppl(student_ft)
     del student_ft
     with r.phase("distill"), torch.enable_grad():
-        student_kd = copy.deepcopy(student0)
-        distill.distill(
-            student_kd,
-            teacher,
-            train,
-            steps=STEPS,
-            loss="forward_kl",
-            temperature=1.0,
-            lr=5e-4,
-            batch_size=batch,
-            progress=False,
-        )
+        student_kd = _deepcopy(student0)
+        with lora.adapters(student_kd, rank):
+            distill.distill(student_kd, teacher, train, loss="forward_kl", temperature=1.0, **sizes)
+        with torch.no_grad():
+            _ppl(student_kd)
     with r.phase("block-wise"):
         states, layer_kwargs = distill.layer_states(teacher, train[: 4 * batch])
-        with torch.enable_grad():
+        with torch.enable_grad(), lora.adapters(student0.model.layers[0], rank):
             distill.blockwise_distill(
                 student0.model.layers[0],
                 None,
@@ -86,11 +108,15 @@ def lesson07(r: Rehearsal) -> None:
                 progress=False,
             )
         del states
+        _ppl(student0)
+    with r.phase("generation"):
+        _generate(r, teacher)
+        _generate(r, student_kd)
     r.note(
-        f"{STEPS} training steps (lesson: 1000), {block_steps} block-wise steps on one of the replaced spans "
-        f"(lesson: 200 steps on each), {WINDOWS} perplexity windows (lesson: 40) of the teacher and the untrained "
-        "student; the trained students' perplexities (fewer models alive than in training) and measure_generation "
-        "not rehearsed"
+        f"{STEPS} training steps (lesson: 1000) of {min(ACCUM, batch // micro)} micro-batches of {micro} windows "
+        f"(lesson: {batch // micro}), {block_steps} "
+        f"block-wise steps on one of the replaced spans (lesson: 200 steps on each), {WINDOWS} perplexity windows "
+        "(lesson: 40); measure_generation stood in by a 2-token generate of the teacher and the distilled student"
     )
 
 
@@ -211,88 +237,89 @@ def lesson11(r: Rehearsal) -> None:
 # --- lesson 12 -------------------------------------------------------------------------------------
 
 
-class _EnoughLayers(Exception):
-    pass
-
-
-def _walk(model, calibration, method: str, layers: int = 2) -> None:
-    """labkit.walk.calibration_walk over the first `layers` layers with the method's update memory
-    (plans.column_loop_stand_in), on a model that is already where the lesson has it."""
-    sequential = walk.SEQUENTIAL_GROUPS if method == "gptq" else None
-    groups = len(sequential) if sequential else 1
-    done = {"updates": 0}
-
-    def make_stats(name, linear):
-        if done["updates"] == layers * groups:
-            raise _EnoughLayers
-        return walk.Hessian(linear.in_features, device=linear.weight.device)
-
-    def update(index, layer, stats):
-        for name, hessian in stats.items():
-            column_loop_stand_in(layer.get_submodule(name).weight, hessian.H, method)
-        done["updates"] += 1
-
-    with contextlib.suppress(_EnoughLayers):
-        walk.calibration_walk(model, calibration, make_stats, update, device=GPU, sequential=sequential, batch_size=8)
-
-
-def _gpu_copy():
-    """copy.deepcopy of a LLaMA-7B fp16 model on the GPU: a fresh one, the same bytes. (Deepcopied fake parameters
-    are held by a MetaConverter's weak memo, so the walk's module.to() cannot swap them.)"""
-    return llama_7b(GPU)
-
-
 def flap20_stand_in_config():
     """LLaMA-7B with a 30%-narrower MLP: ~80% of the decoder's parameters, what FLaP at 20% keeps (FLaP's
-    own selection, a walk over a full copy, is not rehearsed; tests bound the parameter ratio)."""
+    own selection is data: tests bound the parameter ratio)."""
     config = llama_7b_config()
     config.intermediate_size = 11008 * 7 // 10
     return config
 
 
-def lesson12(r: Rehearsal) -> None:
-    """Capstone: SparseGPT 2:4 then GPTQ on a copy while a second copy takes the naive order (cell 15: three
-    models), then a FLaP-20% copy distilled from the dense model with AdamW (cell 20) while the compressed copy
-    is kept for the export."""
+def lesson12(r: Rehearsal, micro: int = MICRO) -> None:
+    """Capstone with one compressed 7B model alive at a time: cell 6 counts bytes on a meta copy; cell 15 compresses
+    `model` itself (SparseGPT 2:4, then GPTQ) with the naive GPTQ on one copy; cell 20 reloads the dense model
+    as the teacher and trains a FLaP-20% copy through LoRA adapters, then frees the teacher; cell 24 reloads
+    the two exports one at a time."""
+    from .. import lora, models, quant
+    from .compression import column_loops, first_layers
+
+    rank = profile("gpu").lora_rank
     _train_on_fake_values(r)
     with r.phase("load"):
         model = llama_7b(GPU)
     calib = tokens(CALIB, SEQLEN)
-    with r.phase("fp16 copy"):  # cell 5: copy.deepcopy(model).to(half), deleted at once
-        low = _gpu_copy()  # copy.deepcopy(model).to(half): half is fp16 on the GPU profile, the model's dtype
-        del low
-    _ppl(model)
-    with r.phase("sparsegpt 2:4 + gptq"):
-        combo = _gpu_copy()  # copy.deepcopy(model)
-        _walk(combo, calib, "sparsegpt")
-        naive = _gpu_copy()  # copy.deepcopy(combo)
-        _walk(naive, calib, "gptq")  # combo's GPTQ walk follows with the same three models and shapes
+    with r.phase("cell 6: bytes of a meta copy"):
+        evaluate.weight_bytes(models.meta_copy(model).to(torch.float16))  # half is fp16 on the GPU profile
+    with r.phase("cell 8: perplexity"):
+        _ppl(model)
+    with r.phase("cell 15: SparseGPT 2:4 in place, naive GPTQ on a copy"), first_layers(), column_loops():
+        combo = model  # the lesson: combo = model; del model
+        del model
+        prune.sparsegpt(combo, calib, pattern="2:4")
+        naive = _deepcopy(combo)
+        quant.gptq(naive, calib, 4, group_size=128, pack=False)
         del naive
-    with r.phase("flap + distill"), torch.enable_grad():
-        student = llama_7b(GPU, config=flap20_stand_in_config())  # copy.deepcopy(model), then prune.flap(..., 0.2)
+    with r.phase("cell 15: GPTQ keep_zeros, packed"):
+        quant.rtn(combo, 4, 128)  # stands in for quant.gptq(combo, ..., keep_zeros=True): the same packed layout
+    with r.phase("cell 17: perplexity, generation"):
+        _ppl(combo)
+        _generate(r, combo)
+    with r.phase("cell 20: the teacher reloaded, FLaP on a copy"):
+        model = llama_7b(GPU)  # models.load
+        student = _deepcopy(model)
+        with first_layers():
+            prune.flap_stats(student, calib)  # prune.flap's walk
+        del student
+        student = llama_7b(GPU, config=flap20_stand_in_config())  # what FLaP keeps
+        _ppl(student)
+    with r.phase("cell 20: distillation through LoRA adapters"), torch.enable_grad():
         train = tokens(STEPS * 8, 512)
-        distill.distill(
-            student,
-            model,
-            train,
-            steps=STEPS,
-            loss="forward_kl",
-            temperature=1.0,
-            lr=5e-5,
-            batch_size=8,
-            progress=False,
-        )
+        with lora.adapters(student, rank):
+            distill.distill(
+                student,
+                model,
+                train,
+                steps=STEPS,
+                loss="forward_kl",
+                temperature=1.0,
+                lr=5e-5,
+                batch_size=micro,
+                grad_accum=min(ACCUM, 8 // micro),
+                progress=False,
+            )
+    del model  # the lesson: del model, once the distillation is done
+    with r.phase("cell 20: perplexity, generation"):
+        _ppl(student)
+        _generate(r, student)
+    with r.phase("cell 24: the exports reloaded, one at a time"):
+        ids = tokens(1, 64, GPU)
+        reloaded = llama_7b(GPU)  # models.load, before quant.load_gptq packs it
+        reloaded(ids).logits, combo(ids).logits
+        del reloaded
+        reloaded = llama_7b(GPU, config=flap20_stand_in_config())  # export.load_compressed
+        reloaded(ids).logits, student(ids).logits
+        del reloaded
     r.note(
-        "walks: SparseGPT and the first GPTQ, 2 of 32 layers each (update memory by column_loop_stand_in; the "
-        "second GPTQ walk has the same models alive and the same shapes); combo stays fp16 (GPTQ packs it to "
-        "~3.6 GiB: the distillation peak is overstated by at most 9 GiB); combo's perplexity not rehearsed"
+        f"walks: SparseGPT and the naive GPTQ, 2 of 32 layers each (column loops: plans.column_loop_stand_in); "
+        f"the keep_zeros GPTQ's walk has the naive one's shapes with one model fewer alive, so quant.rtn stands "
+        f"in for its result (the same packed layout); {WINDOWS} perplexity windows; generation: 2 tokens"
     )
     r.note(
-        f"FLaP's selection not rehearsed, its result stood in by a model with a 30%-narrower MLP (~80% of the "
-        f"parameters); {STEPS} distillation steps (lesson: 1000); {WINDOWS} perplexity windows; the export's "
-        f"reload (cell 24) not rehearsed; host: prune.sparsegpt and quant.gptq are all_or_nothing and on CUDA park "
-        f"the replaced decoder weights in CPU memory during each call (~12 GiB), not rehearsed (the walk's stand-in "
-        f"update replaces nothing)"
+        f"FLaP: its walk (prune.flap_stats) on a full copy, its result stood in by a model with a 30%-narrower MLP "
+        f"(~80% of the parameters); {STEPS} distillation steps (lesson: 1000) of {min(ACCUM, 8 // micro)} "
+        f"micro-batches of {micro} windows (lesson: {8 // micro}); cell 24: each reload is a fresh model before "
+        f"quant.load_gptq packs it (fp16, the larger) or the "
+        f"pruned stand-in, the files themselves not read"
     )
 
 
