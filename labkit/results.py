@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .profiles import PROTOCOL_FIELDS, differences, fingerprint
+from .profiles import PROTOCOL_FIELDS, Protocol, differences, fingerprint
 
 if TYPE_CHECKING:
     from .profiles import Profile
@@ -279,18 +279,17 @@ def require_lessons(rows: list[Row], lessons: list[str]) -> list[Row]:
 
 
 def protocols(rows: list[Row]) -> str:
-    """One line per protocol among `rows`, in first-seen order: its fingerprint, what it fixes, and its lessons."""
+    """One line per protocol among `rows`, in first-seen order: its fingerprint, what it fixes, and its lessons
+    (the legend of table's last column). Rows recorded without a protocol get a line saying so."""
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r.fingerprint if r.protocol is not None else "", []).append(r)
     lines = []
-    for group in by_protocol(rows).values():
+    for key, group in groups.items():
         lessons = ", ".join(sorted({r.lesson[:2] for r in group}))
-        lines.append(f"{_protocol_of(group[0]).describe()} (lessons {lessons})")
+        what = Protocol(**group[0].protocol).describe() if key else "none: recorded without a protocol (re-run them)"
+        lines.append(f"{what} (lessons {lessons})")
     return "\n".join(lines)
-
-
-def _protocol_of(row: Row):
-    from .profiles import Protocol
-
-    return Protocol(**row.protocol)
 
 
 def _refuse_unrecorded(rows: list[Row], what: str) -> None:

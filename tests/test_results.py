@@ -376,4 +376,9 @@ def test_rows_recorded_before_protocols_load_but_are_never_compared(tmp_path, mo
                                              r"labkit.course 00 05"):  # fmt: skip
             compare(rows)
     results.record(row(method="GPTQ"))  # recording beside them still works
-    assert len(results.load_rows("cpu")) == 3
+    rows = results.load_rows("cpu")
+    assert len(rows) == 3
+    assert results.protocols(rows).splitlines() == [
+        "none: recorded without a protocol (re-run them) (lessons 00, 05)",
+        f"{profiles.Protocol(**rows[2].protocol).describe()} (lessons 00)",
+    ]
