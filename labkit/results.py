@@ -299,7 +299,7 @@ def _refuse_unrecorded(rows: list[Row], what: str) -> None:
         raise ValueError(
             f"{what}: {len(old)} row(s) of lesson(s) {lessons} were recorded without their protocol (by an older "
             f"labkit), so nothing says which numbers they compare with. Re-run them (python -m labkit.course "
-            f"{' '.join(name[:2] for name in lessons)}) to record it, or delete {results_dir()}."
+            f"{' '.join(name[:2] for name in lessons)}), on the same profile, to record it."
         )
 
 
