@@ -65,8 +65,8 @@ PROTOCOL_FIELDS = tuple(f.name for f in fields(Protocol))
 
 def fingerprint(protocol: dict) -> str:
     """The first 8 hex digits of the sha256 of `protocol`'s canonical JSON (sorted keys, no spaces)."""
-    if not isinstance(protocol, dict) or sorted(protocol) != sorted(PROTOCOL_FIELDS):
-        got = sorted(protocol) if isinstance(protocol, dict) else type(protocol).__name__
+    if not isinstance(protocol, dict) or set(protocol) != set(PROTOCOL_FIELDS):
+        got = sorted(map(str, protocol)) if isinstance(protocol, dict) else type(protocol).__name__
         raise ValueError(f"protocol must be a dict with the keys {sorted(PROTOCOL_FIELDS)}; got {got}.")
     canonical = json.dumps(protocol, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:8]

@@ -132,8 +132,8 @@ def _check_row(row: Row) -> None:
 
 def _check_protocol(row: Row) -> None:
     """The row's protocol is complete, its fingerprint is the protocol's, and the row's own columns agree with it."""
-    if not isinstance(row.protocol, dict) or sorted(row.protocol) != sorted(PROTOCOL_FIELDS):
-        got = sorted(row.protocol) if isinstance(row.protocol, dict) else repr(row.protocol)
+    if not isinstance(row.protocol, dict) or set(row.protocol) != set(PROTOCOL_FIELDS):
+        got = sorted(map(str, row.protocol)) if isinstance(row.protocol, dict) else repr(row.protocol)
         raise ValueError(
             f"Row.protocol={got}: a recorded result needs its whole protocol, a dict with the keys "
             f"{list(PROTOCOL_FIELDS)} (Profile.protocol(...).as_dict(); results.record_run fills it from the profile)."
