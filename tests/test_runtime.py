@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -328,3 +329,10 @@ def test_hub_login_only_for_a_gated_model_without_a_token(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     colab.login_if_gated("llama-2-7b")
     assert logins == [1]
+
+
+def test_protocol_banner_names_the_sweeps_only_when_they_differ():
+    P = profiles.PROFILES["cpu"]
+    same = dataclasses.replace(P, sweep_windows=P.eval_windows)
+    assert runtime.protocol_banner(same) == same.protocol().describe()
+    assert runtime.protocol_banner(P).count("\n") == 1
