@@ -111,7 +111,7 @@ def main(argv=None) -> None:
         print(f"  {path.name}: done in {seconds:.0f} s -> {target}", flush=True)
     rows = results.load_rows(profile.name)
     print(f"\nResults ({profile.name} profile, {len(rows)} rows):\n")
-    print(results.table(rows) if rows else "(no rows recorded)")
+    print(results.table(rows) + "\n\n" + results.protocols(rows) if rows else "(no rows recorded)")
 
 
 def update_references(paths: list[Path], out: Path, profile: str) -> None:

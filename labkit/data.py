@@ -47,6 +47,14 @@ def wikitext2(split: str = "test") -> Text:
     return _wikitext2(split, os.environ.get("LABKIT_DATA_DIR") or None)
 
 
+def copy_kind() -> str:
+    """Which copy of WikiText-2 this process reads: "local" (LABKIT_DATA_DIR is set) or "hub".
+
+    The two copies differ (the local raw test file has no blank lines), so a result's protocol names it
+    (labkit.profiles.Protocol.copy); it is the part of Text.source before the colon."""
+    return "local" if os.environ.get("LABKIT_DATA_DIR") else "hub"
+
+
 def clear_cache() -> None:
     """Forget the texts and token streams read so far (after changing the files in place)."""
     _wikitext2.cache_clear()

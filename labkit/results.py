@@ -7,6 +7,11 @@ lessons check live in labkit/references.json, per profile, each with its toleran
 Each check also keeps the value it measured under measured/<profile>/ in the same folder; only the
 authors' command `python -m labkit.course --update-references` (or `--store-measured`) copies them
 into references.json.
+
+Every row carries its protocol (labkit.profiles.Protocol: model and dtype, text and copy, windows x
+sequence length, calibration, BOS) and that protocol's fingerprint. Rows of different protocols are
+not comparable: `pareto_front` and `baseline` refuse a mix, naming the fingerprints and what differs;
+`by_protocol` groups rows first.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .profiles import PROTOCOL_FIELDS, Protocol, differences, fingerprint
 
 if TYPE_CHECKING:
     from .profiles import Profile
@@ -46,6 +53,20 @@ class Row:
     data: str  # where the test text came from (labkit.data.Text.source)
     device: str
     note: str = ""
+    # Protocol.as_dict() of labkit.profiles (None: a row recorded by a labkit older than protocols) and
+    # its fingerprint; record_run fills both from the profile.
+    protocol: dict | None = None
+    fingerprint: str = ""
+    role: str = "result"  # one of ROLES
+
+
+# What a row is, beside its numbers. Only "result" rows are compression results; an "original format" row
+# reproduces the format the model was distributed in (SmolLM2's Q4_1: the same weights) and stays off the front.
+ROLES = {
+    "result": "a compressed or otherwise changed model",
+    "baseline": "the unchanged model, measured under this protocol",
+    "original format": "the model's own stored format reproduced: not a compression result, kept off the Pareto front",
+}
 
 
 def results_dir() -> Path:
@@ -67,7 +88,7 @@ def load_rows(profile: str) -> list[Row]:
     path = _path(profile)
     if not path.exists():
         return []
-    try:
+    try:  # rows written before protocols were recorded load with protocol None: listed, never compared
         return [Row(**r) for r in json.loads(path.read_text(encoding="utf-8"))]
     except (ValueError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(
@@ -104,6 +125,34 @@ def _check_row(row: Row) -> None:
             raise ValueError(
                 f"Row.{name}={value!r}: need an integer >= {low}" + (" or None." if name == "eval_windows" else ".")
             )
+    if not isinstance(row.role, str) or row.role not in ROLES:
+        raise ValueError(f"Row.role={row.role!r}: allowed are {list(ROLES)}.")
+    _check_protocol(row)
+
+
+def _check_protocol(row: Row) -> None:
+    """The row's protocol is complete, its fingerprint is the protocol's, and the row's own columns agree with it."""
+    if not isinstance(row.protocol, dict) or set(row.protocol) != set(PROTOCOL_FIELDS):
+        got = sorted(map(str, row.protocol)) if isinstance(row.protocol, dict) else repr(row.protocol)
+        raise ValueError(
+            f"Row.protocol={got}: a recorded result needs its whole protocol, a dict with the keys "
+            f"{list(PROTOCOL_FIELDS)} (Profile.protocol(...).as_dict(); results.record_run fills it from the profile)."
+        )
+    try:
+        expected = fingerprint(row.protocol)
+    except TypeError as err:  # a value JSON cannot write
+        raise ValueError(f"Row.protocol={row.protocol!r}: its values must be plain JSON ({err}).") from err
+    if row.fingerprint != expected:
+        raise ValueError(f"Row.fingerprint={row.fingerprint!r}: the fingerprint of Row.protocol is {expected!r}.")
+    kind = row.data.split(":", 1)[0]
+    for name, value, stated in (
+        ("model", row.model, row.protocol["model"]),
+        ("seqlen", row.seqlen, row.protocol["seqlen"]),
+        ("eval_windows", row.eval_windows, row.protocol["eval_windows"]),
+        ("data", kind, row.protocol["copy"]),
+    ):
+        if value != stated:
+            raise ValueError(f"Row.{name}={getattr(row, name)!r} disagrees with its protocol ({stated!r}).")
 
 
 def record(row: Row) -> Row:
@@ -138,13 +187,18 @@ def record_run(
     tokens_per_s: float | None = None,
     device: str | None = None,
     note: str = "",
+    role: str = "result",
 ) -> Row:
     """Record one measured row under `profile`'s protocol; returns the Row.
 
-    The profile gives the row's profile name, model, and (unless given) the perplexity's seqlen and
-    the device. eval_windows: the test windows the perplexity averaged (profile.eval_windows, or
-    profile.sweep_windows for a sweep); data: where the test text came from (labkit.data.Text.source).
+    The profile gives the row's profile name, model, protocol (profile.protocol(eval_windows, seqlen=seqlen,
+    data=data): dtype, calibration and BOS come from the profile) and, unless given, the perplexity's
+    seqlen and the device. eval_windows: the test windows the perplexity averaged (profile.eval_windows,
+    or profile.sweep_windows for a sweep); data: where the test text came from (labkit.data.Text.source).
+    role: "result" (a compressed model), "baseline" (the unchanged model) or "original format" (ROLES).
     """
+    seqlen = profile.seqlen if seqlen is None else seqlen
+    protocol = profile.protocol(eval_windows, seqlen=seqlen, data=data)
     return record(
         Row(
             lesson=lesson,
@@ -157,32 +211,39 @@ def record_run(
             runtime_bytes=runtime_bytes,
             tokens_per_s=tokens_per_s,
             perplexity=perplexity,
-            seqlen=profile.seqlen if seqlen is None else seqlen,
+            seqlen=seqlen,
             eval_windows=eval_windows,
             data=data,
             device=str(profile.device) if device is None else device,
             note=note,
+            protocol=protocol.as_dict(),
+            fingerprint=protocol.fingerprint,
+            role=role,
         )
     )
 
 
 def table(rows: list[Row]) -> str:
-    """A plain-text table of rows, in the survey's column order."""
+    """A plain-text table of rows, in the survey's column order, with each row's protocol fingerprint.
+
+    A row that is not a compression result shows its role after the setting ("[baseline]", "[original
+    format]"); a row recorded without a protocol shows "none" (re-run its lesson)."""
     from .evaluate import format_bytes
 
-    head = ["lesson", "method", "setting", "params (M)", "weights", "runtime mem", "tok/s", "perplexity"]
+    head = ["lesson", "method", "setting", "params (M)", "weights", "runtime mem", "tok/s", "perplexity", "protocol"]
     body = []
     for r in sorted(rows, key=lambda r: r.lesson):
         body.append(
             [
                 r.lesson,
                 r.method,
-                r.setting,
+                r.setting if r.role == "result" else f"{r.setting} [{r.role}]",
                 f"{r.params / 1e6:.1f}",
                 format_bytes(r.weight_bytes),
                 format_bytes(r.runtime_bytes) if r.runtime_bytes is not None else "-",
                 f"{r.tokens_per_s:.1f}" if r.tokens_per_s is not None else "-",
                 f"{r.perplexity:.2f}" if r.perplexity is not None else "-",
+                r.fingerprint or "none",
             ]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
@@ -217,11 +278,88 @@ def require_lessons(rows: list[Row], lessons: list[str]) -> list[Row]:
     return sorted((r for r in rows if r.lesson in lessons), key=lambda r: lessons.index(r.lesson))
 
 
+def protocols(rows: list[Row]) -> str:
+    """One line per protocol among `rows`, in first-seen order: its fingerprint, what it fixes, and its lessons
+    (the legend of table's last column). Rows recorded without a protocol get a line saying so."""
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r.fingerprint if r.protocol is not None else "", []).append(r)
+    lines = []
+    for key, group in groups.items():
+        lessons = ", ".join(sorted({r.lesson[:2] for r in group}))
+        what = Protocol(**group[0].protocol).describe() if key else "none: recorded without a protocol (re-run them)"
+        lines.append(f"{what} (lessons {lessons})")
+    return "\n".join(lines)
+
+
+def _refuse_unrecorded(rows: list[Row], what: str) -> None:
+    old = [r for r in rows if r.protocol is None]
+    if old:
+        lessons = sorted({r.lesson for r in old})
+        raise ValueError(
+            f"{what}: {len(old)} row(s) of lesson(s) {lessons} were recorded without their protocol (by an older "
+            f"labkit), so nothing says which numbers they compare with. Re-run them (python -m labkit.course "
+            f"{' '.join(name[:2] for name in lessons)}), on the same profile, to record it."
+        )
+
+
+def by_protocol(rows: list[Row]) -> dict[str, list[Row]]:
+    """`rows` grouped by protocol fingerprint, groups and rows in the order given.
+
+    Raises ValueError for a row recorded without a protocol (it could belong to any group)."""
+    _refuse_unrecorded(rows, "by_protocol")
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r.fingerprint, []).append(r)
+    return groups
+
+
+def one_protocol(rows: list[Row], what: str = "these rows") -> str | None:
+    """The fingerprint every row of `rows` shares (None for no rows). Rows measured under different protocols
+    do not compare: ValueError naming each fingerprint, its lessons, and what differs from the first."""
+    groups = by_protocol(rows)
+    if len(groups) <= 1:
+        return next(iter(groups), None)
+    first = next(iter(groups.values()))[0].protocol
+    parts = []
+    for key, group in groups.items():
+        lessons = ", ".join(sorted({r.lesson for r in group}))
+        diff = differences(first, group[0].protocol)
+        parts.append(
+            f"{key} ({len(group)} rows: {lessons})" + (f", which differs in {'; '.join(diff)}" if diff else "")
+        )
+    raise ValueError(
+        f"{what}: rows measured under {len(groups)} protocols cannot be compared: {' and '.join(parts)}. "
+        f"Compare within one protocol: results.by_protocol(rows) groups them."
+    )
+
+
+def baseline(rows: list[Row], missing_ok: bool = False) -> Row | None:
+    """The first row with role "baseline" (the unchanged model) among `rows`, which must share one protocol.
+
+    No such row: LookupError naming the protocol, or None with missing_ok=True."""
+    key = one_protocol(rows, "baseline")
+    found = [r for r in rows if r.role == "baseline"]
+    if found or missing_ok:
+        return found[0] if found else None
+    lessons = sorted({r.lesson for r in rows})
+    raise LookupError(
+        f"No baseline (role 'baseline') among the rows of protocol {key} (lessons {lessons}): measure the unchanged "
+        f"model under that protocol and record it with results.record_run(..., role='baseline')."
+    )
+
+
 def pareto_front(rows: list[Row]) -> list[Row]:
     """Rows not dominated in (weight_bytes, perplexity): no other row is smaller AND at least as good.
 
-    Sorted by weight memory. Rows without a perplexity are left out."""
-    scored = sorted((r for r in rows if r.perplexity is not None), key=lambda r: (r.weight_bytes, r.perplexity))
+    All rows must share one protocol (else ValueError naming the fingerprints and what differs; group them
+    with by_protocol). Sorted by weight memory. Rows without a perplexity, and "original format" rows (the
+    model as it was distributed, not a compression result), are left out."""
+    one_protocol(rows, "pareto_front")
+    scored = sorted(
+        (r for r in rows if r.perplexity is not None and r.role != "original format"),
+        key=lambda r: (r.weight_bytes, r.perplexity),
+    )
     front, best = [], math.inf
     for r in scored:
         if r.perplexity < best:

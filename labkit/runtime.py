@@ -7,10 +7,12 @@ labkit.rehearsal (`python -m labkit.rehearsal`) and `fits` with its margin; "est
 lesson's code (how many LLaMA-7B copies are alive at once, what else sits on the GPU) and priced with
 the rehearsed numbers of those pieces. When a memory plan makes a lesson smaller, change its line.
 
-The lessons call `require(lesson, P)` right after `P = profiles.get()`. On the CPU profile it does
-nothing and prints nothing. On the GPU profile it compares the GPU's memory and compute capability
-with the declared runtime and raises, naming the runtime to pick, when either falls short; less CPU
-RAM than the runtime has only warns (the host figures of some runtimes are assumptions).
+The lessons call `require(lesson, P)` right after `P = profiles.get()`. On every profile it first prints
+the profile's protocol and its fingerprint (`protocol_banner`: what every perplexity of the lesson was
+measured under, and so which numbers it compares with). On the CPU profile it checks nothing more. On
+the GPU profile it compares the GPU's memory and compute capability with the declared runtime and
+raises, naming the runtime to pick, when either falls short; less CPU RAM than the runtime has only
+warns (the host figures of some runtimes are assumptions).
 """
 
 from __future__ import annotations
@@ -184,12 +186,26 @@ def advice(lesson: int | str) -> str:
     return f"Pick {runtime.name} or larger ({where}), or run the CPU profile (PROFILE = 'cpu' in the set-up cell)."
 
 
-def require(lesson: int | str, profile, device: int = 0) -> Machine | None:
-    """Check at start-up that this machine has the runtime `lesson`'s GPU profile needs (see LESSONS).
+def protocol_banner(profile) -> str:
+    """The lines a lesson prints at its top: the profile's main protocol (labkit.profiles.Protocol.describe)
+    and, when sweeps use fewer windows, the sweeps' fingerprint. Results of two fingerprints never compare."""
+    main, sweep = profile.protocol("eval"), profile.protocol("sweep")
+    lines = [main.describe()]
+    if sweep.fingerprint != main.fingerprint:
+        windows = "all windows" if sweep.eval_windows is None else f"first {sweep.eval_windows} windows"
+        lines.append(f"curves and sweeps: protocol {sweep.fingerprint} (the same, on the {windows})")
+    return "\n".join(lines)
 
-    CPU profile: nothing, silently (returns None). GPU profile: RuntimeError when GPU memory or compute
-    capability fall short, naming the runtime to pick; a warning when only CPU RAM does. Returns the Machine."""
+
+def require(lesson: int | str, profile, device: int = 0) -> Machine | None:
+    """Print the profile's protocol (protocol_banner), then check at start-up that this machine has the
+    runtime `lesson`'s GPU profile needs (see LESSONS).
+
+    CPU profile: no check (returns None). GPU profile: RuntimeError when GPU memory or compute capability
+    fall short, naming the runtime to pick; a warning when only CPU RAM does. Returns the Machine."""
     key = lesson_key(lesson)
+    if callable(getattr(profile, "protocol", None)):
+        print(protocol_banner(profile))
     if getattr(profile, "device", None) != "cuda":
         return None
     have = machine(device)

@@ -2,7 +2,7 @@
 
 import torch
 
-from labkit import results
+from labkit import profiles, results
 
 
 def correlated_layer(seed=0, rows=32, columns=64, tokens=512, noise=0.3):
@@ -20,12 +20,15 @@ def output_error(W, W_hat, X):
     return ((X @ W.T - X @ W_hat.T) ** 2).sum().item()  # ‖WX − ŴX‖²
 
 
+P = profiles.PROFILES["cpu"]
+_PROTOCOL = P.protocol(32, seqlen=512, data="local:x")
+
 ROW = dict(  # a valid results.Row, field by field
     lesson="00_baseline",
     method="fp32",
     setting="-",
     profile="cpu",
-    model="m",
+    model=P.model,
     params=10,
     weight_bytes=40,
     runtime_bytes=50,
@@ -35,8 +38,19 @@ ROW = dict(  # a valid results.Row, field by field
     eval_windows=32,
     data="local:x",
     device="cpu",
+    protocol=_PROTOCOL.as_dict(),
+    fingerprint=_PROTOCOL.fingerprint,
 )
 
 
 def row(**kw) -> results.Row:
-    return results.Row(**{**ROW, **kw})
+    """ROW with `kw` changed; its protocol follows a changed model, seqlen, eval_windows or data (unless given)."""
+    fields = {**ROW, **kw}
+    if "protocol" not in kw and "fingerprint" not in kw:
+        try:
+            protocol = P.protocol(fields["eval_windows"], seqlen=fields["seqlen"], data=fields["data"]).as_dict()
+            protocol["model"] = fields["model"]
+            fields.update(protocol=protocol, fingerprint=profiles.fingerprint(protocol))
+        except (ValueError, TypeError, AttributeError):  # a bad value the test means to record: keep ROW's protocol
+            pass
+    return results.Row(**fields)

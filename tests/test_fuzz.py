@@ -434,6 +434,12 @@ TEXT_FIELDS = ("lesson", "method", "setting", "model", "data", "device", "note")
 
 
 def _field_ok(field, value) -> bool:
+    if field in ("model", "seqlen", "eval_windows", "fingerprint"):  # must also agree with ROW's protocol
+        return value == ROW[field] and type(value) is type(ROW[field])
+    if field == "data":  # its kind must be the protocol's copy
+        return isinstance(value, str) and value.split(":", 1)[0] == ROW["protocol"]["copy"]
+    if field in ("protocol", "role"):  # a whole protocol dict; one of results.ROLES: never drawn here
+        return False
     if field in TEXT_FIELDS:
         return isinstance(value, str)
     if field == "profile":

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from labkit import data, evaluate, models, walk
+from labkit import data, evaluate, models, profiles, walk
 
 
 def test_architecture_and_size(real_model):
@@ -14,6 +14,8 @@ def test_architecture_and_size(real_model):
     assert models.parameter_count(model) == 134_515_008
     assert evaluate.weight_bytes(model) == 4 * 134_515_008  # fp32, tied embedding counted once
     assert tok("Hello").input_ids[0] != tok.bos_token_id  # the GGUF tokenizer adds no BOS
+    assert tok.bos_token_id not in tok("Hello.\n\n = Title =\n\nText.").input_ids  # none anywhere in a stream
+    assert profiles.PROFILES["cpu"].bos == "none"  # what the CPU profile's protocol states
 
 
 def test_decoder_weights_lie_on_a_q4_1_grid(real_model):

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import time
@@ -246,3 +247,138 @@ def test_require_lessons_orders_by_lesson_and_names_missing_ones():
     assert [(r.lesson, r.method) for r in got] == [("00_baseline", "fp32"), ("05_gptq", "GPTQ"), ("05_gptq", "RTN")]
     with pytest.raises(LookupError, match=r"\['03_structured'\].*labkit.course 03"):
         results.require_lessons(rows, ["00_baseline", "03_structured"])
+
+
+# --- protocols ------------------------------------------------------------------------------------------------
+
+
+def test_protocol_fingerprint_is_short_stable_and_follows_every_field():
+    P = profiles.PROFILES["cpu"]
+    protocol = P.protocol(16, data="local:x").as_dict()
+    key = profiles.fingerprint(protocol)
+    assert len(key) == 8 and int(key, 16) >= 0
+    # The canonical form, written out: a change of it would orphan every recorded row.
+    canonical = (
+        '{"bos":"none","calib_samples":8,"calib_seqlen":512,"calib_source":"WikiText-2 validation, random starts",'
+        '"copy":"local","dataset":"WikiText-2 raw","dtype":"float32","eval_windows":16,"model":"smollm2-135m",'
+        '"seqlen":512,"split":"test"}'
+    )
+    assert key == hashlib.sha256(canonical.encode()).hexdigest()[:8]
+    assert profiles.fingerprint(dict(reversed(protocol.items()))) == key  # key order does not matter
+    for name, value in protocol.items():
+        changed = {**protocol, name: (value or 0) + 1 if isinstance(value, int) or value is None else value + "x"}
+        assert profiles.fingerprint(changed) != key, name
+    with pytest.raises(ValueError, match=r"protocol must be a dict with the keys"):
+        profiles.fingerprint({k: v for k, v in protocol.items() if k != "bos"})
+
+
+def test_profile_protocol_names_what_fixes_a_perplexity():
+    P = profiles.PROFILES["cpu"]
+    main, sweep = P.protocol(data="local:/a/b"), P.protocol("sweep", data="local:/c/d")
+    assert (main.eval_windows, sweep.eval_windows, main.seqlen) == (P.eval_windows, P.sweep_windows, P.seqlen)
+    assert main.as_dict() == {
+        "model": "smollm2-135m", "dtype": "float32", "dataset": "WikiText-2 raw", "split": "test", "copy": "local",
+        "eval_windows": 16, "seqlen": 512, "calib_samples": 8, "calib_seqlen": 512,
+        "calib_source": "WikiText-2 validation, random starts", "bos": "none",
+    }  # fmt: skip
+    assert main.fingerprint != sweep.fingerprint and "/a/b" not in main.describe()  # no folder in a protocol
+    assert P.protocol(data="hub:wikitext-2-raw-v1").copy == "hub"
+    assert profiles.PROFILES["gpu"].protocol().as_dict()["eval_windows"] is None  # the whole split
+    assert main.describe().startswith(f"protocol {main.fingerprint}: smollm2-135m float32;")
+    assert "first 16 windows of 512 tokens" in main.describe()
+    for bad in ("all", 0, True, 2.0, [16]):
+        with pytest.raises(ValueError, match=r"eval_windows=.*allowed are 'eval', 'sweep'"):
+            P.protocol(bad)
+    with pytest.raises(ValueError, match=r"seqlen=1"):
+        P.protocol(seqlen=1)
+    with pytest.raises(ValueError, match=r"data=3"):
+        P.protocol(data=3)
+
+
+def test_record_run_stores_the_profiles_protocol_and_role(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    P = profiles.PROFILES["cpu"]
+    kw = dict(params=10, weight_bytes=40, perplexity=20.0, data="local:/somewhere/wiki.test.raw")
+    got = results.record_run(P, "06_x", "W8A16", "-", eval_windows=P.sweep_windows, **kw)
+    expected = P.protocol("sweep", data="local:y")
+    assert (got.protocol, got.fingerprint, got.role) == (expected.as_dict(), expected.fingerprint, "result")
+    base = results.record_run(P, "06_x", "FP32", "-", eval_windows=P.sweep_windows, role="baseline", **kw)
+    assert results.load_rows("cpu") == [got, base]  # the protocol survives the file
+    with pytest.raises(ValueError, match=r"Row\.role='base'"):
+        results.record_run(P, "06_x", "FP32", "-", eval_windows=8, role="base", **kw)
+
+
+SAME = dict(protocol=row().protocol, fingerprint=row().fingerprint)  # ROW's protocol, kept while a column changes
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(protocol=None), r"Row\.protocol=None: a recorded result needs its whole protocol"),
+        (dict(protocol={"model": "m"}), r"Row\.protocol=\['model'\]"),
+        (dict(fingerprint="00000000"), r"Row\.fingerprint='00000000': the fingerprint of Row\.protocol is"),
+        (dict(seqlen=128, **SAME), r"Row\.seqlen=128 disagrees"),
+        (dict(eval_windows=8, **SAME), r"Row\.eval_windows=8 disagrees"),
+        (dict(data="hub:w", **SAME), r"Row\.data='hub:w' disagrees"),
+    ],
+)
+def test_record_refuses_a_row_whose_protocol_is_missing_or_wrong(tmp_path, monkeypatch, change, message):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        results.record(row(**change))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pareto_front_refuses_rows_of_two_protocols_and_names_them():
+    # The capstone's case: lesson 06 measured on 8 windows, the baseline on 16.
+    fp32 = row(lesson="00_baseline", method="fp32", weight_bytes=513, perplexity=36.47, eval_windows=16)
+    w8a16 = row(lesson="06_x", method="W8A16", weight_bytes=210, perplexity=30.47, eval_windows=8)
+    with pytest.raises(ValueError, match=r"pareto_front: rows measured under 2 protocols cannot be compared") as err:
+        results.pareto_front([fp32, w8a16])
+    text = str(err.value)
+    assert fp32.fingerprint in text and w8a16.fingerprint in text and "00_baseline" in text and "06_x" in text
+    assert "eval_windows: 16 vs 8" in text and "results.by_protocol" in text
+    with pytest.raises(ValueError, match=r"seqlen: 512 vs 128"):
+        results.pareto_front([fp32, row(seqlen=128, eval_windows=16)])
+    with pytest.raises(ValueError, match=r"copy: 'local' vs 'hub'"):
+        results.baseline([fp32, row(data="hub:w", eval_windows=16)])
+    # Within one protocol it compares; grouped, each protocol gets its own front.
+    fp32_8 = row(lesson="06_x", method="FP32", weight_bytes=513, perplexity=30.51, eval_windows=8, role="baseline")
+    groups = results.by_protocol([fp32, w8a16, fp32_8])
+    assert list(groups) == [fp32.fingerprint, w8a16.fingerprint] and groups[w8a16.fingerprint] == [w8a16, fp32_8]
+    assert [r.method for r in results.pareto_front(groups[w8a16.fingerprint])] == ["W8A16"]
+    assert results.baseline(groups[w8a16.fingerprint]) is fp32_8
+    assert results.baseline([fp32], missing_ok=True) is None
+    with pytest.raises(LookupError, match=rf"No baseline .* protocol {fp32.fingerprint}"):
+        results.baseline([fp32])
+    assert results.pareto_front([]) == [] and results.one_protocol([]) is None
+
+
+def test_original_format_rows_stay_off_the_front_and_are_marked():
+    base = row(method="fp32", weight_bytes=513, perplexity=36.47, role="baseline")
+    q41 = row(method="RTN", setting="W4 g32 float offset", weight_bytes=171, perplexity=36.47, role="original format")
+    w4 = row(method="RTN", setting="W4 g64", weight_bytes=163, perplexity=48.46)
+    assert results.pareto_front([base, q41, w4]) == [w4, base]  # q41 would dominate the baseline
+    text = results.table([base, q41, w4])
+    assert "W4 g32 float offset [original format]" in text and "- [baseline]" in text
+    assert text.splitlines()[0].split()[-1] == "protocol" and text.count(base.fingerprint) == 3
+
+
+def test_rows_recorded_before_protocols_load_but_are_never_compared(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
+    old = {k: v for k, v in row().__dict__.items() if k not in ("protocol", "fingerprint", "role")}
+    (tmp_path / "cpu.json").write_text(json.dumps([old, {**old, "lesson": "05_gptq"}]))
+    rows = results.load_rows("cpu")
+    assert [r.protocol for r in rows] == [None, None]
+    assert results.table(rows).splitlines()[2].split()[-1] == "none"
+    for compare in (results.pareto_front, results.by_protocol, results.baseline):
+        with pytest.raises(ValueError, match=r"\['00_baseline', '05_gptq'\] were recorded without their protocol.*"
+                                             r"labkit.course 00 05"):  # fmt: skip
+            compare(rows)
+    results.record(row(method="GPTQ"))  # recording beside them still works
+    rows = results.load_rows("cpu")
+    assert len(rows) == 3
+    assert results.protocols(rows).splitlines() == [
+        "none: recorded without a protocol (re-run them) (lessons 00, 05)",
+        f"{profiles.Protocol(**rows[2].protocol).describe()} (lessons 00)",
+    ]

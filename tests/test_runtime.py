@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -93,16 +94,23 @@ def test_lesson_keys():
 # --- the start-up check --------------------------------------------------------------------------------
 
 
-def test_require_on_the_cpu_profile_is_silent_and_looks_at_nothing(monkeypatch, capsys):
+def test_require_on_the_cpu_profile_prints_the_protocol_and_looks_at_nothing(monkeypatch, capsys):
     def no_gpu(device=0):
         raise AssertionError("the CPU profile must not ask for a GPU")
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", no_gpu)
+    monkeypatch.setenv("LABKIT_DATA_DIR", "/some/folder")
+    P = profiles.PROFILES["cpu"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for key in runtime.LESSONS:
-            assert runtime.require(key, profiles.PROFILES["cpu"]) is None
-    assert capsys.readouterr() == ("", "")
+            assert runtime.require(key, P) is None
+    banner = runtime.protocol_banner(P)
+    assert capsys.readouterr() == ((banner + "\n") * len(runtime.LESSONS), "")
+    main, sweep = banner.split("\n")
+    assert main == P.protocol().describe() and main.startswith(f"protocol {P.protocol().fingerprint}: ")
+    assert "(local copy)" in main and "/some/folder" not in banner  # the copy's kind, never a machine's path
+    assert sweep == f"curves and sweeps: protocol {P.protocol('sweep').fingerprint} (the same, on the first 8 windows)"
 
 
 def test_require_refuses_a_t4_for_an_a100_lesson_and_names_the_runtime(machine_like):
@@ -122,14 +130,16 @@ def test_require_says_when_colab_has_no_gpu_large_enough(machine_like, monkeypat
         runtime.require("12", profiles.PROFILES["gpu"])
 
 
-def test_require_passes_a_sufficient_machine_silently(machine_like, capsys):
+def test_require_passes_a_sufficient_machine_with_nothing_but_the_protocol(machine_like, capsys):
     machine_like(*gpu("NVIDIA A100-SXM4-80GB", "A100-80"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for key in runtime.LESSONS:
             have = runtime.require(key, profiles.PROFILES["gpu"])
             assert have.gpu == "NVIDIA A100-SXM4-80GB" and have.sm == 80
-    assert capsys.readouterr() == ("", "")
+    banner = runtime.protocol_banner(profiles.PROFILES["gpu"])
+    assert capsys.readouterr() == ((banner + "\n") * len(runtime.LESSONS), "")
+    assert "all windows of 2048 tokens" in banner and "first 40 windows" in banner
 
 
 def test_require_accepts_each_lesson_on_its_declared_runtime(machine_like):
@@ -321,3 +331,10 @@ def test_hub_login_only_for_a_gated_model_without_a_token(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     colab.login_if_gated("llama-2-7b")
     assert logins == [1]
+
+
+def test_protocol_banner_names_the_sweeps_only_when_they_differ():
+    P = profiles.PROFILES["cpu"]
+    same = dataclasses.replace(P, sweep_windows=P.eval_windows)
+    assert runtime.protocol_banner(same) == same.protocol().describe()
+    assert runtime.protocol_banner(P).count("\n") == 1
