@@ -14,6 +14,10 @@ from __future__ import annotations
 
 SOURCE = "Chavan et al., IJCAI 2024 (arXiv 2402.01799), tables of the empirical section"
 
+# The model behind each table: name it wherever the course compares with one of its rows.
+PRUNING_MODEL = "LLaMA-7B"
+QUANTIZATION_MODEL = "LLaMA-2-7B"
+
 # (method, setting, RM GB, WM GB, tokens/s, perplexity); None where the survey reports none.
 PRUNING_LLAMA_7B = [
     ("Baseline", "-", 26.16, 12.55, 30.90, 12.62),
@@ -43,6 +47,17 @@ QUANTIZATION_LLAMA_2_7B = [
     ("GPTQ 4-bit", "TensorRT-LLM", 3.60, 5.88, 202.16, 6.08),
     ("OmniQuant 4-bit", "MLC-LLM", 3.80, 5.70, 134.2, 5.97),
 ]
+
+
+def pruning_row(method: str, setting: str) -> dict:
+    """One row of PRUNING_LLAMA_7B as a dict (method, setting, rm_gb, wm_gb, tokens_per_s, perplexity, model)."""
+    for m, s, rm, wm, tps, ppl in PRUNING_LLAMA_7B:
+        if (m, s) == (method, setting):
+            return dict(method=m, setting=s, rm_gb=rm, wm_gb=wm, tokens_per_s=tps, perplexity=ppl, model=PRUNING_MODEL)
+    allowed = ", ".join(f"({m!r}, {s!r})" for m, s, *_ in PRUNING_LLAMA_7B)
+    raise ValueError(
+        f"(method, setting)=({method!r}, {setting!r}) is not in the survey's pruning table; allowed: {allowed}."
+    )
 
 
 def format_pruning() -> str:

@@ -1,5 +1,7 @@
 """The survey's published table, and the arithmetic the capstone reads out of it."""
 
+import pytest
+
 from labkit import survey
 
 LLAMA_7B_PARAMS = 6_738_415_616  # huggyllama/llama-7b, counted from its config
@@ -24,3 +26,11 @@ def test_engine_rows_share_one_gptq_perplexity():
     gptq4 = {ppl for m, _, _, _, _, ppl in survey.QUANTIZATION_LLAMA_2_7B if m == "GPTQ 4-bit"}
     assert gptq4 == {6.08}
     assert "Baseline" in survey.format_pruning() and "TensorRT-LLM" in survey.format_quantization()
+
+
+def test_pruning_row_names_its_model_and_refuses_an_unknown_row():
+    flap = survey.pruning_row("FLaP", "20%")
+    assert (flap["rm_gb"], flap["wm_gb"], flap["perplexity"], flap["model"]) == (9.72, 9.44, 14.62, "LLaMA-7B")
+    assert survey.pruning_row("Baseline", "-")["perplexity"] == 12.62
+    with pytest.raises(ValueError, match=r"\('FLaP', '30%'\).*allowed: \('Baseline', '-'\)"):
+        survey.pruning_row("FLaP", "30%")
