@@ -132,3 +132,39 @@ def test_the_scan_leaves_ordinary_text_alone(text):
 def test_an_allowed_stderr_output_is_not_reported():
     nb = _nb({"output_type": "stream", "name": "stderr", "text": "a known notice"})
     assert findings(nb, "99_toy.ipynb", stderr_allowed={("99_toy.ipynb", 1): "a stated reason"}) == []
+
+
+ROW = re.compile(r"^(\d\d_[a-z0-9_]+)\s{2,}\S.*$", re.MULTILINE)  # a line of labkit.results.table: lesson, then the row
+
+
+def table_rows(nb: dict) -> list[tuple[str, str]]:
+    """(lesson, row with its spacing collapsed) for every results-table line in the stored outputs of `nb`."""
+    rows = []
+    for cell in nb.get("cells", []):
+        for output in cell.get("outputs", []):
+            for kind, text in output_texts(output):
+                if kind in ("stream stdout", "text/plain"):
+                    rows += [(hit.group(1), " ".join(hit.group(0).split())) for hit in ROW.finditer(text)]
+    return rows
+
+
+def test_a_row_shown_by_another_lesson_is_the_row_its_own_lesson_recorded():
+    # Lessons 04 and 12 (and others) print rows recorded by earlier lessons; executed at another time, the
+    # baseline's speed or memory could differ from what lesson 00 shows (issue 16). Re-execute the lessons in
+    # one sequence (python -m labkit.course --in-place) so every copy of a row is the same measurement.
+    own = {path.name.removesuffix(".ipynb"): json.loads(path.read_text(encoding="utf-8")) for path in NOTEBOOKS}
+    recorded = {name: {row for lesson, row in table_rows(nb) if lesson == name} for name, nb in own.items()}
+    stale = [
+        f"{name} shows: {row}"
+        for name, nb in own.items()
+        for lesson, row in table_rows(nb)
+        if lesson != name and lesson in recorded and row not in recorded[lesson]
+    ]
+    assert not stale, "rows that differ from their own lesson's output:\n" + "\n".join(stale)
+
+
+def test_the_row_comparison_finds_a_changed_row():
+    line = "00_baseline  float32 baseline  -  134.5  513.1 MiB  533.2 MiB  22.6  36.47  a1b2c3"
+    nb = _nb({"output_type": "stream", "name": "stdout", "text": line + "\n"})
+    assert table_rows(nb) == [("00_baseline", " ".join(line.split()))]
+    assert table_rows(_nb({"output_type": "stream", "name": "stdout", "text": "00_baseline.ipynb: done\n"})) == []

@@ -60,7 +60,7 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 
 def lesson07(r: Rehearsal, micro: int = MICRO) -> None:
     """Teacher LLaMA-7B; a 16-layer student (ShortGPT's block influence) trained by fine-tuning, distillation
-    and block-wise distillation (cells 13-25). The GPU profile trains through rank-8 LoRA adapters
+    and block-wise distillation (cells 13-28). The GPU profile trains through rank-8 LoRA adapters
     (profiles.Profile.lora_rank: lora.adapters, merged afterwards), 8 windows per step in micro-batches of
     `micro` (gradient accumulation)."""
     from .. import lora
