@@ -5,6 +5,9 @@
     python -m labkit.course --update-references 01   # store lesson 01's newly measured CPU references (authors)
     python -m labkit.course --store-measured 01      # store what lesson 01's checks last measured, run nothing
 
+The exercises run with their worked solutions plugged in (LABKIT_SOLUTIONS=1, labkit.solutions), as
+under CI, so every number is the one the stored outputs show; in JupyterLab your own code runs.
+
 Executed notebooks keep their outputs but not live widget views (tqdm bars, sliders): those need
 a running kernel, and a stored copy of them would render as an error in the book.
 """
@@ -88,7 +91,7 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from . import profiles, results
+    from . import profiles, results, solutions
 
     if args.store_measured:
         try:
@@ -98,6 +101,7 @@ def main(argv=None) -> None:
         print_changes(changes)
         return
 
+    os.environ.setdefault(solutions.ENV, "1")  # the exercises run with the worked solutions, as under CI
     profile = profiles.get()
     print(f"Profile {profile.name!r}: {profile.model}, seqlen {profile.seqlen}. Results go to {results.results_dir()}.")
     selected = lessons(select=args.select)

@@ -5,6 +5,13 @@ compress its own copy. Small models are read from disk once per process and then
 deep-copied from a pristine copy held on the CPU (well under a second for
 SmolLM2-135M); 7B models are re-read from the local Hugging Face cache instead,
 because a second 13.5 GB copy in RAM would not fit on Colab.
+
+Reading the GGUF file means dequantizing every tensor in Python (about 14 s for SmolLM2-135M on
+two cores), so the first read also writes the float model as an ordinary transformers folder
+(safetensors) under $LABKIT_CACHE_DIR/models (default ~/.cache/labkit/models; about 0.5 GB); later
+processes read that in a fraction of a second. The folder's name holds the SHA-256 of the GGUF file,
+the dtype and the torch and transformers versions, so a different file or library never reads a stale
+copy. The tensors are bit-identical to the GGUF read (tests/test_models.py checks it).
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -157,6 +167,77 @@ def load(name: str = "smollm2-135m", device=None, dtype=None):
 def _read(spec: ModelSpec, dtype, device: torch.device):
     if spec.source == "random":
         return tiny_llama_random(dtype=dtype)
+    if spec.source == "package-gguf":
+        folder = gguf_cache_folder(spec, dtype)
+        if folder.is_dir():
+            return _read_folder(str(folder), dtype, gguf_folder(spec.repo))
+        model, tokenizer = _read_hub_or_gguf(spec, dtype, device)
+        _write_cache(model, tokenizer, folder)
+        return model, tokenizer
+    return _read_hub_or_gguf(spec, dtype, device)
+
+
+def cache_dir() -> Path:
+    """Where labkit keeps float copies of GGUF models: $LABKIT_CACHE_DIR/models, else ~/.cache/labkit/models."""
+    root = os.environ.get("LABKIT_CACHE_DIR") or os.path.join(Path.home(), ".cache", "labkit")
+    return Path(root) / "models"
+
+
+def gguf_cache_folder(spec: ModelSpec, dtype: torch.dtype) -> Path:
+    """The cache folder of GGUF model `spec` read in `dtype`: named by the file's SHA-256, the dtype
+    and the torch and transformers versions that dequantized it."""
+    import transformers
+
+    from . import data
+
+    path = os.path.join(gguf_folder(spec.repo), spec.gguf_file)
+    stat = os.stat(path)
+    key = "|".join(
+        (data._sha256(path, stat.st_size, stat.st_mtime_ns), str(dtype), torch.__version__, transformers.__version__)
+    )
+    return (
+        cache_dir() / f"{spec.name}-{str(dtype).removeprefix('torch.')}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    )
+
+
+def _write_cache(model: nn.Module, tokenizer, folder: Path) -> None:
+    """Write the float model and its tokenizer to `folder`, atomically (a temporary folder renamed);
+    a cache that cannot be written (read-only home, full disk) only costs the next process time."""
+    from transformers.utils import logging as hf_logging
+
+    temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    architectures = model.config.architectures  # save_pretrained fills it in: keep the model as it was read
+    hf_logging.disable_progress_bar()
+    try:
+        temporary.parent.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(temporary)  # safetensors
+        tokenizer.save_pretrained(temporary)
+        os.replace(temporary, folder)
+    except OSError:
+        pass
+    finally:
+        model.config.architectures = architectures
+        hf_logging.enable_progress_bar()
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _read_folder(folder: str, dtype, name_or_path: str):
+    """A cached float copy: the same tensors, config and tokenizer as the GGUF read it was written from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    finally:
+        hf_logging.enable_progress_bar()
+    model.config._name_or_path = name_or_path  # as the GGUF read sets them
+    model.config.architectures = None
+    return model.eval(), tokenizer
+
+
+def _read_hub_or_gguf(spec: ModelSpec, dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -4,25 +4,36 @@ import math
 
 import torch
 
-from labkit import check
+from labkit import check, solutions
 
 
-def wanda_score(W, X):
-    return W.abs() * X.norm(dim=0)
+def test_wanda_mask(capsys):
+    assert check.lesson01.wanda_mask(solutions.lesson01.wanda_mask)
+    assert capsys.readouterr().out.startswith("✓ wanda_mask")
+    right = solutions.lesson01.wanda_mask
 
+    def row_mask(score, k):
+        return torch.zeros_like(score, dtype=torch.bool).scatter(1, score.argsort(dim=1)[:, :k], True)
 
-def test_wanda_score(capsys):
-    assert check.lesson01.wanda_score(wanda_score)
-    assert capsys.readouterr().out.startswith("✓ wanda_score")
-
-    assert not check.lesson01.wanda_score(lambda W, X: W * X.norm(dim=0))
-    assert "forgot the absolute value" in capsys.readouterr().out
-
-    assert not check.lesson01.wanda_score(lambda W, X: W.abs() * (X**2).sum(0))
-    assert "squared norm" in capsys.readouterr().out
-
-    assert not check.lesson01.wanda_score(lambda W, X: W.abs() * X.norm(dim=1))
-    assert "wrong axis" in capsys.readouterr().out
+    wrong = {
+        "inverted the mask": lambda W, norm, s: ~right(W, norm, s),
+        "forgot the activations": lambda W, norm, s: right(W, torch.ones_like(norm), s),
+        "forgot the absolute value": lambda W, norm, s: row_mask(W * norm, round(s * W.shape[1])),
+        "pruned the highest scores": lambda W, norm, s: row_mask(-(W.abs() * norm), round(s * W.shape[1])),
+        "one threshold for the whole matrix": lambda W, norm, s: (
+            (W.abs() * norm) <= (W.abs() * norm).flatten().kthvalue(round(s * W.numel())).values
+        ),
+        "within each column": lambda W, norm, s: row_mask((W.abs() * norm).T.contiguous(), round(s * W.shape[0])).T,
+        "rounded sparsity · in down with int()": lambda W, norm, s: row_mask(W.abs() * norm, int(s * W.shape[1])),
+        "one too many": lambda W, norm, s: row_mask(W.abs() * norm, round(s * W.shape[1]) + 1),
+        "has dtype torch.float32; return a bool tensor": lambda W, norm, s: right(W, norm, s).float(),
+        "has shape (12, 6); expected (6, 12)": lambda W, norm, s: right(W, norm, s).T,
+        "not written yet": lambda W, norm, s: (_ for _ in ()).throw(NotImplementedError),
+    }
+    for words, answer in wrong.items():
+        assert not check.lesson01.wanda_mask(answer), words
+        out = capsys.readouterr().out
+        assert out.startswith("✗ wanda_mask") and words in out, (words, out)
 
 
 def nm_mask(score, n, m):

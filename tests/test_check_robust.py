@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from labkit import check
+from labkit import check, solutions
 from labkit.distill import losses
 from labkit.lowrank import break_even
 from labkit.prune import masks, sparse_storage
@@ -43,7 +43,7 @@ SOLUTIONS = {
     "lesson00.token_nll": lambda logits, ids: F.cross_entropy(logits[:-1], ids[1:], reduction="none"),
     "lesson00.perplexity": lambda nll: math.exp(nll.double().mean().item()),
     "lesson00.model_bytes": lambda m: sum(p.numel() * p.element_size() for p in m.parameters()),
-    "lesson01.wanda_score": lambda W, X: W.abs() * X.norm(dim=0),
+    "lesson01.wanda_mask": solutions.lesson01.wanda_mask,
     "lesson01.nm_mask": lambda score, n, m: masks.nm_mask(score, n, m),
     "lesson01.bitmask_bytes": lambda w: sparse_storage.bitmask_bytes(w),
     "lesson02.obs_error": lambda w, H: w**2 / (2 * torch.linalg.inv(H).diagonal()),
@@ -207,7 +207,9 @@ def test_the_answers_of_issue_17(capsys):
     assert "the perplexity is nan, not a finite number" in capsys.readouterr().out
     assert not check.lesson01.bitmask_bytes(lambda w: float("nan"))
     assert "is nan, not a finite number" in capsys.readouterr().out
-    assert not check.lesson01.wanda_score(lambda W, X: torch.full_like(W, math.nan))
-    assert "has 24 NaN or infinite entries of 24" in capsys.readouterr().out
+    assert not check.lesson01.wanda_mask(lambda W, norm, sparsity: torch.full_like(W, math.nan))
+    assert "has dtype torch.float32; return a bool tensor" in capsys.readouterr().out
+    assert not check.lesson07.soft_targets(lambda logits, tau: torch.full_like(logits, math.nan))
+    assert "NaN or infinite entries" in capsys.readouterr().out
     assert not check.lesson08.factored_params(lambda out_f, in_f, r: float("nan"))
     assert "is nan, not a finite number" in capsys.readouterr().out

@@ -77,3 +77,51 @@ def test_parameter_breakdown_sums_to_count(tiny):
     assert sum(c for _, _, c in rows) == models.parameter_count(model)
     assert ("layer 1", "down_proj", 160 * 64) in rows
     assert ("model", "embed_tokens", 256 * 64) in rows
+
+
+def test_gguf_cache_reads_back_bit_identical(tmp_path, monkeypatch):
+    """The float copy of the GGUF model that load() caches on disk gives the same tensors, config,
+    tokenizer and logits as dequantizing the GGUF file itself, and is then read without the GGUF."""
+    monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path))
+    spec, cpu = models.MODELS["smollm2-135m"], torch.device("cpu")
+    reference, ref_tok = models._read_hub_or_gguf(spec, torch.float32, cpu)  # the GGUF file, dequantized
+    folder = models.gguf_cache_folder(spec, torch.float32)
+    assert folder.parent == tmp_path / "models" and not folder.exists()
+    models._write_cache(reference, ref_tok, folder)
+    assert (folder / "model.safetensors").is_file() and not list(tmp_path.glob("models/*.tmp-*"))
+
+    def no_gguf(*args):
+        raise AssertionError("read the GGUF file although the cache folder exists")
+
+    monkeypatch.setattr(models, "_read_hub_or_gguf", no_gguf)
+    cached, tok = models._read(spec, torch.float32, cpu)
+    a, b = reference.state_dict(), cached.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cached.lm_head.weight.data_ptr() == cached.model.embed_tokens.weight.data_ptr()  # still tied
+    assert cached.config.to_dict() == reference.config.to_dict()
+    assert cached.generation_config.to_dict() == reference.generation_config.to_dict()
+    text = "<|im_start|>user\nThe history of the city, 1890–1920.<|im_end|>"
+    assert tok(text).input_ids == ref_tok(text).input_ids
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (ref_tok.bos_token, ref_tok.eos_token, ref_tok.pad_token)
+    ids = torch.tensor([ref_tok(text).input_ids])
+    with torch.no_grad():
+        assert torch.equal(cached(ids).logits, reference(ids).logits)
+
+
+def test_gguf_cache_folder_names_file_dtype_and_versions(tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path))
+    spec = models.MODELS["smollm2-135m"]
+    fp32 = models.gguf_cache_folder(spec, torch.float32)
+    assert fp32.name.startswith("smollm2-135m-float32-")
+    assert models.gguf_cache_folder(spec, torch.float16).name.startswith("smollm2-135m-float16-")
+    monkeypatch.setattr(transformers, "__version__", "0.0.1")  # another library version: another folder
+    assert models.gguf_cache_folder(spec, torch.float32) != fp32
+
+
+def test_unwritable_cache_costs_time_only(tmp_path, tiny, tiny_tokenizer):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    models._write_cache(tiny, tiny_tokenizer, blocker / "models" / "x")  # mkdir fails: no error, nothing left
+    assert blocker.read_text() == "not a folder"

@@ -1,7 +1,8 @@
 """Self-checking exercises: each lesson's checks live in labkit/check/lessonNN.py.
 
     from labkit import check
-    check.lesson01.wanda_score(my_wanda_score)   # prints what is right or what is wrong, in words
+    check.lesson01.wanda_mask(my_wanda_mask)   # prints what is right or what is wrong, in words
+    mask = check.use(my_wanda_mask, check.lesson01.wanda_mask, prune.wanda_mask)   # yours once it passes
 
 A check calls the learner's function on small hand-made tensors, compares with the answer, and
 prints one line: "✓ ..." when right, or "✗ ..." saying what differs (a shape, a sign, a missing
@@ -178,6 +179,33 @@ def number_like(verdict: Verdict, got, expected: float, what: str, rtol: float =
     if not abs(value - expected) <= rtol * abs(expected) + 1e-12:
         return verdict.fail(f"{what} is {value:.6g}; expected {expected:.6g}.")
     return True
+
+
+def use(fn, exercise, instead=None):
+    """Check the learner's `fn` with `exercise` (e.g. check.lesson01.wanda_mask) and return the function
+    the lesson should run: `fn` when it passes; otherwise `instead`, labkit's own function of the same
+    signature (for a "build it" exercise, whose result the whole-model path then uses:
+    prune.wanda(..., mask=check.use(wanda_mask, check.lesson01.wanda_mask, prune.wanda_mask))), or None.
+    A stub (raise NotImplementedError) is reported as not written yet; nothing raises, so Run All goes on.
+    With LABKIT_SOLUTIONS=1 (the test suite, labkit.course) the worked solution from labkit.solutions is
+    checked and returned instead of `fn`; a worked solution that fails its check raises AssertionError."""
+    from .. import solutions
+
+    plugged = solutions.enabled()
+    if plugged:
+        fn, whose = solutions.of(exercise), f"the worked solution (labkit.solutions, {solutions.ENV}=1)"
+    else:
+        whose = f"your {getattr(fn, '__name__', exercise.__name__)}"
+    passed = exercise(fn)
+    if plugged and not passed:
+        raise AssertionError(f"labkit.solutions.{exercise.__name__} fails its check ({exercise.__module__}): a defect")
+    if instead is not None:
+        name = f"{instead.__module__.split('.')[1]}.{instead.__name__}"  # e.g. prune.wanda_mask
+        if passed:
+            print(f"→ the whole-model run below uses {whose}.")
+        else:
+            print(f"→ the whole-model run below uses labkit's {name}; run this cell again once yours passes.")
+    return fn if passed else instead
 
 
 def __getattr__(name: str):

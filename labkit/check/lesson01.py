@@ -1,7 +1,7 @@
-"""Checks for lesson 01 (magnitude and Wanda): Wanda's score, an N:M mask, and what a bitmask
-format stores.
+"""Checks for lesson 01 (magnitude and Wanda): Wanda's mask (the lesson's "build it": prune.wanda
+runs it on the whole model), an N:M mask, and what a bitmask format stores.
 
-    check.lesson01.wanda_score(my_wanda_score)
+    check.lesson01.wanda_mask(my_wanda_mask)
     check.lesson01.nm_mask(my_nm_mask)
     check.lesson01.bitmask_bytes(my_bitmask_bytes)
 """
@@ -17,42 +17,59 @@ from . import Verdict, call, exercise, tensor_like
 from ._numbers import number_with_hints
 
 
+def _row_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the k lowest scores of each row."""
+    lowest = score.sort(dim=1, stable=True).indices[:, :k]
+    return torch.zeros_like(score, dtype=torch.bool).scatter(1, lowest, True)
+
+
 @exercise
-def wanda_score(fn) -> bool:
-    """fn(W [out, in], X [tokens, in]) -> [out, in]: |W_ij| · ‖X_j‖₂, the L2 norm of input feature j
-    over all tokens (Wanda eq. 1)."""
-    v = Verdict("wanda_score")
+def wanda_mask(fn) -> bool:
+    """fn(W [out, in], norm [in], sparsity) -> bool [out, in], True = pruned: Wanda's score
+    S_ij = |W_ij| · ‖X_j‖₂ (eq. 1, norm[j] = ‖X_j‖₂), and in every row the round(sparsity · in)
+    lowest scores pruned (each output row is its own comparison group)."""
+    v = Verdict("wanda_mask")
     g = torch.Generator().manual_seed(1)
-    # First case square in (tokens, in) so that a norm over the wrong axis still broadcasts and can be named.
-    for out_f, tokens, in_f in [(4, 6, 6), (5, 20, 8)]:
+    for out_f, in_f, sparsity in [(6, 12, 0.3), (4, 8, 0.5), (5, 16, 0.75)]:
         W = torch.randn(out_f, in_f, generator=g)
-        X = torch.randn(tokens, in_f, generator=g)
-        X[:, 2] *= 15  # an outlier feature
+        X = torch.randn(64, in_f, generator=g)  # 64 calibration tokens
+        X[:, 2] *= 15  # an outlier feature: its small weights must survive
         norm = X.norm(dim=0)  # [in]
-        expected = W.abs() * norm[None, :]
-        got = call(v, fn, W.clone(), X.clone())
-        hints = {
-            "forgot the absolute value: a large negative weight matters as much as a large positive one": W * norm,
+        score = W.abs() * norm[None, :]
+        k = masks.n_pruned(sparsity, in_f)
+        expected = _row_mask(score, k)
+        got = call(v, fn, W.clone(), norm.clone(), sparsity)
+        hints = {}  # first: int() rounding down looks like "one too few"
+        if int(sparsity * in_f) != k:
+            hints[f"rounded sparsity · in down with int(): prune round(sparsity · in) = {k} per row"] = _row_mask(
+                score, int(sparsity * in_f)
+            )
+        hints |= {
+            "inverted the mask: True must mean pruned (zeroed), and the LOWEST scores are pruned": ~expected,
+            "pruned the highest scores: Wanda prunes the lowest |W| · ‖X‖ of each row": _row_mask(-score, k),
+            "forgot the activations: that is magnitude pruning, |W| alone; Wanda multiplies by ‖X_j‖₂": _row_mask(
+                W.abs(), k
+            ),
+            "forgot the absolute value: a large negative weight matters as much as a large positive one": _row_mask(
+                W * norm, k
+            ),
+            "used W² · ‖X‖ instead of |W| · ‖X‖ (a different ranking)": _row_mask(W**2 * norm, k),
             (
-                "used the squared norm ‖X_j‖² instead of ‖X_j‖₂ (the mask would still be the same; the score is not)"
-            ): W.abs() * norm**2,
-            "used the mean |x| of each feature (an L1 average) instead of its L2 norm": W.abs() * X.abs().mean(0),
-            "used the L1 norm Σ|x| instead of the L2 norm": W.abs() * X.abs().sum(0),
-            (
-                "used the root-mean-square (‖X_j‖₂ / √tokens): the same ranking, but Wanda's score is the plain norm"
-            ): W.abs() * norm / tokens**0.5,
-            "multiplied by the weights' own column norms ‖W_:j‖ instead of the activations' ‖X_j‖": W.abs()
-            * W.norm(dim=0),
-            "used W² instead of |W|": W**2 * norm,
+                "used one threshold for the whole matrix: Wanda compares the weights of each output row "
+                "among themselves (k per row)"
+            ): masks.lowest_mask([score], masks.n_pruned(sparsity, score.numel()))[0],
+            "compared within each column (input feature) instead of within each row": _row_mask(
+                score.T.contiguous(), masks.n_pruned(sparsity, out_f)
+            ).T,
+            f"pruned {k - 1} per row, one too few: prune round(sparsity · in) = {k}": _row_mask(score, k - 1),
+            f"pruned {k + 1} per row, one too many: prune round(sparsity · in) = {k}": _row_mask(score, k + 1),
         }
-        if tokens == in_f:
-            hints[
-                "took the norm over the wrong axis (over features, one per token): ‖X_j‖ is over the tokens, "
-                "X.norm(dim=0) for X shaped [tokens, in]"
-            ] = W.abs() * X.norm(dim=1)[None, :]
-        if not tensor_like(v, got, expected, f"the score for W {out_f}x{in_f}, X {tokens}x{in_f}", hints=hints):
+        if isinstance(got, torch.Tensor) and got.dtype != torch.bool and tuple(got.shape) == (out_f, in_f):
+            v.fail(f"the mask has dtype {got.dtype}; return a bool tensor (True = pruned), e.g. `scores < threshold`.")
+        what = f"the mask of W {out_f}x{in_f} at sparsity {sparsity}"
+        if not tensor_like(v, got, expected, what, atol=0, rtol=0, hints=hints):
             break
-    return v.report("S = |W| · ‖X‖₂ per input feature, as labkit.prune.wanda_scores.")
+    return v.report("|W| · ‖X‖₂, the lowest round(sparsity · in) of every row pruned, as labkit.prune.wanda_mask.")
 
 
 @exercise

@@ -16,6 +16,7 @@ depth pruning (drop_layers, ShortGPT's block_influence) is labkit.prune.depth.
 from ..walk import layer_inputs, layer_states  # the walk owns layer capture; here for block-wise distillation
 from .losses import (
     LOSSES,
+    at_temperature,
     check_beta,
     check_logits,
     check_temperature,
@@ -39,6 +40,7 @@ __all__ = [
     "LOSSES",
     "SMALL_LLAMA",
     "StudentSummary",
+    "at_temperature",
     "batches",
     "blockwise_distill",
     "check_beta",

@@ -124,6 +124,25 @@ def forward_kl(
     return masked_mean(_kl(log_pt, log_ps), mask) * tau**2
 
 
+def at_temperature(loss, temperature: float):
+    """A divergence for distill(loss=...) from your own loss(student_logits, teacher_logits, temperature)
+    -> scalar (lesson 07's "build it"), called on [batch, seqlen - 1, vocab] logits at `temperature`.
+    It has no mask, so it cannot serve on-policy distillation (which masks the prompt): ValueError."""
+    if not callable(loss):
+        raise ValueError(f"loss={loss!r}: pass a function loss(student_logits, teacher_logits, temperature).")
+    tau = check_temperature(temperature)
+
+    def divergence(student_logits, teacher_logits, mask=None):
+        if mask is not None:
+            raise ValueError(
+                "this loss(student_logits, teacher_logits, temperature) takes no mask, and on_policy=True masks "
+                "the prompt's tokens: use loss='forward_kl' (or a callable with a mask= argument) there."
+            )
+        return loss(student_logits, teacher_logits, tau)
+
+    return divergence
+
+
 def reverse_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

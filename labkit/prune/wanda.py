@@ -42,6 +42,19 @@ def wanda_mask(
     return mask_for(wanda_scores(weight, norm), sparsity, nm, scope="row")
 
 
+def _check_mask(pruned, weight: torch.Tensor, where: str) -> None:
+    if not isinstance(pruned, torch.Tensor) or pruned.dtype != torch.bool or pruned.shape != weight.shape:
+        got = (
+            f"shape {tuple(pruned.shape)}, dtype {pruned.dtype}"
+            if isinstance(pruned, torch.Tensor)
+            else type(pruned).__name__
+        )
+        raise ValueError(
+            f"mask returned {got} for {where}; it must return a bool tensor shaped like the weight "
+            f"{tuple(weight.shape)} ([out, in]), True = pruned. The model is unchanged."
+        )
+
+
 @torch.no_grad()
 @all_or_nothing
 def wanda(
@@ -51,6 +64,7 @@ def wanda(
     pattern: str = "unstructured",
     device=None,
     batch_size: int = 8,
+    mask=None,
 ) -> PruneReport:
     """Prune every decoder nn.Linear of `model` in place with Wanda.
 
@@ -60,8 +74,16 @@ def wanda(
     The layers are walked in order with labkit.walk.calibration_walk, so each layer's
     statistics come from the outputs of the already-pruned layers before it, as in the
     reference code.
+    mask: None (labkit's wanda_mask) or your own function mask(weight [out, in], norm [in], sparsity) ->
+    bool [out, in], True = pruned, with norm = ‖X_j‖₂ of each input feature (lesson 01's "build it");
+    unstructured pattern only. A mask of another shape or dtype raises ValueError, the model unchanged.
     """
     sparsity, nm = check_sparsity(sparsity, pattern)
+    if mask is not None and (not callable(mask) or nm is not None):
+        raise ValueError(
+            f"mask={mask!r}: pass a function mask(weight, norm, sparsity) -> bool mask, with the unstructured "
+            f"pattern (got pattern={pattern!r}); or None for labkit's wanda_mask."
+        )
     check_pruneable(model, "prune.wanda")
     check_divisible(weight_linears(model), nm)
     check_calibration(calibration, model)
@@ -74,8 +96,12 @@ def wanda(
     def update(index, layer, stats):
         for name, linear in layer.named_modules():
             if name in stats:
-                mask = mask_for(wanda_scores(linear.weight, stats[name].norm), sparsity, nm, scope="row")
-                replace_data(linear.weight, linear.weight.masked_fill(mask, 0))
+                if mask is None:
+                    pruned = mask_for(wanda_scores(linear.weight, stats[name].norm), sparsity, nm, scope="row")
+                else:
+                    pruned = mask(linear.weight.detach().clone(), stats[name].norm.clone(), sparsity)
+                    _check_mask(pruned, linear.weight, f"layers.{index}.{name}")
+                replace_data(linear.weight, linear.weight.masked_fill(pruned, 0))
 
     calibration_walk(model, calibration, make_stats, update, device=device, batch_size=batch_size, desc="wanda")
     record_prune(model, "wanda", pattern, sparsity)

@@ -1,0 +1,119 @@
+"""The "build it" exercises: the learner's function is checked, then plugged into the whole-model path
+(check.use); a stub or a wrong answer leaves labkit's own in place; LABKIT_SOLUTIONS=1 plugs in the
+worked solution (as the test suite and labkit.course run the lessons)."""
+
+import copy
+
+import pytest
+import torch
+
+from labkit import check, prune, solutions
+
+
+def _stub(W, norm, sparsity):
+    raise NotImplementedError  # your code
+
+
+def _magnitude(W, norm, sparsity):  # a wrong answer: forgets the activations
+    return solutions.lesson01.wanda_mask(W, torch.ones_like(norm), sparsity)
+
+
+@pytest.fixture
+def own_code(monkeypatch):
+    monkeypatch.delenv(solutions.ENV, raising=False)
+
+
+def test_a_stub_is_reported_and_labkit_goes_on(own_code, capsys):
+    assert check.use(_stub, check.lesson01.wanda_mask, prune.wanda_mask) is prune.wanda_mask
+    out = capsys.readouterr().out
+    assert "✗ wanda_mask: not written yet" in out and "uses labkit's prune.wanda_mask" in out
+
+
+def test_a_wrong_answer_is_named_and_not_plugged_in(own_code, capsys):
+    assert check.use(_magnitude, check.lesson01.wanda_mask, prune.wanda_mask) is prune.wanda_mask
+    out = capsys.readouterr().out
+    assert "forgot the activations" in out and "uses labkit's prune.wanda_mask" in out
+
+
+def test_a_right_answer_is_plugged_in(own_code, capsys):
+    def wanda_mask(W, norm, sparsity):
+        score = W.abs() * norm
+        return score <= score.kthvalue(round(sparsity * W.shape[1]), dim=1, keepdim=True).values
+
+    assert check.use(wanda_mask, check.lesson01.wanda_mask, prune.wanda_mask) is wanda_mask
+    assert "uses your wanda_mask" in capsys.readouterr().out
+
+
+def test_solutions_env_plugs_in_the_worked_solution(monkeypatch, capsys):
+    monkeypatch.setenv(solutions.ENV, "1")
+    assert check.use(_stub, check.lesson01.wanda_mask, prune.wanda_mask) is solutions.lesson01.wanda_mask
+    assert "the worked solution" in capsys.readouterr().out
+
+
+def test_every_worked_solution_passes_its_check(capsys):
+    for name in ("wanda_mask", "nm_mask", "bitmask_bytes"):
+        exercise = getattr(check.lesson01, name)
+        assert exercise(solutions.of(exercise)), capsys.readouterr().out
+    with pytest.raises(LookupError, match=r"no worked solution for check\.lesson00\.perplexity"):
+        solutions.of(check.lesson00.perplexity)
+
+
+def test_solution_source_is_shown(capsys):
+    solutions.show(check.lesson01.wanda_mask)
+    out = capsys.readouterr().out
+    assert out.startswith("def wanda_mask(W, norm, sparsity):") and "Wanda eq. 1" in out
+
+
+def test_the_learners_mask_prunes_the_whole_model(tiny, calibration):
+    reference, mine, magnitude = tiny, copy.deepcopy(tiny), copy.deepcopy(tiny)
+    prune.wanda(reference, calibration, 0.5)
+    prune.wanda(mine, calibration, 0.5, mask=solutions.lesson01.wanda_mask)
+    prune.wanda(magnitude, calibration, 0.5, mask=_magnitude)
+    labkits = copy.deepcopy(tiny)
+    prune.wanda(labkits, calibration, 0.5, mask=prune.wanda_mask)  # what check.use returns until yours passes
+    a, b, c = reference.state_dict(), mine.state_dict(), magnitude.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the worked solution is labkit's wanda_mask, bit for bit
+    assert all(torch.equal(a[k], v) for k, v in labkits.state_dict().items())
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # and the function passed is the one that runs
+
+
+def test_a_bad_mask_leaves_the_model_unchanged(tiny, calibration):
+    before = copy.deepcopy(tiny.state_dict())
+    with pytest.raises(ValueError, match=r"mask returned shape \(\d+, \d+\), dtype torch.float32.*bool tensor"):
+        prune.wanda(tiny, calibration, 0.5, mask=lambda W, norm, s: solutions.lesson01.wanda_mask(W, norm, s).float())
+    with pytest.raises(ValueError, match="mask returned NoneType"):
+        prune.wanda(tiny, calibration, 0.5, mask=lambda W, norm, s: None)
+    with pytest.raises(ValueError, match=r"mask=.*unstructured"):
+        prune.wanda(tiny, calibration, None, "2:4", mask=solutions.lesson01.wanda_mask)
+    after = tiny.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_learners_loss_trains_the_student(tiny, calibration):
+    from labkit import distill
+
+    teacher, reference, mine = tiny, copy.deepcopy(tiny), copy.deepcopy(tiny)
+    for student in (reference, mine):  # a student that differs from its teacher, the same for both runs
+        with torch.no_grad():
+            student.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    kwargs = dict(steps=3, lr=1e-3, batch_size=2, progress=False)
+    curve = distill.distill(reference, teacher, calibration, loss="forward_kl", temperature=2.0, **kwargs)
+    mine_curve = distill.distill(
+        mine, teacher, calibration, loss=distill.at_temperature(solutions.lesson07.forward_kl, 2.0), **kwargs
+    )
+    assert curve == mine_curve  # the worked solution is labkit's loss, bit for bit
+    a, b = reference.state_dict(), mine.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="takes no mask"):
+        distill.distill(
+            mine,
+            teacher,
+            calibration,
+            loss=distill.at_temperature(solutions.lesson07.forward_kl, 1.0),
+            on_policy=True,
+            **kwargs,
+        )
+    with pytest.raises(ValueError, match="pass a function loss"):
+        distill.at_temperature("forward_kl", 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        distill.at_temperature(solutions.lesson07.forward_kl, 0.0)
