@@ -117,3 +117,38 @@ def test_the_learners_loss_trains_the_student(tiny, calibration):
         distill.at_temperature("forward_kl", 1.0)
     with pytest.raises(ValueError, match="temperature"):
         distill.at_temperature(solutions.lesson07.forward_kl, 0.0)
+
+
+def test_the_learners_rtn_grid_quantizes_the_whole_model(tiny):
+    from labkit import evaluate, quant
+
+    reference, mine = tiny, copy.deepcopy(tiny)
+    quant.rtn(reference, 4, 32)
+    quant.rtn(mine, 4, 32, quantize=solutions.lesson04.rtn_quantize)
+    a, b = reference.state_dict(), mine.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # packed codes, scales, zeros
+    assert evaluate.weight_bytes(mine) == evaluate.weight_bytes(reference)
+
+
+def test_a_bad_rtn_grid_leaves_the_model_unchanged(tiny):
+    from labkit import quant
+
+    before = copy.deepcopy(tiny.state_dict())
+    right = solutions.lesson04.rtn_quantize
+    bad = {
+        "must return a tuple": lambda w, b, g: right(w, b, g)[0],
+        r"codes must lie in \[0, 15\]": lambda w, b, g: (right(w, b, g)[0].long() + 16, *right(w, b, g)[1:]),
+        "codes must be whole numbers": lambda w, b, g: (right(w, b, g)[0].float() + 0.5, *right(w, b, g)[1:]),
+        r"scale and zero must be \[out, n_groups\]": lambda w, b, g: (
+            right(w, b, g)[0],
+            *(t.T for t in right(w, b, g)[1:]),
+        ),
+        "scale must be positive": lambda w, b, g: (right(w, b, g)[0], -right(w, b, g)[1], right(w, b, g)[2]),
+    }
+    for words, answer in bad.items():
+        with pytest.raises(ValueError, match=words):
+            quant.rtn(tiny, 4, 32, quantize=answer)
+        after = tiny.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before), words
+    with pytest.raises(ValueError, match="sym=False"):
+        quant.rtn(tiny, 4, 32, sym=True, quantize=right)

@@ -120,3 +120,47 @@ def test_unwritten_stub(capsys):
 
     assert not check.lesson04.quantize_asym(stub)
     assert "not written yet" in capsys.readouterr().out
+
+
+def test_rtn_quantize(capsys):
+    from labkit import solutions
+
+    right = solutions.lesson04.rtn_quantize
+    assert check.lesson04.rtn_quantize(right)
+    assert capsys.readouterr().out.startswith("✓ rtn_quantize")
+
+    def variant(fp16=True, with_zero=True, steps=None, floor=False, per_row=False):
+        def fn(w, bits, group_size):
+            maxq = 2**bits - 1
+            out_f, in_f = w.shape
+            rows = w.float().reshape(-1, in_f if per_row else group_size or in_f)
+            lo, hi = rows.amin(1), rows.amax(1)
+            if with_zero:
+                lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+            scale = (hi - lo) / (steps or maxq)
+            scale = scale.half().float() if fp16 else scale
+            zero = torch.round(-lo / scale).clamp(0, maxq)
+            q = torch.floor(rows / scale[:, None]) if floor else torch.round(rows / scale[:, None])
+            codes = (q + zero[:, None]).clamp(0, maxq)
+            return codes.reshape(out_f, in_f), scale.reshape(out_f, -1), zero.reshape(out_f, -1)
+
+        return fn
+
+    wrong = {
+        "kept the scale in fp32": variant(fp16=False),
+        "left 0.0 out of the range": variant(with_zero=False),
+        "divided the range by 2^bits = 16": variant(steps=16),
+        "used floor (truncation)": variant(floor=True),
+        "used one grid per row": variant(per_row=True),
+        "return a triple (codes, scale, zero)": lambda w, bits, gs: right(w, bits, gs)[:2],
+        "are not whole numbers": lambda w, bits, gs: (right(w, bits, gs)[0] + 0.5, *right(w, bits, gs)[1:]),
+        "the scale of W 4x16, 4 bits, group_size=8 has shape (8,)": lambda w, bits, gs: (
+            right(w, bits, gs)[0],
+            right(w, bits, gs)[1].flatten(),
+            right(w, bits, gs)[2],
+        ),
+    }
+    for words, answer in wrong.items():
+        assert not check.lesson04.rtn_quantize(answer), words
+        out = capsys.readouterr().out
+        assert out.startswith("✗ rtn_quantize") and words in out, (words, out)

@@ -56,6 +56,7 @@ SOLUTIONS = {
         g * (n_heads // n_kv) * d, (g + 1) * (n_heads // n_kv) * d
     ),
     "lesson03.compensation_bias": lambda W, x, removed: W[:, removed] @ x[:, removed].mean(0),
+    "lesson04.rtn_quantize": solutions.lesson04.rtn_quantize,
     "lesson04.quantize_asym": _quantize_asym,
     "lesson04.pack_int4": lambda codes: packing.pack(codes, 4),
     "lesson04.quantlinear_bytes": lambda out_f, in_f, bits, gs: QuantLinear(in_f, out_f, bits, gs).stored_bytes(),
@@ -109,7 +110,7 @@ def _check(key: str):
 
 
 def test_every_check_is_covered():
-    assert len(CHECKS) == 38 and sorted(CHECKS) == sorted(SOLUTIONS)
+    assert len(CHECKS) == 39 and sorted(CHECKS) == sorted(SOLUTIONS)
 
 
 def _poison(value, fill: float, everywhere: bool = True):

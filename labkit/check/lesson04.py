@@ -1,6 +1,8 @@
-"""Checks for lesson 04 (number formats and round-to-nearest): an asymmetric integer grid, packing
-two 4-bit codes per byte, and the bytes a packed layer stores.
+"""Checks for lesson 04 (number formats and round-to-nearest): the RTN grid of a weight matrix with
+groups (the lesson's "build it": quant.rtn runs it on the whole model), an asymmetric integer grid,
+packing two 4-bit codes per byte, and the bytes a packed layer stores.
 
+    check.lesson04.rtn_quantize(my_rtn_quantize)
     check.lesson04.quantize_asym(my_quantize_asym)
     check.lesson04.pack_int4(my_pack_int4)
     check.lesson04.quantlinear_bytes(my_quantlinear_bytes)
@@ -23,6 +25,77 @@ _VECTORS = [
     (torch.tensor([0.25, -1.7, 2.9, -0.4, 1.05, -0.02, 0.6]), 3),
     (torch.randn(64, generator=torch.Generator().manual_seed(4)), 4),
 ]
+
+
+def _grid(w: torch.Tensor, bits: int, group_size: int | None, *, fp16=True, with_zero=True, steps=None, floor=False):
+    """labkit's asymmetric RTN grid of w [out, in] -> (codes [out, in] int64, scale, zero [out, n_groups]),
+    and the usual slips (the keyword switches): fp32 scales, a range that leaves 0.0 out, 2^bits steps,
+    truncated codes."""
+    maxq = 2**bits - 1
+    out_f, in_f = w.shape
+    rows = w.float().reshape(-1, group_size or in_f)  # [out * n_groups, group]
+    lo, hi = rows.amin(1), rows.amax(1)
+    if with_zero:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = (hi - lo) / (steps or maxq)
+    scale = (scale.half().float() if fp16 else scale).clamp(min=2.0**-24)
+    zero = torch.round(-lo / scale).clamp(0, maxq)
+    rounded = torch.floor(rows / scale[:, None]) if floor else torch.round(rows / scale[:, None])
+    codes = (rounded + zero[:, None]).clamp(0, maxq)
+    return codes.reshape(out_f, in_f).long(), scale.reshape(out_f, -1), zero.reshape(out_f, -1)
+
+
+@exercise
+def rtn_quantize(fn) -> bool:
+    """fn(w [out, in], bits, group_size) -> (codes [out, in] integers in [0, 2^bits), scale [out, n_groups],
+    zero [out, n_groups]): asymmetric round-to-nearest with one grid per group of `group_size` consecutive
+    inputs of a row (None: one per row). The range [min(w, 0), max(w, 0)] covers 0.0; scale = range /
+    (2^bits − 1), stored in fp16 (round it: .half().float()); zero = round(−min / scale), clamped to the
+    codes' range; codes = clamp(round(w / scale) + zero)."""
+    v = Verdict("rtn_quantize")
+    g = torch.Generator().manual_seed(5)
+    for out_f, in_f, bits, gs in [(4, 16, 4, 8), (3, 12, 3, None), (6, 32, 4, 16)]:
+        w = torch.randn(out_f, in_f, generator=g)
+        w[0, : gs or in_f] = w[0, : gs or in_f].abs() + 0.1  # a group with no negative weight: 0.0 must be on its grid
+        expected_codes, scale, zero = formats.quantize(w, bits, gs)
+        out = call(v, fn, w.clone(), bits, gs)
+        if v.problem:
+            break
+        if not isinstance(out, tuple) or len(out) != 3:
+            v.fail(f"return a triple (codes, scale, zero); got {type(out).__name__}.")
+            break
+        codes, got_scale, got_zero = out
+        what = f"W {out_f}x{in_f}, {bits} bits, group_size={gs}"
+        whole = isinstance(codes, torch.Tensor) and torch.isfinite(codes.float()).all()
+        if whole and codes.is_floating_point() and not torch.equal(codes, codes.round()):
+            v.fail(f"the codes of {what} are not whole numbers: round w / scale to the nearest integer.")
+            break
+        if whole:
+            codes = codes.long()
+        slips = {
+            "kept the scale in fp32: labkit stores scales in fp16, so round it (scale.half().float()) before "
+            "computing the zero point and the codes": _grid(w, bits, gs, fp16=False),
+            "left 0.0 out of the range: use min(w, 0) and max(w, 0), so that a zero weight stays exactly zero": _grid(
+                w, bits, gs, with_zero=False
+            ),
+            f"divided the range by 2^bits = {2**bits}: {bits} bits have 2^bits − 1 = {2**bits - 1} steps": _grid(
+                w, bits, gs, steps=2**bits
+            ),
+            "used floor (truncation) instead of rounding to the nearest code": _grid(w, bits, gs, floor=True),
+        }
+        if gs is not None:
+            slips["used one grid per row: with group_size, each group of consecutive inputs has its own"] = _grid(
+                w, bits, None
+            )
+        hints = {words: c for words, (c, _, _) in slips.items()}
+        if not tensor_like(v, codes, expected_codes.long(), f"the codes of {what}", atol=0, rtol=0, hints=hints):
+            break
+        scale_hints = {words: s for words, (_, s, _) in slips.items() if words.startswith("kept")}
+        if not tensor_like(v, got_scale, scale, f"the scale of {what}", atol=0, rtol=1e-6, hints=scale_hints):
+            break
+        if not tensor_like(v, got_zero, zero, f"the zero point of {what}", atol=0, rtol=0):
+            break
+    return v.report("The codes, fp16 scales and zero points of labkit.quant.quantize, group by group.")
 
 
 @exercise
