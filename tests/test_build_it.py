@@ -152,3 +152,41 @@ def test_a_bad_rtn_grid_leaves_the_model_unchanged(tiny):
         assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before), words
     with pytest.raises(ValueError, match="sym=False"):
         quant.rtn(tiny, 4, 32, sym=True, quantize=right)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(bits=4, group_size=None),
+        dict(bits=4, group_size=32, act_order=True),
+        dict(bits=3, group_size=16, blocksize=32),
+    ],
+)
+def test_the_learners_gptq_block_quantizes_the_whole_model(tiny, calibration, settings):
+    from labkit import quant
+
+    reference, mine = tiny, copy.deepcopy(tiny)
+    expected = quant.gptq(reference, calibration, **settings, pack=False)
+    got = quant.gptq(mine, calibration, **settings, pack=False, quantize_block=solutions.lesson05.gptq_block)
+    a, b = reference.state_dict(), mine.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the worked solution is labkit's loop, bit for bit
+    assert got.errors == expected.errors
+
+
+def test_a_bad_gptq_block_leaves_the_model_unchanged(tiny, calibration):
+    from labkit import quant
+
+    before = copy.deepcopy(tiny.state_dict())
+    right = solutions.lesson05.gptq_block
+    bad = {
+        r"it must return \(Q1, Err1, Losses1\)": lambda W1, Hinv1, q: right(W1, Hinv1, q)[0],
+        "returned Err1 of shape": lambda W1, Hinv1, q: (lambda r: (r[0], r[1].T, r[2]))(right(W1, Hinv1, q)),
+        "out of turn": lambda W1, Hinv1, q: (q(1, W1), right(W1, Hinv1, q))[1],
+    }
+    for words, answer in bad.items():
+        with pytest.raises(ValueError, match=words):
+            quant.gptq(tiny, calibration, 4, 32, quantize_block=answer)
+        after = tiny.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before), words
+    with pytest.raises(ValueError, match="a divisor of blocksize=48"):
+        quant.gptq(tiny, calibration, 4, 32, blocksize=48, quantize_block=right)

@@ -64,3 +64,33 @@ def test_act_order(capsys):
     assert "row sums" in capsys.readouterr().out
     assert not check.lesson05.act_order(lambda H: torch.zeros(H.shape[0], dtype=torch.long))
     assert "not a permutation" in capsys.readouterr().out
+
+
+def test_gptq_block(capsys):
+    from labkit import solutions
+    from labkit.check.lesson05 import _block
+
+    assert check.lesson05.gptq_block(solutions.lesson05.gptq_block)
+    assert capsys.readouterr().out.startswith("✓ gptq_block")
+    wrong = {
+        "forgot to propagate": dict(propagate=False),
+        "forgot to divide the error by d": dict(divide=False),
+        "added the update": dict(sign=1.0),
+        "rounded each column as it was before the block's updates": dict(stale=True),
+        "divided the loss by d instead of d²": dict(loss_power=1),
+    }
+    for words, kw in wrong.items():
+        assert not check.lesson05.gptq_block(lambda W1, Hinv1, quantize, kw=kw: _block(W1, Hinv1, quantize, **kw))
+        out = capsys.readouterr().out
+        assert out.startswith("✗ gptq_block") and words in out, (words, out)
+
+    def twice(W1, Hinv1, quantize):  # calls quantize twice for column 0
+        quantize(0, W1)
+        return solutions.lesson05.gptq_block(W1, Hinv1, quantize)
+
+    assert not check.lesson05.gptq_block(twice)
+    assert "out of turn" in capsys.readouterr().out
+    assert not check.lesson05.gptq_block(
+        lambda W1, Hinv1, quantize: solutions.lesson05.gptq_block(W1, Hinv1, quantize)[:2]
+    )
+    assert "return a triple (Q1, Err1, Losses1)" in capsys.readouterr().out
