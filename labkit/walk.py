@@ -81,6 +81,66 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> tuple[t
     return torch.linalg.cholesky(Hinv, upper=True), dead
 
 
+def obs_block(W1: torch.Tensor, Hinv1: torch.Tensor, constrain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inner loop over one block of B columns that SparseGPT and GPTQ share (their Algorithm 1).
+
+    W1: [rows, B] the block's weights, updated in place column by column; Hinv1: [B, B] the block of the
+    upper Cholesky factor of H⁻¹ (its row i holds what the OBS update needs at column i);
+    constrain(i, W1) -> [rows]: column i of the block as updated so far, with its constraint applied
+    (SparseGPT: its pruned weights set to 0; GPTQ: rounded to its group's grid). Call it once per column,
+    in order. Returns Q1 (the constrained columns), Err1 (each column's change divided by [H⁻¹]_ii, for
+    the lazy update of the columns after the block) and Losses1 ((w − q)² / [H⁻¹]_ii², before the
+    factor 1/2), each [rows, B]. (Lessons 02 and 05 have learners write this loop.)
+    """
+    Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        w, d = W1[:, i], Hinv1[i, i]
+        q = constrain(i, W1)
+        Q1[:, i] = q
+        Losses1[:, i] = (w - q) ** 2 / d**2
+        err1 = (w - q) / d
+        W1[:, i:] -= err1[:, None].matmul(Hinv1[i, i:][None, :])  # OBS update of the block's later columns
+        Err1[:, i] = err1
+    return Q1, Err1, Losses1
+
+
+class in_turn:  # lower case: used as a decorator, like a function
+    """constrain(i, W1), refusing a call out of order (i = 0, 1, 2, ... once each): the constraints of a
+    block loop keep state (a group's grid, an N:M mask) that only calls in order fill correctly.
+    `calls` counts the calls, so that checked_block can tell a loop that skipped columns."""
+
+    def __init__(self, constrain):
+        self.constrain, self.calls = constrain, 0
+
+    def __call__(self, i, W1):
+        if i != self.calls:
+            raise ValueError(
+                f"the block loop called its constraint for column {i} out of turn: once per column, in order."
+            )
+        self.calls += 1
+        return self.constrain(i, W1)
+
+
+def checked_block(
+    answer, W1: torch.Tensor, name: str, constrain: in_turn
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A learner's block loop's (Q1, Err1, Losses1), or ValueError naming `name` and what is off."""
+    if constrain.calls != W1.shape[1]:
+        raise ValueError(
+            f"{name} called its constraint for {constrain.calls} of the block's {W1.shape[1]} columns: once per "
+            "column, in order. The model is unchanged."
+        )
+    if not (isinstance(answer, tuple) and len(answer) == 3 and all(isinstance(t, torch.Tensor) for t in answer)):
+        raise ValueError(f"{name} returned {type(answer).__name__}; it must return (Q1, Err1, Losses1).")
+    for label, t in zip(("Q1", "Err1", "Losses1"), answer, strict=True):
+        if t.shape != W1.shape or not torch.isfinite(t).all():
+            raise ValueError(
+                f"{name} returned {label} of shape {tuple(t.shape)}; each must be a finite [rows, B] = "
+                f"{tuple(W1.shape)} tensor. The model is unchanged."
+            )
+    return tuple(t.to(W1.dtype) for t in answer)
+
+
 def check_calibration(calibration, model=None, *, name: str = "calibration", min_seqlen: int = 1) -> None:
     """Raise a ValueError naming `name` unless `calibration` is a non-empty LongTensor of token ids
     [n_samples, seqlen] with seqlen >= min_seqlen, and (given `model`) every id is in its vocabulary."""

@@ -182,6 +182,7 @@ def test_a_bad_gptq_block_leaves_the_model_unchanged(tiny, calibration):
         r"it must return \(Q1, Err1, Losses1\)": lambda W1, Hinv1, q: right(W1, Hinv1, q)[0],
         "returned Err1 of shape": lambda W1, Hinv1, q: (lambda r: (r[0], r[1].T, r[2]))(right(W1, Hinv1, q)),
         "out of turn": lambda W1, Hinv1, q: (q(1, W1), right(W1, Hinv1, q))[1],
+        "called its constraint for 0 of the block's": lambda W1, Hinv1, q: (W1, W1 * 0, W1 * 0),
     }
     for words, answer in bad.items():
         with pytest.raises(ValueError, match=words):
@@ -190,3 +191,31 @@ def test_a_bad_gptq_block_leaves_the_model_unchanged(tiny, calibration):
         assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before), words
     with pytest.raises(ValueError, match="a divisor of blocksize=48"):
         quant.gptq(tiny, calibration, 4, 32, blocksize=48, quantize_block=right)
+
+
+@pytest.mark.parametrize("sparsity, pattern", [(0.5, "unstructured"), (None, "2:4"), (0.3, "unstructured")])
+def test_the_learners_obs_block_prunes_the_whole_model(tiny, calibration, sparsity, pattern):
+    reference, mine = tiny, copy.deepcopy(tiny)
+    prune.sparsegpt(reference, calibration, sparsity, pattern, blocksize=32)
+    prune.sparsegpt(mine, calibration, sparsity, pattern, blocksize=32, prune_block=solutions.lesson02.obs_block)
+    a, b = reference.state_dict(), mine.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the worked solution is labkit's loop, bit for bit
+
+
+def test_a_bad_obs_block_leaves_the_model_unchanged(tiny, calibration):
+    before = copy.deepcopy(tiny.state_dict())
+    right = solutions.lesson02.obs_block
+    bad = {
+        r"prune_block returned Tensor; it must return \(Q1, Err1, Losses1\)": lambda W1, Hinv1, p: right(W1, Hinv1, p)[
+            0
+        ],
+        "returned Losses1 of shape": lambda W1, Hinv1, p: (lambda r: (r[0], r[1], r[2][:1]))(right(W1, Hinv1, p)),
+        "out of turn": lambda W1, Hinv1, p: (p(2, W1), right(W1, Hinv1, p))[1],
+    }
+    for words, answer in bad.items():
+        with pytest.raises(ValueError, match=words):
+            prune.sparsegpt(tiny, calibration, 0.5, prune_block=answer)
+        after = tiny.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), words
+    with pytest.raises(ValueError, match="prune_block=3"):
+        prune.sparsegpt(tiny, calibration, 0.5, prune_block=3)

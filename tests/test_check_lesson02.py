@@ -67,3 +67,22 @@ def test_output_error(capsys):
 
     assert not check.lesson02.output_error(lambda W, W_hat, H: torch.trace((W - W_hat) @ H @ (W - W_hat).T).item())
     assert "without dividing" in capsys.readouterr().out
+
+
+def test_obs_block(capsys):
+    from labkit import solutions
+    from labkit.check._blocks import slipped_block
+
+    assert check.lesson02.obs_block(solutions.lesson02.obs_block)
+    assert capsys.readouterr().out.startswith("✓ obs_block")
+    wrong = {
+        "forgot to propagate": dict(propagate=False),
+        "forgot to divide the error by d": dict(divide=False),
+        "added the update": dict(sign=1.0),
+        "pruned each column as it was before the block's updates": dict(stale=True),
+        "divided the loss by d instead of d²": dict(loss_power=1),
+    }
+    for words, kw in wrong.items():
+        assert not check.lesson02.obs_block(lambda W1, Hinv1, prune, kw=kw: slipped_block(W1, Hinv1, prune, **kw))
+        out = capsys.readouterr().out
+        assert out.startswith("✗ obs_block") and words in out, (words, out)

@@ -68,7 +68,7 @@ def test_act_order(capsys):
 
 def test_gptq_block(capsys):
     from labkit import solutions
-    from labkit.check.lesson05 import _block
+    from labkit.check._blocks import slipped_block as _block
 
     assert check.lesson05.gptq_block(solutions.lesson05.gptq_block)
     assert capsys.readouterr().out.startswith("✓ gptq_block")
@@ -90,6 +90,8 @@ def test_gptq_block(capsys):
 
     assert not check.lesson05.gptq_block(twice)
     assert "out of turn" in capsys.readouterr().out
+    assert check.lesson05.gptq_block(solutions.lesson02.obs_block)  # lesson 02's loop, with rounding instead
+    capsys.readouterr()
     assert not check.lesson05.gptq_block(
         lambda W1, Hinv1, quantize: solutions.lesson05.gptq_block(W1, Hinv1, quantize)[:2]
     )

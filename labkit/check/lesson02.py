@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ..prune import masks
 from . import Verdict, call, exercise, tensor_like
+from ._blocks import block_case, check_block_loop
 from ._numbers import number_with_hints
 
 
@@ -122,3 +124,41 @@ def output_error(fn) -> bool:
         },
     )
     return v.report("The same as labkit.prune.obs.output_error: what the layer comparison in section 2 prints.")
+
+
+def _mask_cases():
+    cases = []
+    for seed, rows, block, nm in [(3, 5, 8, None), (4, 4, 12, (2, 4))]:
+        W1, Hinv1 = block_case(seed, rows, block)
+        d1 = torch.diag(Hinv1)
+
+        def make_prune(W1=W1, d1=d1, nm=nm):  # fresh: an N:M mask is chosen as the loop reaches each group
+            if nm is None:  # the block's mask, chosen before the loop (SparseGPT's adaptive mask selection)
+                mask = masks.lowest_mask([W1**2 / d1[None, :] ** 2], W1.numel() // 2)[0]
+                return lambda i, blk: blk[:, i].masked_fill(mask[:, i], 0)
+            mask = torch.zeros_like(W1, dtype=torch.bool)
+
+            def prune(i, blk):
+                n, m = nm
+                if i % m == 0:
+                    scores = blk[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2
+                    mask.scatter_(1, i + torch.topk(scores, m - n, dim=1, largest=False).indices, True)
+                return blk[:, i].masked_fill(mask[:, i], 0)
+
+            return prune
+
+        what = f"a block of {rows} rows x {block} columns, " + ("50% unstructured" if nm is None else "2:4")
+        cases.append((W1, Hinv1, make_prune, what))
+    return cases
+
+
+@exercise
+def obs_block(fn) -> bool:
+    """fn(W1 [rows, B], Hinv1 [B, B], prune) -> (Q1, Err1, Losses1), each [rows, B]: SparseGPT's loop over one
+    block (labkit.walk.obs_block). For each column i in order: q = prune(i, W1) (column i of the block as
+    updated so far, its pruned weights set to 0); Losses1[:, i] = (w − q)² / d² and Err1[:, i] = (w − q) / d
+    with w = W1[:, i] and d = Hinv1[i, i]; then W1[:, i:] −= Err1[:, i] ⊗ Hinv1[i, i:] (the OBS update, eq. 3,
+    with the upper Cholesky factor's row i)."""
+    v = Verdict("obs_block")
+    check_block_loop(v, fn, _mask_cases(), "pruned")
+    return v.report("SparseGPT's loop: labkit.walk.obs_block, the pruned weights' error spread through H⁻¹'s factor.")

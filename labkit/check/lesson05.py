@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import walk
 from ..quant import formats
 from ..quant.gptq import GroupGrids
-from ..quant.gptq import gptq_block as _gptq_block
 from . import Verdict, _kind, call, exercise, tensor_like
+from ._blocks import block_case, check_block_loop
 
 
 def _activations(tokens: int = 40, features: int = 6) -> torch.Tensor:
@@ -128,88 +127,31 @@ def act_order(fn) -> bool:
     return v.report("Largest diag(H) first.")
 
 
-def _block(W1, Hinv1, quantize, *, propagate=True, divide=True, sign=-1.0, stale=False, loss_power=2):
-    """GPTQ's inner loop with the usual slips (keyword switches): no propagation, the error not divided by
-    [H⁻¹]_ii, the update added, each column rounded as it was before the block's updates, a loss over d."""
-    W1, original = W1.clone(), W1.clone()
-    Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
-    for i in range(W1.shape[1]):
-        w, d = W1[:, i].clone(), Hinv1[i, i]
-        q = quantize(i, original if stale else W1)
-        Q1[:, i], Losses1[:, i] = q, (w - q) ** 2 / d**loss_power
-        err = (w - q) / d if divide else w - q
-        if propagate:
-            W1[:, i:] += sign * err[:, None] * Hinv1[i, i:][None, :]
-        Err1[:, i] = err
-    return Q1, Err1, Losses1
+def _grid_cases():
+    cases = []
+    for seed, rows, block, bits, group_size in [(1, 5, 8, 3, None), (2, 4, 12, 4, 4)]:
+        W1, Hinv1 = block_case(seed, rows, block)
 
+        def make_quantize(W1=W1, bits=bits, group_size=group_size):  # fresh: it makes each group's grid in turn
+            if group_size is None:
+                scale, zero = formats.find_params(W1, bits)
+                return lambda i, blk: formats.round_to_grid(blk[:, i], scale, zero, bits)
+            return GroupGrids(bits, group_size, False, False, None).column(0)
 
-def _matches(got: tuple, answer: tuple) -> bool:
-    """All three outputs are finite tensors of the answer's shapes and values (within fp32 round-off)."""
-    return all(
-        isinstance(g, torch.Tensor)
-        and g.shape == a.shape
-        and g.is_floating_point()
-        and torch.isfinite(g).all()
-        and torch.allclose(g.double(), a.double(), atol=1e-5, rtol=1e-4)
-        for g, a in zip(got, answer, strict=True)
-    )
-
-
-def _gptq_case(seed: int, rows: int, block: int, bits: int, group_size: int | None):
-    g = torch.Generator().manual_seed(seed)
-    W1 = torch.randn(rows, block, generator=g)
-    X = torch.randn(8 * block, block, generator=g)
-    X[:, 1] *= 8  # an outlier input: its errors matter most
-    Hinv1, _ = walk.inverse_hessian_cholesky(2 * X.T @ X / X.shape[0], 0.01)
-
-    def make_quantize():  # a fresh column quantizer for each run (it makes each group's grid in turn)
-        if group_size is None:
-            scale, zero = formats.find_params(W1, bits)
-            return lambda i, blk: formats.round_to_grid(blk[:, i], scale, zero, bits)
-        return GroupGrids(bits, group_size, False, False, None).column(0)
-
-    return W1, Hinv1, make_quantize
+        what = f"a block of {rows} rows x {block} columns at {bits} bits" + (
+            f", groups of {group_size}" if group_size else ""
+        )
+        cases.append((W1, Hinv1, make_quantize, what))
+    return cases
 
 
 @exercise
 def gptq_block(fn) -> bool:
     """fn(W1 [rows, B], Hinv1 [B, B], quantize) -> (Q1, Err1, Losses1), each [rows, B]: GPTQ's Alg. 1 over one
-    block. For each column i in order: q = quantize(i, W1) (column i of the block as updated so far, on its
-    grid); Losses1[:, i] = (w − q)² / d² and Err1[:, i] = (w − q) / d with w = W1[:, i] and d = Hinv1[i, i];
+    block (labkit.walk.obs_block with quantize as the constraint; lesson 02 wrote it with prune). For each
+    column i in order: q = quantize(i, W1) (column i of the block as updated so far, on its grid);
+    Losses1[:, i] = (w − q)² / d² and Err1[:, i] = (w − q) / d with w = W1[:, i] and d = Hinv1[i, i];
     then W1[:, i:] −= Err1[:, i] ⊗ Hinv1[i, i:] (eq. 2, the upper Cholesky factor's row i)."""
     v = Verdict("gptq_block")
-    for seed, rows, block, bits, group_size in [(1, 5, 8, 3, None), (2, 4, 12, 4, 4)]:
-        W1, Hinv1, make_quantize = _gptq_case(seed, rows, block, bits, group_size)
-        expected = _gptq_block(W1.clone(), Hinv1, make_quantize())
-        got = call(v, fn, W1.clone(), Hinv1.clone(), make_quantize())
-        if v.problem:
-            break
-        if not isinstance(got, tuple) or len(got) != 3:
-            v.fail(f"return a triple (Q1, Err1, Losses1); got {type(got).__name__}.")
-            break
-        slips = {
-            "forgot to propagate each column's error to the columns after it (that is plain rounding), or used "
-            "a column of Hinv1 instead of its row i": dict(propagate=False),
-            "forgot to divide the error by d = Hinv1[i, i]: Err1[:, i] = (w − q) / d": dict(divide=False),
-            "added the update: the remaining columns move against the error, W1[:, i:] −= ...": dict(sign=1.0),
-            "rounded each column as it was before the block's updates: quantize(i, W1) must see the block as "
-            "updated by the columns before i": dict(stale=True),
-            "divided the loss by d instead of d²: Losses1[:, i] = (w − q)² / d²": dict(loss_power=1),
-        }
-        wrong = {words: _block(W1.clone(), Hinv1, make_quantize(), **kw) for words, kw in slips.items()}
-        what = f"a block of {rows} rows x {block} columns at {bits} bits" + (
-            f", groups of {group_size}" if group_size else ""
-        )
-        if _matches(got, expected):
-            continue
-        slip = next((words for words, answer in wrong.items() if _matches(got, answer)), None)
-        if slip is not None:  # all three outputs are those of a known slip
-            v.fail(f"the outputs for {what} are wrong: it looks like you {slip}.")
-            break
-        for index, name in enumerate(("Q1", "Err1", "Losses1")):  # say which output differs, and where
-            if not tensor_like(v, got[index], expected[index], f"{name} of {what}", atol=1e-5, rtol=1e-4):
-                break
-        if v.problem:
-            break
-    return v.report("Alg. 1's loop: labkit.quant.gptq_block, column by column, the error spread through H⁻¹'s factor.")
+    check_block_loop(v, fn, _grid_cases(), "rounded")
+    return v.report("Alg. 1's loop: labkit.walk.obs_block, column by column, the error spread through H⁻¹'s factor.")

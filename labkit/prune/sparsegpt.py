@@ -26,7 +26,15 @@ import time
 import torch
 
 from ..transform import all_or_nothing, check_count, check_damping, replace_data
-from ..walk import Hessian, calibration_walk, check_calibration, inverse_hessian_cholesky
+from ..walk import (
+    Hessian,
+    calibration_walk,
+    check_calibration,
+    checked_block,
+    in_turn,
+    inverse_hessian_cholesky,
+    obs_block,
+)
 from .masks import (
     PruneReport,
     check_divisible,
@@ -47,6 +55,7 @@ def sparsegpt_prune(
     pattern: str = "unstructured",
     blocksize: int = 128,
     percdamp: float = 0.01,
+    prune_block=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SparseGPT on one matrix (Algorithm 1). Does not change `weight`.
 
@@ -56,6 +65,9 @@ def sparsegpt_prune(
     loss [out]: the OBS estimate of each row's error, Σ_j (w_j − q_j)² / [H⁻¹]²_jj / 2).
     Unstructured: each block of columns prunes its share of round(sparsity · numel), so the
     matrix gets exactly that many zeros. N:M: N of each M consecutive columns kept (M | blocksize).
+    prune_block: None (labkit's loop) or your own loop over one block, prune_block(W1, Hinv1, prune) ->
+    (Q1, Err1, Losses1) with labkit.walk.obs_block's contract (lesson 02's "build it"); prune(i, W1) sets
+    the pruned weights of column i to 0, choosing an N:M group's mask as the loop reaches it.
     """
     sparsity, nm = check_sparsity(sparsity, pattern)
     _check_blocksize(blocksize, nm)
@@ -70,13 +82,9 @@ def sparsegpt_prune(
 
     for i1 in range(0, columns, blocksize):  # Algorithm 1: blocks of B columns
         i2 = min(i1 + blocksize, columns)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()  # [rows, count]: this block, with all earlier updates applied
-        Q1 = torch.zeros_like(W1)  # the block's final (pruned) weights
-        Err1 = torch.zeros_like(W1)  # the block's scaled errors, for the lazy update of later blocks
-        Losses1 = torch.zeros_like(W1)
+        W1 = W[:, i1:i2].clone()  # [rows, i2 - i1]: this block, with all earlier updates applied
         Hinv1 = Hinv[i1:i2, i1:i2]
-        d1 = torch.diag(Hinv1)  # [count]
+        d1 = torch.diag(Hinv1)  # [i2 - i1]
 
         if nm is None:  # adaptive mask selection: lowest w²/[H⁻¹]²_jj in the next B_s columns
             k = n_pruned(sparsity, rows * i2) - n_pruned(sparsity, rows * i1)  # this block's share
@@ -84,21 +92,11 @@ def sparsegpt_prune(
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
-        for i in range(count):  # one column at a time
-            w = W1[:, i]  # [rows]
-            d = Hinv1[i, i]
-            if nm is not None and i % nm[1] == 0:  # N:M: mask of the next M columns, chosen now
-                n, m = nm
-                scores = W1[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2  # [rows, m]
-                lowest = torch.topk(scores, m - n, dim=1, largest=False).indices
-                mask1.scatter_(1, i + lowest, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0  # freeze: the pruned weights become 0, the rest stay
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d**2
-            err1 = (w - q) / d  # pruning error E_{:,j} = (w_j − q_j) / [H⁻¹]_jj
-            W1[:, i:] -= err1[:, None] @ Hinv1[i, i:][None, :]  # OBS update (eq. 3) of the block's later columns
-            Err1[:, i] = err1
+        prune = _pruner(mask1, d1, nm)  # column i of the block, its pruned weights set to 0
+        if prune_block is None:  # Q1: the pruned block; Err1: scaled errors, for the lazy update of later blocks
+            Q1, Err1, Losses1 = obs_block(W1, Hinv1, prune)
+        else:  # the learner's loop, on a copy of the block
+            Q1, Err1, Losses1 = checked_block(prune_block(W1, Hinv1.clone(), prune), W1, "prune_block", prune)
 
         W[:, i1:i2] = Q1
         mask[:, i1:i2] = mask1
@@ -106,6 +104,25 @@ def sparsegpt_prune(
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch-update of all later blocks
 
     return W.to(weight.dtype), mask, losses
+
+
+def _pruner(mask1: torch.Tensor, d1: torch.Tensor, nm):
+    """prune(i, W1) for the block loop (walk.obs_block, or a learner's): column i with its pruned weights set
+    to 0; for N:M, the mask of the next M columns is chosen from the block as updated so far (OBS error w²/d²).
+    mask1: [rows, B] (filled in place for N:M); d1: [B] the diagonal of the block's Cholesky factor."""
+
+    @in_turn
+    def prune(i, block):  # block: [rows, B] as updated so far
+        if nm is not None and i % nm[1] == 0:
+            n, m = nm
+            scores = block[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2  # [rows, m]
+            lowest = torch.topk(scores, m - n, dim=1, largest=False).indices
+            mask1.scatter_(1, i + lowest, True)
+        q = block[:, i].clone()
+        q[mask1[:, i]] = 0  # freeze: the pruned weights become 0, the rest stay
+        return q
+
+    return prune
 
 
 def sparsegpt_naive(
@@ -160,6 +177,7 @@ def sparsegpt(
     percdamp: float = 0.01,
     device=None,
     batch_size: int = 8,
+    prune_block=None,
 ) -> PruneReport:
     """Prune every decoder nn.Linear of `model` in place with SparseGPT.
 
@@ -169,8 +187,12 @@ def sparsegpt(
     percdamp: dampening λ = percdamp · mean(diag H) added to H's diagonal.
     Layers are walked in order with labkit.walk.calibration_walk: each layer's Hessian comes
     from the outputs of the already-pruned layers before it.
+    prune_block: None (labkit's loop) or your own loop over one block (lesson 02's "build it"), with
+    labkit.walk.obs_block's contract; an answer of the wrong shape raises ValueError, the model unchanged.
     """
     sparsity, nm = check_sparsity(sparsity, pattern)
+    if prune_block is not None and not callable(prune_block):
+        raise ValueError(f"prune_block={prune_block!r}: pass a function prune_block(W1, Hinv1, prune), or None.")
     check_pruneable(model, "prune.sparsegpt")
     check_divisible(weight_linears(model), nm)
     _check_blocksize(blocksize, nm)
@@ -185,7 +207,9 @@ def sparsegpt(
     def update(index, layer, stats):
         for name, linear in layer.named_modules():
             if name in stats:
-                pruned, _, _ = sparsegpt_prune(linear.weight, stats[name].H, sparsity, pattern, blocksize, percdamp)
+                pruned, _, _ = sparsegpt_prune(
+                    linear.weight, stats[name].H, sparsity, pattern, blocksize, percdamp, prune_block=prune_block
+                )
                 replace_data(linear.weight, pruned)
 
     calibration_walk(model, calibration, make_stats, update, device=device, batch_size=batch_size, desc="sparsegpt")

@@ -32,7 +32,7 @@ from .formats import (
     quantize_fp8,
     quantize_lut,
 )
-from .gptq import GPTQResult, gptq, gptq_block, gptq_quantize_weight
+from .gptq import GPTQResult, gptq, gptq_quantize_weight
 from .int8 import Int8Linear, absmax_quantize, int8_matmul, matmul_path
 from .llm_int8 import Int8Report, llm_int8, outlier_counts
 from .nf4 import NF4Linear, double_dequantize, double_quantize, dynamic_map, nf4, nf4_linears

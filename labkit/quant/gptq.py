@@ -17,7 +17,6 @@ The core loop below follows the reference implementation (github.com/IST-DASLab/
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
 
@@ -71,7 +70,7 @@ def gptq_quantize_weight(
     (Cholesky, the lazy batch update) are small enough at these sizes that one thread loses little on
     them, and one thread gives the same bits whatever the number of cores.
     quantize_block: None (labkit's loop) or your own quantize_block(W1, Hinv1, quantize) -> (Q1, Err1, Losses1),
-    Alg. 1's inner loop over one block (lesson 05's "build it"; see `gptq_block` for the contract). It needs
+    Alg. 1's inner loop over one block (lesson 05's "build it"; see labkit.walk.obs_block for the contract). It needs
     group_size None or a divisor of blocksize, so that every group's grid comes from columns of one block.
     """
     with num_threads(threads if W.device.type == "cpu" else None):
@@ -90,27 +89,6 @@ def gptq_quantize_weight(
         )
 
 
-def gptq_block(W1: torch.Tensor, Hinv1: torch.Tensor, quantize) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Alg. 1's inner loop over one block of B columns, as labkit's own loop runs it.
-
-    W1: [rows, B] the block's weights, updated in place column by column; Hinv1: [B, B] the block of the
-    upper Cholesky factor of H⁻¹ (its row i holds what eq. 2 needs at column i); quantize(i, W1) -> [rows]:
-    column i of the block as updated so far, rounded to its group's grid (call it once per column, in order).
-    Returns Q1 (the quantized columns), Err1 (each column's error divided by [H⁻¹]_ii, for the lazy update of
-    the columns after the block) and Losses1 ((w − q)² / [H⁻¹]_ii², the loss before its factor 1/2), [rows, B].
-    """
-    Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
-    for i in range(W1.shape[1]):
-        w, d = W1[:, i], Hinv1[i, i]
-        q = quantize(i, W1)
-        Q1[:, i] = q
-        Losses1[:, i] = (w - q) ** 2 / d**2
-        err1 = (w - q) / d
-        W1[:, i:] -= err1[:, None].matmul(Hinv1[i, i:][None, :])  # eq. 2's update, inside the block
-        Err1[:, i] = err1
-    return Q1, Err1, Losses1
-
-
 class GroupGrids:
     """The grids of one matrix's groups, made as GPTQ enters each group (for a learner's quantize_block)."""
 
@@ -126,13 +104,9 @@ class GroupGrids:
 
     def column(self, start: int):
         """quantize(i, block) for the block that starts at column `start`."""
-        expected = itertools.count()
 
+        @walk.in_turn
         def quantize(i, block):  # block: [rows, B] as updated so far
-            if i != next(expected):
-                raise ValueError(
-                    f"quantize_block called quantize({i}, ...) out of turn: call it once per column, in order."
-                )
             if self.group_size is not None and (start + i) % self.group_size == 0:  # entering a group: its grid
                 self.scale, self.zero = find_params(
                     block[:, i : i + self.group_size], self.bits, self.sym, self.float_offset
@@ -143,18 +117,6 @@ class GroupGrids:
             return q if self.pruned is None else torch.where(self.pruned[:, start + i], 0.0, q)
 
         return quantize
-
-
-def _checked_block(answer, W1: torch.Tensor):
-    if not (isinstance(answer, tuple) and len(answer) == 3 and all(isinstance(t, torch.Tensor) for t in answer)):
-        raise ValueError(f"quantize_block returned {type(answer).__name__}; it must return (Q1, Err1, Losses1).")
-    for name, t in zip(("Q1", "Err1", "Losses1"), answer, strict=True):
-        if t.shape != W1.shape or not torch.isfinite(t).all():
-            raise ValueError(
-                f"quantize_block returned {name} of shape {tuple(t.shape)}; each must be a finite [rows, B] = "
-                f"{tuple(W1.shape)} tensor. The model is unchanged."
-            )
-    return tuple(t.to(W1.dtype) for t in answer)
 
 
 def _gptq(
@@ -213,7 +175,10 @@ def _gptq(
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
         if quantize_block is not None:  # the learner's inner loop, on a copy of the block
-            Q1, Err1, Losses1 = _checked_block(quantize_block(W1, Hinv[i1:i2, i1:i2].clone(), grids.column(i1)), W1)
+            quantize = grids.column(i1)
+            Q1, Err1, Losses1 = walk.checked_block(
+                quantize_block(W1, Hinv[i1:i2, i1:i2].clone(), quantize), W1, "quantize_block", quantize
+            )
             Q[:, i1:i2], Losses[:, i1:i2] = Q1, Losses1 / 2
             W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
             continue
@@ -294,7 +259,7 @@ def gptq(
     """GPTQ on every decoder linear of `model`, in place, layer by layer (labkit.walk.calibration_walk).
 
     quantize_block: None (labkit's loop) or your own Alg. 1 inner loop over one block (lesson 05's "build it"),
-    with gptq_block's contract; it needs group_size None or a divisor of blocksize. An answer of the wrong
+    with labkit.walk.obs_block's contract; it needs group_size None or a divisor of blocksize. An answer of the wrong
     shape raises ValueError, the model unchanged.
 
     keep_zeros: weights already 0 (a pruned model) stay 0, so e.g. a 2:4 pattern survives quantization.
