@@ -219,3 +219,33 @@ def test_a_bad_obs_block_leaves_the_model_unchanged(tiny, calibration):
         assert all(torch.equal(before[k], after[k]) for k in before), words
     with pytest.raises(ValueError, match="prune_block=3"):
         prune.sparsegpt(tiny, calibration, 0.5, prune_block=3)
+
+
+def test_the_learners_smoothing_factors_smooth_the_whole_model(tiny, calibration):
+    from labkit import quant
+
+    reference, mine = tiny, copy.deepcopy(tiny)
+    expected = quant.smoothquant(reference, calibration, 0.5)
+    got = quant.smoothquant(mine, calibration, 0.5, factors=solutions.lesson06.smoothing_factors)
+    a, b = reference.state_dict(), mine.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the worked solution is labkit's, bit for bit
+    assert all(torch.equal(expected.smoothing.scales[k], got.smoothing.scales[k]) for k in expected.smoothing.scales)
+
+
+def test_bad_smoothing_factors_leave_the_model_unchanged(tiny, calibration):
+    from labkit import quant
+
+    before = copy.deepcopy(tiny.state_dict())
+    right = solutions.lesson06.smoothing_factors
+    bad = {
+        r"factors returned shape \(1, \d+\)": lambda a, ws, alpha: right(a, ws, alpha)[None],
+        "finite, positive": lambda a, ws, alpha: right(a, ws, alpha) * 0,
+        "factors returned float": lambda a, ws, alpha: 1.0,
+    }
+    for words, answer in bad.items():
+        with pytest.raises(ValueError, match=words):
+            quant.smoothquant(tiny, calibration, 0.5, factors=answer)
+        after = tiny.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before), words
+    with pytest.raises(ValueError, match="factors=2"):
+        quant.smooth(tiny, calibration, 0.5, factors=2)

@@ -60,12 +60,25 @@ def test_outlier_features(capsys):
     assert "one per feature" in capsys.readouterr().out
 
 
-def test_smoothing_factor(capsys):
-    assert check.lesson06.smoothing_factor(lambda a, w, alpha: a**alpha / w ** (1 - alpha))
-    assert capsys.readouterr().out.startswith("✓ smoothing_factor")
-    assert not check.lesson06.smoothing_factor(lambda a, w, alpha: a ** (1 - alpha) / w**alpha)
-    assert "swapped the exponents" in capsys.readouterr().out
-    assert not check.lesson06.smoothing_factor(lambda a, w, alpha: w ** (1 - alpha) / a**alpha)
-    assert "1 / s" in capsys.readouterr().out
-    assert not check.lesson06.smoothing_factor(lambda a, w, alpha: a**alpha * w ** (1 - alpha))
-    assert "multiplied" in capsys.readouterr().out
+def test_smoothing_factors(capsys):
+    from labkit import solutions
+
+    assert check.lesson06.smoothing_factors(solutions.lesson06.smoothing_factors)
+    assert capsys.readouterr().out.startswith("✓ smoothing_factors")
+
+    def w_max(weights):
+        return torch.stack([w.abs().amax(0) for w in weights]).amax(0).clamp(min=1e-5)
+
+    wrong = {
+        "swapped the exponents": lambda a, ws, alpha: (a ** (1 - alpha) / w_max(ws) ** alpha).clamp(min=1e-5),
+        "multiplied by max|W|": lambda a, ws, alpha: (a**alpha * w_max(ws) ** (1 - alpha)).clamp(min=1e-5),
+        "used the first weight's maximum only": lambda a, ws, alpha: (a**alpha / w_max(ws[:1]) ** (1 - alpha)).clamp(
+            min=1e-5
+        ),
+        "forgot the clamp at 1e-5": lambda a, ws, alpha: a**alpha / w_max(ws) ** (1 - alpha),
+        "not written yet": lambda a, ws, alpha: (_ for _ in ()).throw(NotImplementedError),
+    }
+    for words, answer in wrong.items():
+        assert not check.lesson06.smoothing_factors(answer), words
+        out = capsys.readouterr().out
+        assert out.startswith("✗ smoothing_factors") and words in out, (words, out)

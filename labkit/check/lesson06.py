@@ -1,5 +1,6 @@
-"""Checks for lesson 06 (activation quantization): absmax int8, LLM.int8()'s outlier features,
-SmoothQuant's smoothing factor. Each runs the learner's function on small hand-made tensors."""
+"""Checks for lesson 06 (activation quantization): absmax int8, LLM.int8()'s outlier features, and
+SmoothQuant's smoothing factors (the lesson's "build it": quant.smooth runs them on the whole model).
+Each runs the learner's function on small hand-made tensors."""
 
 from __future__ import annotations
 
@@ -89,28 +90,34 @@ def outlier_features(fn) -> bool:
 
 
 @exercise
-def smoothing_factor(fn) -> bool:
-    """fn(act_max [in], weight_max [in], alpha) -> s [in] = act_max^alpha / weight_max^(1 - alpha)
-    (SmoothQuant eq. 4)."""
-    v = Verdict("smoothing_factor")
-    act_max = torch.tensor([40.0, 1.0, 0.5, 8.0])
-    weight_max = torch.tensor([0.1, 0.4, 0.2, 0.05])
-    alpha = 0.75  # not 0.5, so that swapped exponents show
-    got = call(v, fn, act_max.clone(), weight_max.clone(), alpha)
-    if v.problem is not None:
-        return v.report()
-    expected = act_max**alpha / weight_max ** (1 - alpha)
-    tensor_like(
-        v,
-        got,
-        expected,
-        "s",
-        hints={
-            "swapped the exponents (alpha belongs to the activations, 1 - alpha to the weights)": act_max ** (1 - alpha)
-            / weight_max**alpha,
-            "multiplied by max|W|^(1-alpha) instead of dividing": act_max**alpha * weight_max ** (1 - alpha),
-            "computed 1 / s (the activations are divided by s, the weights multiplied)": weight_max ** (1 - alpha)
-            / act_max**alpha,
-        },
-    )
+def smoothing_factors(fn) -> bool:
+    """fn(act_max [in], weights (a list of [out_i, in]), alpha) -> s [in]: SmoothQuant's eq. 4,
+    s_j = max|X_j|^alpha / max|W_j|^(1 − alpha), max|W_j| over the rows of all the weights that read X
+    (q, k and v share one s), both maxima and s clamped at 1e-5 (a channel that is never active)."""
+    v = Verdict("smoothing_factors")
+    act_max = torch.tensor([40.0, 1.0, 0.5, 8.0, 0.0])  # the last channel is never active
+    g = torch.Generator().manual_seed(6)
+    weights = [torch.randn(3, 5, generator=g) * 0.1, torch.randn(2, 5, generator=g) * 0.3]
+    weights[1][:, 3] *= 10  # the second weight holds the larger values of channel 3
+    for alpha in (0.75, 0.5):  # 0.75 first, so that swapped exponents show
+        got = call(v, fn, act_max.clone(), [w.clone() for w in weights], alpha)
+        if v.problem is not None:
+            break
+        w_all = torch.cat(weights).abs().amax(0).clamp(min=1e-5)  # [in]: over the rows of q, k and v together
+        expected = (act_max.pow(alpha) / w_all.pow(1 - alpha)).clamp(min=1e-5)
+        w_first = weights[0].abs().amax(0).clamp(min=1e-5)
+        hints = {
+            "swapped the exponents (alpha belongs to the activations, 1 − alpha to the weights)": (
+                act_max.pow(1 - alpha) / w_all.pow(alpha)
+            ).clamp(min=1e-5),
+            "multiplied by max|W|^(1 − alpha) instead of dividing": (act_max.pow(alpha) * w_all.pow(1 - alpha)).clamp(
+                min=1e-5
+            ),
+            "used the first weight's maximum only: q, k and v share one s, from the largest weight of the three "
+            "in each column": (act_max.pow(alpha) / w_first.pow(1 - alpha)).clamp(min=1e-5),
+            "forgot the clamp at 1e-5: a channel that is never active gets s = 0, and X / s = 0 / 0": act_max.pow(alpha)
+            / w_all.pow(1 - alpha),
+        }
+        if not tensor_like(v, got, expected, f"s at alpha={alpha}", atol=1e-8, rtol=1e-5, hints=hints):
+            break
     return v.report("After smoothing, max|X_j| / s_j and max|W_j| · s_j meet where alpha puts them.")

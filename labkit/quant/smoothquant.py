@@ -75,12 +75,21 @@ class SmoothReport:
 
 @torch.no_grad()
 @all_or_nothing
-def smooth(model, calibration: torch.Tensor, alpha: float = 0.5, device=None, batch_size: int = 8) -> SmoothReport:
+def smooth(
+    model, calibration: torch.Tensor, alpha: float = 0.5, device=None, batch_size: int = 8, factors=None
+) -> SmoothReport:
     """Smooth every decoder layer of `model` in place (the function is unchanged, up to float rounding).
 
     calibration: LongTensor [n_samples, seqlen]. max|X_j| is observed with labkit.walk.ColumnStats on
-    the first linear of each group, layer by layer (the shared calibration walk)."""
+    the first linear of each group, layer by layer (the shared calibration walk).
+    factors: None (labkit's smoothing_factors) or your own factors(act_max [in], weights, alpha) -> s [in]
+    with smoothing_factors' contract (lesson 06's "build it"); an s that is not finite and positive, or
+    of another shape, raises ValueError, the model unchanged."""
     check_alpha(alpha)
+    if factors is not None and not callable(factors):
+        raise ValueError(f"factors={factors!r}: pass a function factors(act_max, weights, alpha) -> s, or None.")
+    learner = factors is not None  # a learner's function gets copies: it cannot change the model by accident
+    factors = factors or smoothing_factors
     check_model(model, "quant.smooth")
     walk.check_calibration(calibration, model)
     check_count(batch_size, "batch_size")
@@ -100,7 +109,14 @@ def smooth(model, calibration: torch.Tensor, alpha: float = 0.5, device=None, ba
                     f"NaN or inf; smoothing factors cannot be computed from them."
                 )
             linears = [layer.get_submodule(n) for n in SMOOTH_GROUPS[norm_name]]
-            s = smoothing_factors(act_max, [lin.weight for lin in linears], alpha)
+            weights = [lin.weight.detach().clone() if learner else lin.weight for lin in linears]
+            s = factors(act_max.clone() if learner else act_max, weights, alpha)
+            if not isinstance(s, torch.Tensor) or s.shape != act_max.shape or not (torch.isfinite(s) & (s > 0)).all():
+                got = f"shape {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(
+                    f"factors returned {got} for layers.{index}.{norm_name}; s must be a finite, positive "
+                    f"[{act_max.numel()}] tensor (one factor per input channel). The model is unchanged."
+                )
             key = f"layers.{index}.{norm_name}"
             report.act_max[key] = act_max.cpu()
             report.weight_max[key] = torch.stack([lin.weight.abs().amax(0).float() for lin in linears]).amax(0).cpu()
@@ -144,11 +160,13 @@ def _to_int8(model, entry: str, report: Int8Report, act: str) -> Int8Report:
 
 @torch.no_grad()
 @all_or_nothing
-def smoothquant(model, calibration: torch.Tensor, alpha: float = 0.5, device=None, batch_size: int = 8) -> Int8Report:
-    """SmoothQuant W8A8: smooth(model, calibration, alpha), then w8a8(model). Returns the W8A8 report
-    with `smoothing` (the SmoothReport) attached."""
+def smoothquant(
+    model, calibration: torch.Tensor, alpha: float = 0.5, device=None, batch_size: int = 8, factors=None
+) -> Int8Report:
+    """SmoothQuant W8A8: smooth(model, calibration, alpha, factors=factors), then w8a8(model). Returns the
+    W8A8 report with `smoothing` (the SmoothReport) attached."""
     check_alpha(alpha)
-    smoothing = smooth(model, calibration, alpha, device, batch_size)
+    smoothing = smooth(model, calibration, alpha, device, batch_size, factors=factors)
     report = w8a8(model)
     report.method, report.setting = "SmoothQuant W8A8", f"alpha {alpha:g}, per-channel W, per-token A"
     report.seconds += smoothing.seconds
