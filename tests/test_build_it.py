@@ -249,3 +249,39 @@ def test_bad_smoothing_factors_leave_the_model_unchanged(tiny, calibration):
         assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before), words
     with pytest.raises(ValueError, match="factors=2"):
         quant.smooth(tiny, calibration, 0.5, factors=2)
+
+
+def test_the_learners_whitened_factors_factor_the_whole_model(tiny, calibration):
+    from labkit import lowrank
+
+    reference, mine = tiny, copy.deepcopy(tiny)
+    expected = lowrank.svd(reference, param_ratio=0.5, activation_aware=True, calibration=calibration)
+    got = lowrank.svd(
+        mine,
+        param_ratio=0.5,
+        activation_aware=True,
+        calibration=calibration,
+        whitened=solutions.lesson08.whitened_factors,
+    )
+    a, b = reference.state_dict(), mine.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    assert got.params_after == expected.params_after
+
+
+def test_bad_whitened_factors_leave_the_model_unchanged(tiny, calibration):
+    from labkit import lowrank
+
+    before = copy.deepcopy(tiny.state_dict())
+    right = solutions.lesson08.whitened_factors
+    bad = {
+        r"whitened returned Tensor for layers\.0\.": lambda W, S, r: right(W, S, r)[0],
+        "whitened returned B of shape": lambda W, S, r: (lambda t: (t[0], t[1].T, t[2]))(right(W, S, r)),
+        "whitened returned A of shape": lambda W, S, r: (lambda t: (t[0][:1], t[1], t[2]))(right(W, S, r)),
+    }
+    for words, answer in bad.items():
+        with pytest.raises(ValueError, match=words):
+            lowrank.svd(tiny, param_ratio=0.5, activation_aware=True, calibration=calibration, whitened=answer)
+        after = tiny.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before), words
+    with pytest.raises(ValueError, match="activation_aware=True"):
+        lowrank.svd(tiny, param_ratio=0.5, whitened=right)

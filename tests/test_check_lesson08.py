@@ -54,3 +54,51 @@ def test_rank_r_approximation(capsys):
 
     assert not check.lesson08.rank_r_approximation(columns)
     assert "first r columns of Vh" in capsys.readouterr().out
+
+
+def test_whitened_factors(capsys):
+    import torch
+
+    from labkit import solutions
+
+    right = solutions.lesson08.whitened_factors
+    assert check.lesson08.whitened_factors(right)
+    assert capsys.readouterr().out.startswith("✓ whitened_factors")
+
+    def plain(W, S, rank):
+        U, s, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        return (s[:rank, None] * Vh[:rank]).float(), U[:, :rank].float(), right(W, S, rank)[2]
+
+    def not_undone(W, S, rank):
+        U, s, Vh = torch.linalg.svd(W.double() @ S, full_matrices=False)
+        return (s[:rank, None] * Vh[:rank]).float(), U[:, :rank].float(), s.float()
+
+    def smallest(W, S, rank):
+        U, s, Vh = torch.linalg.svd(W.double() @ S, full_matrices=False)
+        A = torch.linalg.solve_triangular(S, s[-rank:, None] * Vh[-rank:], upper=False, left=False)
+        return A.float(), U[:, -rank:].float(), s.float()
+
+    def unbalanced(W, S, rank):  # all of Sigma in A: the same layer, accepted
+        U, s, Vh = torch.linalg.svd(W.double() @ S, full_matrices=False)
+        A = torch.linalg.solve_triangular(S, s[:rank, None] * Vh[:rank], upper=False, left=False)
+        return A.float(), U[:, :rank].float(), s.float()
+
+    assert check.lesson08.whitened_factors(unbalanced)
+    capsys.readouterr()
+    wrong = {
+        "forgot the whitening": plain,
+        "forgot to undo the whitening": not_undone,
+        "kept the smallest singular values": smallest,
+        "returned the singular values of W": lambda W, S, rank: (
+            *right(W, S, rank)[:2],
+            torch.linalg.svdvals(W),
+        ),
+        "A of W 6x8 at rank 3 (its shape) has shape (8, 3)": lambda W, S, rank: (
+            right(W, S, rank)[0].T,
+            *right(W, S, rank)[1:],
+        ),
+    }
+    for words, answer in wrong.items():
+        assert not check.lesson08.whitened_factors(answer), words
+        out = capsys.readouterr().out
+        assert out.startswith("✗ whitened_factors") and words in out, (words, out)

@@ -73,6 +73,7 @@ SOLUTIONS = {
     "lesson07.soft_targets": lambda logits, tau: torch.softmax(logits / tau, -1),
     "lesson07.forward_kl": lambda s, t, tau: losses.forward_kl(s, t, tau),
     "lesson07.jsd": lambda s, t, beta: losses.jsd(s, t, beta),
+    "lesson08.whitened_factors": solutions.lesson08.whitened_factors,
     "lesson08.factored_params": lambda out_f, in_f, r: r * (in_f + out_f),
     "lesson08.break_even_rank": lambda out_f, in_f: break_even(out_f, in_f),
     "lesson08.rank_r_approximation": lambda W, r: (lambda U, S, Vh: U[:, :r] @ torch.diag(S[:r]) @ Vh[:r])(
@@ -112,7 +113,7 @@ def _check(key: str):
 
 
 def test_every_check_is_covered():
-    assert len(CHECKS) == 41 and sorted(CHECKS) == sorted(SOLUTIONS)
+    assert len(CHECKS) == 42 and sorted(CHECKS) == sorted(SOLUTIONS)
 
 
 def _poison(value, fill: float, everywhere: bool = True):

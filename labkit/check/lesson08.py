@@ -1,6 +1,8 @@
-"""Checks for lesson 08 (low rank): the parameters of a rank-r factorization, the break-even rank,
-and the truncated-SVD reconstruction.
+"""Checks for lesson 08 (low rank): SVD-LLM's whitened factors (the lesson's "build it": lowrank.svd
+runs them on the whole model), the parameters of a rank-r factorization, the break-even rank, and the
+truncated-SVD reconstruction.
 
+    check.lesson08.whitened_factors(my_whitened_factors)
     check.lesson08.factored_params(my_factored_params)
     check.lesson08.break_even_rank(my_break_even_rank)
     check.lesson08.rank_r_approximation(my_rank_r_approximation)
@@ -13,7 +15,8 @@ import numbers
 
 import torch
 
-from ..lowrank import break_even, truncated_svd
+from ..lowrank import break_even, truncated_svd, whitening
+from ..lowrank import whitened_factors as _whitened_factors
 from . import Verdict, call, describe, exercise, tensor_like
 
 # (out_features, in_features, rank): SmolLM2-135M's shapes (q/o 576 x 576, k/v 192 x 576, gate/up 1536 x 576,
@@ -122,3 +125,57 @@ def rank_r_approximation(fn) -> bool:
 
 
 __all__ = ["break_even_rank", "factored_params", "rank_r_approximation"]
+
+
+def _whitened_case(seed: int, out_f: int, in_f: int):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g)
+    X = torch.randn(4 * in_f, in_f, generator=g) @ (torch.eye(in_f) + 0.3 * torch.randn(in_f, in_f, generator=g))
+    X[:, 0] *= 10  # an outlier input: whitening weighs its column
+    return W, whitening(X.T @ X)  # S: [in, in] lower triangular, fp64
+
+
+@exercise
+def whitened_factors(fn) -> bool:
+    """fn(W [out, in], S [in, in], rank) -> (A [rank, in], B [out, rank], s): SVD-LLM's rank-r factors.
+    With U Σ Vᵀ the SVD of the whitened matrix W S (S lower triangular, S Sᵀ = X Xᵀ), B @ A = U_r Σ_r V_rᵀ S⁻¹
+    (the r largest singular values, the whitening undone), and s the singular values of W S. Any split of
+    Σ_r between A and B gives the same layer; labkit splits √Σ_r to each."""
+    v = Verdict("whitened_factors")
+    for seed, out_f, in_f, rank in [(1, 6, 8, 3), (2, 10, 5, 2)]:
+        W, S = _whitened_case(seed, out_f, in_f)
+        A0, B0, s0 = _whitened_factors(W, S, rank)
+        got = call(v, fn, W.clone(), S.clone(), rank)
+        if v.problem:
+            break
+        if not isinstance(got, tuple) or len(got) != 3:
+            v.fail(f"return a triple (A, B, s); got {type(got).__name__}.")
+            break
+        A, B, s = got
+        what = f"W {out_f}x{in_f} at rank {rank}"
+        if not tensor_like(v, A, A0, f"A of {what} (its shape)", atol=math.inf, rtol=math.inf):
+            break
+        if not tensor_like(v, B, B0, f"B of {what} (its shape)", atol=math.inf, rtol=math.inf):
+            break
+        U, sw, Vh = torch.linalg.svd(W.double() @ S, full_matrices=False)
+        Ui, si, Vhi = torch.linalg.svd(W.double(), full_matrices=False)
+        Sinv = torch.linalg.inv(S)
+        hints = {
+            "forgot the whitening: that is plain SVD of W; SVD-LLM factors W S": Ui[:, :rank] * si[:rank] @ Vhi[:rank],
+            "forgot to undo the whitening: A must be multiplied by S⁻¹ (torch.linalg.solve_triangular), since "
+            "W S S⁻¹ = W": U[:, :rank] * sw[:rank] @ Vh[:rank],
+            "undid the whitening with S⁻ᵀ instead of S⁻¹": U[:, :rank] * sw[:rank] @ Vh[:rank] @ Sinv.T,
+            "kept the smallest singular values: the SVD sorts them in decreasing order, keep the first r": U[:, -rank:]
+            * sw[-rank:]
+            @ Vh[-rank:]
+            @ Sinv,
+        }
+        product = (B.double() @ A.double()) if isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor) else None
+        if not tensor_like(
+            v, product, (B0.double() @ A0.double()), f"B @ A of {what}", atol=1e-4, rtol=1e-3, hints=hints
+        ):
+            break
+        s_hints = {"returned the singular values of W: s are those of the whitened matrix W S": si}
+        if not tensor_like(v, s, s0, f"s of {what}", atol=1e-4, rtol=1e-4, hints=s_hints):
+            break
+    return v.report("B @ A = U_r Σ_r V_rᵀ S⁻¹, the rank-r layer with the least output error (SVD-LLM).")

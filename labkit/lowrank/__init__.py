@@ -36,6 +36,7 @@ from .svd import (
     svd,
     truncated_svd,
     truncation_errors,
+    whitened_factors,
     whitened_svd,
     whitening,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "svd",
     "truncated_svd",
     "truncation_errors",
+    "whitened_factors",
     "whitened_svd",
     "whitening",
 ]

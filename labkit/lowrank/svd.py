@@ -133,7 +133,17 @@ def whitened_svd(
     weight: [out, in]; H: [in, in]. Returns (A [r, in], B [out, r], singular values of W S), fp32,
     with B @ A = U_r Σ_r V_rᵀ S⁻¹; the output error is Σ_{i>r} σ_i(W S)² (times the scale of H).
     """
-    S = whitening(H.to(weight.device), percdamp)  # [in, in], lower triangular, fp64
+    return whitened_factors(weight, whitening(H.to(weight.device), percdamp), rank)
+
+
+def whitened_factors(
+    weight: torch.Tensor, S: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD-LLM's factors given the whitening S (lower triangular, S Sᵀ ∝ X Xᵀ: `whitening`).
+
+    weight: [out, in]; S: [in, in]. Returns (A [r, in], B [out, r], singular values of W S), fp32, with
+    B @ A = U_r Σ_r V_rᵀ S⁻¹ (lesson 08's "build it" writes this function; lowrank.svd's `whitened=`).
+    """
     U, s, Vh = torch.linalg.svd(weight.detach().double() @ S, full_matrices=False)  # SVD of W S
     A, B = _split(U, s, Vh, rank)
     A = torch.linalg.solve_triangular(S, A, upper=False, left=False)  # A S⁻¹: solve X S = A
@@ -141,6 +151,20 @@ def whitened_svd(
 
 
 # --- how many singular values to keep ------------------------------------------------------------
+
+
+def _checked_factors(answer, linear: nn.Linear, rank: int, name: str):
+    """A learner's (A [rank, in], B [out, rank], s [rank]) in fp32, or ValueError saying what is off."""
+    shapes = ((rank, linear.in_features), (linear.out_features, rank), (rank,))
+    if not (isinstance(answer, tuple) and len(answer) == 3 and all(isinstance(t, torch.Tensor) for t in answer)):
+        raise ValueError(f"whitened returned {type(answer).__name__} for {name}; it must return (A, B, s).")
+    for label, t, shape in zip(("A", "B", "s"), answer, shapes, strict=True):
+        if tuple(t.shape) != shape or not torch.isfinite(t).all():
+            raise ValueError(
+                f"whitened returned {label} of shape {tuple(t.shape)} for {name}; expected a finite {list(shape)} "
+                "tensor (A [rank, in], B [out, rank], s [rank]). The model is unchanged."
+            )
+    return tuple(t.float() for t in answer)
 
 
 def rank_for_ratio(in_features: int, out_features: int, param_ratio: float) -> int:
@@ -310,6 +334,7 @@ def svd(
     sequential: bool = False,
     device=None,
     batch_size: int = 8,
+    whitened=None,
 ) -> LowRankReport:
     """Replace decoder linears of `model` by LowRankLinear, in place; returns a LowRankReport.
 
@@ -323,6 +348,10 @@ def svd(
     targets: which linears (default: all 7 of every decoder layer; see factor_targets).
     sequential: with activation_aware, factor q/k/v, then o, then gate/up, then down inside each
         layer, each group calibrated on the outputs of the groups already factored.
+    whitened: with activation_aware, None (labkit's whitened_factors) or your own
+        whitened(weight [out, in], S [in, in], rank) -> (A [rank, in], B [out, rank], s) with
+        whitened_factors' contract (lesson 08's "build it"); answers of another shape raise ValueError,
+        the model unchanged.
     """
     check_choice(rank, param_ratio, energy)
     check_model(model, "lowrank.svd")
@@ -347,6 +376,11 @@ def svd(
             "calibration is only used with activation_aware=True; pass activation_aware=True "
             "(SVD-LLM) or drop calibration (plain SVD)."
         )
+    if whitened is not None and (not callable(whitened) or not activation_aware):
+        raise ValueError(
+            f"whitened={whitened!r}: pass a function whitened(weight, S, rank) -> (A, B, s), with "
+            f"activation_aware=True (got {activation_aware}); or None for labkit's whitened_factors."
+        )
     if activation_aware:
         check_calibration(calibration, model)
         check_count(batch_size, "batch_size")
@@ -357,8 +391,12 @@ def svd(
     def factor(name: str, linear: nn.Linear, H: torch.Tensor | None) -> LowRankLinear:
         if H is None:
             A, B, s = truncated_svd(linear.weight, min(linear.in_features, linear.out_features))
-        else:
+        elif whitened is None:
             A, B, s = whitened_svd(linear.weight, H, min(linear.in_features, linear.out_features), percdamp)
+        else:  # the learner's factors, from labkit's whitening
+            full = min(linear.in_features, linear.out_features)
+            S = whitening(H.to(linear.weight.device), percdamp)
+            A, B, s = _checked_factors(whitened(linear.weight.detach().clone(), S.clone(), full), linear, full, name)
         if rank is not None:
             r = rank[name] if isinstance(rank, dict) else rank
         elif param_ratio is not None:
@@ -426,6 +464,7 @@ __all__ = [
     "rank_for_ratio",
     "svd",
     "truncated_svd",
+    "whitened_factors",
     "whitened_svd",
     "whitening",
 ]
