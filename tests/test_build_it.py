@@ -50,12 +50,31 @@ def test_solutions_env_plugs_in_the_worked_solution(monkeypatch, capsys):
     assert "the worked solution" in capsys.readouterr().out
 
 
-def test_every_worked_solution_passes_its_check(capsys):
-    for name in ("wanda_mask", "nm_mask", "bitmask_bytes"):
-        exercise = getattr(check.lesson01, name)
-        assert exercise(solutions.of(exercise)), capsys.readouterr().out
-    with pytest.raises(LookupError, match=r"no worked solution for check\.lesson00\.perplexity"):
-        solutions.of(check.lesson00.perplexity)
+def _all_checks():
+    import importlib
+    import inspect
+
+    for n in range(13):
+        module = importlib.import_module(f"labkit.check.lesson{n:02d}")
+        for name, fn in vars(module).items():
+            is_check = inspect.isfunction(fn) and list(inspect.signature(fn).parameters) == ["fn"]
+            if is_check and fn.__module__ == module.__name__ and not name.startswith("_"):
+                yield fn
+
+
+def test_every_check_has_a_worked_solution_that_passes(capsys):
+    exercises = list(_all_checks())
+    assert len(exercises) == 42
+    for exercise in exercises:
+        assert exercise(solutions.of(exercise)), (exercise.__module__, exercise.__name__, capsys.readouterr().out)
+    with pytest.raises(LookupError, match=r"no worked solution for check\.lesson00\.nothing"):
+        solutions.of(_nothing)
+
+
+def _nothing(fn): ...
+
+
+_nothing.__module__, _nothing.__name__ = "labkit.check.lesson00", "nothing"
 
 
 def test_solution_source_is_shown(capsys):

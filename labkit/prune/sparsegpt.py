@@ -102,6 +102,7 @@ def sparsegpt_prune(
         mask[:, i1:i2] = mask1
         losses += Losses1.sum(1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch-update of all later blocks
+        del Q1, Err1, Losses1  # not alive while the next block's are made (the rehearsed GPU peak)
 
     return W.to(weight.dtype), mask, losses
 

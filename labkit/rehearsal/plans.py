@@ -156,7 +156,9 @@ def column_loop_stand_in(weight: torch.Tensor, H: torch.Tensor, method: str) -> 
     W = weight.float().clone() if method == "gptq" else weight.detach().clone().float()  # [out, in] fp32
     Hinv, _ = walk.inverse_hessian_cholesky(H)  # [in, in]
     block = min(128, columns)
-    temporaries = [torch.zeros(rows, block, device=W.device) for _ in range(6)]  # W1, Q1, Err1, Losses1, scores x2
+    # GPTQ: W1, Q1, Err1, Losses1 and two temporaries of its group grids; SparseGPT: W1 and walk.obs_block's Q1,
+    # Err1, Losses1 (its mask's scores are freed before the block loop starts)
+    temporaries = [torch.zeros(rows, block, device=W.device) for _ in range(6 if method == "gptq" else 4)]
     if method == "gptq":
         Q, losses = torch.zeros_like(W), torch.zeros_like(W)
         n_groups = -(-columns // block)
