@@ -8,9 +8,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # Keep test runs (and the notebooks nbval executes) out of the learner's own results folder.
 os.environ.setdefault("LABKIT_RESULTS_DIR", str(ROOT / "build" / "test-results"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The lessons' exercises run with the worked solutions plugged in (labkit.solutions, check.use), so nbval
-# proves that a right answer passes and reproduces every checked number.
-os.environ.setdefault("LABKIT_SOLUTIONS", "1")
 # Triton chooses its CPU interpreter or GPU compilation when it is first imported (labkit.kernels
 # imports it), so before any test module: the kernels' tests run interpreted unless the caller sets
 # TRITON_INTERPRET=0 (benchmarks/gpu_check.sh does, on a GPU).
