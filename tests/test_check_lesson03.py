@@ -5,26 +5,46 @@ import torch
 from labkit import check
 
 
-def right_fluctuation(x, W):
-    return x.var(0, unbiased=False) * W.pow(2).sum(0)
+def right_unit_scores(var, W, unit):
+    score = var * W.pow(2).sum(0)
+    return ((score - score.mean()) / score.std()).view(-1, unit).mean(1)
 
 
-def test_fluctuation_score(capsys):
-    assert check.lesson03.fluctuation_score(right_fluctuation)
-    assert check.lesson03.fluctuation_score(lambda x, W: x.var(0) * W.pow(2).sum(0))  # sample variance is fine
-    assert not check.lesson03.fluctuation_score(lambda x, W: x.var(0, unbiased=False) * W.pow(2).sum(1))
-    assert "instead of the column" in capsys.readouterr().out
-    assert not check.lesson03.fluctuation_score(lambda x, W: x.pow(2).mean(0) * W.pow(2).sum(0))
-    assert "subtract the channel's mean" in capsys.readouterr().out
-    assert not check.lesson03.fluctuation_score(lambda x, W: x.var(0, unbiased=False) * W.norm(dim=0))
-    assert "not its square" in capsys.readouterr().out
+def _z(score, unbiased=True):
+    return (score - score.mean()) / score.std(unbiased=unbiased)
 
 
-def test_fluctuation_score_not_written(capsys):
-    def todo(x, W):
+def test_unit_scores(capsys):
+    assert check.lesson03.unit_scores(right_unit_scores)
+    assert check.lesson03.unit_scores(lambda var, W, unit: _z(var * W.pow(2).sum(0), False).view(-1, unit).mean(1))
+    assert "population std" in capsys.readouterr().out  # accepted, said
+    wrong = {
+        "instead of the column": lambda var, W, unit: _z(var * W.pow(2).sum(1)).view(-1, unit).mean(1),
+        "not its square": lambda var, W, unit: _z(var * W.norm(dim=0)).view(-1, unit).mean(1),
+        "forgot to standardize": lambda var, W, unit: (var * W.pow(2).sum(0)).view(-1, unit).mean(1),
+        "standardized within each unit": lambda var, W, unit: torch.stack(
+            [_z(u) for u in (var * W.pow(2).sum(0)).view(-1, unit)]
+        ).mean(1),
+        "standardize the channels first": lambda var, W, unit: _z((var * W.pow(2).sum(0)).view(-1, unit).mean(1)),
+        "summed each unit's z": lambda var, W, unit: _z(var * W.pow(2).sum(0)).view(-1, unit).sum(1),
+        "interleaved": lambda var, W, unit: _z(var * W.pow(2).sum(0)).view(unit, -1).mean(0),
+        "the variance of the scores": lambda var, W, unit: (
+            ((var * W.pow(2).sum(0) - (var * W.pow(2).sum(0)).mean()) / (var * W.pow(2).sum(0)).var())
+            .view(-1, unit)
+            .mean(1)
+        ),
+        "has shape (12,)": lambda var, W, unit: _z(var * W.pow(2).sum(0)),  # no averaging per unit
+    }
+    for words, answer in wrong.items():
+        assert not check.lesson03.unit_scores(answer), words
+        assert words in capsys.readouterr().out, words
+
+
+def test_unit_scores_not_written(capsys):
+    def todo(var, W, unit):
         raise NotImplementedError  # your code
 
-    assert not check.lesson03.fluctuation_score(todo)
+    assert not check.lesson03.unit_scores(todo)
     assert "not written yet" in capsys.readouterr().out
 
 

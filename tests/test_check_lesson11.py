@@ -20,15 +20,48 @@ def test_bubble_fraction(capsys):
     assert "not written yet" in capsys.readouterr().out
 
 
-def test_column_shards(capsys):
-    assert check.lesson11.column_shards(lambda w, n: list(w.chunk(n, dim=0)))
-    assert capsys.readouterr().out.startswith("✓ column_shards")
-    assert not check.lesson11.column_shards(lambda w, n: list(w.chunk(n, dim=1)))
-    assert "split the input dimension (dim 1)" in capsys.readouterr().out
-    assert not check.lesson11.column_shards(lambda w, n: [w[r::n] for r in range(n)])
-    assert "interleaved" in capsys.readouterr().out
-    assert not check.lesson11.column_shards(lambda w, n: w)
-    assert "list of 3 tensors" in capsys.readouterr().out
+def _slices_with(**changes):
+    from labkit import solutions
+
+    def answer(config, rank, world):
+        out = solutions.lesson11.linear_slices(config, rank, world)
+        for name, change in changes.items():
+            out[name] = change(config, rank, world, *out[name])
+        return out
+
+    return answer
+
+
+def test_linear_slices(capsys):
+    from labkit import parallel, solutions
+
+    assert check.lesson11.linear_slices(solutions.lesson11.linear_slices)
+    assert check.lesson11.linear_slices(parallel.linear_slices)
+    assert capsys.readouterr().out.startswith("✓ linear_slices")
+    whole_width = lambda c, r, w, d, a, b: (d, r * c.hidden_size // w, (r + 1) * c.hidden_size // w)  # the query width
+    wrong = {
+        "is row-parallel: it splits its input features": _slices_with(
+            **{"self_attn.o_proj": lambda c, r, w, d, a, b: (0, a, b)}
+        ),
+        "is column-parallel: it splits its output features": _slices_with(
+            **{"mlp.up_proj": lambda c, r, w, d, a, b: (1, a, b)}
+        ),
+        "holds the KV heads": _slices_with(**{"self_attn.k_proj": whole_width}),
+        "not the hidden size": _slices_with(**{"mlp.gate_proj": whole_width}),
+        "reverse order": lambda c, r, w: parallel.linear_slices(c, w - 1 - r, w),
+        "the dict's keys should be the seven linears": lambda c, r, w: {"q_proj": (0, 0, 1)},
+        "give a tuple (dim, start, stop)": _slices_with(**{"mlp.down_proj": lambda c, r, w, d, a, b: (d, a)}),
+        "return a dict": lambda c, r, w: [(0, 0, 1)] * 7,
+    }
+    for words, answer in wrong.items():
+        assert not check.lesson11.linear_slices(answer), words
+        assert words in capsys.readouterr().out, words
+
+    def todo(config, rank, world_size):
+        raise NotImplementedError
+
+    assert not check.lesson11.linear_slices(todo)
+    assert "not written yet" in capsys.readouterr().out
 
 
 def test_ring_bytes_per_token(capsys):

@@ -55,6 +55,55 @@ def test_tensor_parallel_equals_single_process(setup):
     assert out["heads"] == {"query": [0, 1], "kv": [0]}
 
 
+def test_a_plan_from_the_learners_slices_runs_in_the_ranks(setup):
+    from labkit import solutions
+
+    model, _, ids, logits, folder = setup
+    c = model.config
+    plan = parallel.tensor_plan(c, 2, solutions.lesson11.linear_slices)
+    assert plan == parallel.tensor_plan(c, 2)  # the worked solution is labkit's linear_slices
+    reversed_ranks = plan[::-1]  # a valid plan too: rank 0 now computes the second half of every layer
+    out = parallel.launch(parallel.tensor_parallel_forward, 2, folder, ids, 0, reversed_ranks, timeout=120)
+    assert (out["logits"] - logits).abs().max() < TP_ATOL
+    layer = models.load("tiny-llama-random")[0]
+    parallel.tensor_parallel(layer, 0, 2, plan=reversed_ranks)
+    q = layer.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(q, model.model.layers[0].self_attn.q_proj.weight[32:])  # the plan's rows, not labkit's
+
+
+def _plan_with(c, **changes):
+    plan = parallel.tensor_plan(c, 2)
+    for rank, entry in enumerate(plan):
+        for name, value in changes.items():
+            entry[name] = value(*entry[name], rank)
+    return plan
+
+
+def test_bad_plans_are_refused_before_any_rank_starts(setup):
+    model = setup[0]
+    c = model.config
+    bad = {
+        "splits self_attn.o_proj along dim 0; it is row-parallel": {"self_attn.o_proj": lambda d, a, b, r: (0, a, b)},
+        "runs past its": {"self_attn.k_proj": lambda d, a, b, r: (0, 32 * r, 32 * r + 32)},
+        "do not cover": {"mlp.up_proj": lambda d, a, b, r: (0, 0, b - a)},
+        "whole heads": {  # 1.5 query heads each: the cover is fine, the heads are cut
+            name: (lambda d, a, b, r: (d, 0, 24) if r == 0 else (d, 24, 64))
+            for name in ("self_attn.q_proj", "self_attn.o_proj")
+        },
+    }
+    for words, changes in bad.items():
+        with pytest.raises(ValueError, match=words):
+            parallel.tensor_plan(c, 2, lambda config, rank, world, ch=changes: _plan_with(config, **ch)[rank])
+    with pytest.raises(ValueError, match="it must be a dict with the keys"):
+        parallel.tensor_plan(c, 2, lambda config, rank, world: None)
+    with pytest.raises(ValueError, match="three ints"):
+        parallel.tensor_plan(c, 2, lambda config, rank, world: {k: 1 for k in parallel.linear_slices(c, 0, 2)})
+    with pytest.raises(ValueError, match="pass a function slices"):
+        parallel.tensor_plan(c, 2, "labkit")
+    with pytest.raises(ValueError, match="plan must be a list of 2"):
+        parallel.layer_slices(c, 0, 2, plan=[{}])
+
+
 def test_pipeline_parallel_equals_single_process(setup):
     _, _, ids, logits, folder = setup
     ranks = parallel.launch(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from labkit import models, prune
+from labkit import models, prune, solutions
 from labkit.lora import LoRALinear, lora_recover
 
 
@@ -125,6 +125,44 @@ def test_fluctuation_score():
     torch.testing.assert_close(prune.fluctuation(torch.tensor([0.5, 2.0]), W), torch.tensor([5.0, 8.0]))
 
 
+def test_flap_unit_scores_standardize_then_average_each_unit():
+    W = torch.tensor([[1.0, 2.0, 0.0, 1.0], [3.0, 0.0, 1.0, 1.0]])
+    var = torch.tensor([0.5, 2.0, 1.0, 4.0])
+    s = torch.tensor([5.0, 8.0, 1.0, 8.0])  # var_j * ||W[:, j]||^2
+    z = (s - s.mean()) / s.std()
+    torch.testing.assert_close(prune.flap_unit_scores(var, W, 1), z)
+    torch.testing.assert_close(prune.flap_unit_scores(var, W, 2), torch.stack([z[:2].mean(), z[2:].mean()]))
+
+
+def test_flap_unit_scores_plug_in_and_bad_answers_leave_the_model_unchanged(tiny, calibration):
+    stats = prune.flap_stats(tiny, calibration)
+    reference, mine = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    prune.flap(reference, None, 0.3, stats=stats)
+    prune.flap(mine, None, 0.3, stats=stats, unit_scores=solutions.lesson03.unit_scores)
+    a, b = reference.state_dict(), mine.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the worked solution, bit for bit
+    reversed_order = copy.deepcopy(tiny)  # the function passed is the one that runs: negated scores keep the worst
+    prune.flap(reversed_order, None, 0.3, stats=stats, unit_scores=lambda v, W, u: -prune.flap_unit_scores(v, W, u))
+    c = reversed_order.state_dict()
+    assert c.keys() != a.keys() or any(c[k].shape != a[k].shape or not torch.equal(c[k], a[k]) for k in a)
+    before = copy.deepcopy(tiny.state_dict())
+    bad = {
+        r"unit_scores returned shape \(\d+,\), dtype torch.float32 for layers.0.self_attn.o_proj": lambda v, W, u: (
+            prune.fluctuation(v, W)
+        ),
+        "NaN or infinite": lambda v, W, u: prune.flap_unit_scores(v, W, u) / 0,
+        "returned NoneType": lambda v, W, u: None,
+        "dtype torch.int64": lambda v, W, u: prune.flap_unit_scores(v, W, u).long(),
+    }
+    for words, answer in bad.items():
+        with pytest.raises(ValueError, match=words):
+            prune.flap(tiny, None, 0.3, stats=stats, unit_scores=answer)
+        after = tiny.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before), words
+    with pytest.raises(ValueError, match="pass a function unit_scores"):
+        prune.flap(tiny, None, 0.3, stats=stats, unit_scores="fluctuation")
+
+
 def test_flap_ratio_zero_changes_nothing(tiny, calibration, batch):
     dense = copy.deepcopy(tiny)  # the unchanged model, to compare with
     report = prune.flap(tiny, calibration, 0.0)
@@ -161,8 +199,8 @@ def test_flap_allocation_is_global(tiny):
     flat = torch.ones(160)
     flat[0] = 2.0
     spread = torch.linspace(0, 1, 160) ** 4
-    attn = torch.ones(64)
-    groups, channels = prune.flap_allocation(tiny, [(attn, flat), (attn, spread)], 0.3)
+    z = [(prune.standardize(torch.ones(64)).view(2, 32).mean(1), prune.standardize(s)) for s in (flat, spread)]
+    groups, channels = prune.flap_allocation(tiny, z, 0.3)
     assert all(g.numel() >= 1 for g in groups)
     assert channels[0].numel() != channels[1].numel()
 

@@ -200,7 +200,8 @@ def use(fn, exercise, instead=None):
     if plugged and not passed:
         raise AssertionError(f"labkit.solutions.{exercise.__name__} fails its check ({exercise.__module__}): a defect")
     if instead is not None:
-        name = f"{instead.__module__.split('.')[1]}.{instead.__name__}"  # e.g. prune.wanda_mask
+        target = getattr(instead, "fn", instead)  # a Triton kernel or function: its Python function
+        name = f"{target.__module__.split('.')[1]}.{target.__name__}"  # e.g. prune.wanda_mask
         if passed:
             print(f"→ the whole-model run below uses {whose}.")
         else:

@@ -1,4 +1,10 @@
-"""Checks for lesson 03 (structured pruning): FLaP's fluctuation score, GQA head groups, bias compensation."""
+"""Checks for lesson 03 (structured pruning): FLaP's unit scores (the lesson's "build it": prune.flap
+runs them on the whole model), GQA head groups, bias compensation.
+
+    check.lesson03.unit_scores(my_unit_scores)
+    check.lesson03.kv_group_columns(my_kv_group_columns)
+    check.lesson03.compensation_bias(my_compensation_bias)
+"""
 
 from __future__ import annotations
 
@@ -16,43 +22,68 @@ def _layer(seed: int = 3):
     return W, x
 
 
+def _standardized(score: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    return (score - score.mean()) / score.std(unbiased=unbiased)
+
+
 @exercise
-def fluctuation_score(fn) -> bool:
-    """fn(x [tokens, in], W [out, in]) -> [in]: Var_tokens(x_j) · ‖W[:, j]‖²₂ (FLaP's WIFV)."""
-    v = Verdict("fluctuation_score")
-    W, x = _layer()
-    got = call(v, fn, x.clone(), W.clone())
-    column_energy = W.pow(2).sum(0)
-    expected = x.var(0, unbiased=False) * column_energy
-    unbiased = x.var(0, unbiased=True) * column_energy  # the sample variance is fine as well
-    if (
-        isinstance(got, torch.Tensor)
-        and got.shape == unbiased.shape
-        and torch.allclose(got.double(), unbiased.double(), rtol=1e-4, atol=1e-5)
-    ):
-        return v.report("(with the sample variance, n − 1; the ranking is the same.)")
-    tensor_like(
-        v,
-        got,
-        expected,
-        "the score",
-        hints={
-            "summed the squared weights over a row (dim=1) instead of the column that channel j feeds (dim=0)": x.var(
-                0, unbiased=False
-            )
-            * W.pow(2).sum(1),
-            "used the column norm ‖W[:, j]‖, not its square": x.var(0, unbiased=False) * W.norm(dim=0),
-            "used the mean square of x (its second moment), not its variance: subtract the channel's mean first": x.pow(
-                2
-            ).mean(0)
-            * column_energy,
-            "used the variance over channels of each token instead of over tokens of each channel": x.var(
-                1, unbiased=False
-            )[:6]
-            * column_energy,
-        },
+def unit_scores(fn) -> bool:
+    """fn(var [in], W [out, in], unit) -> [in // unit]: FLaP's score of each unit of `unit` consecutive
+    input channels: S_j = var_j · ‖W[:, j]‖²₂ (the fluctuation, WIFV), standardized over all the layer's
+    channels, z = (S − mean(S)) / std(S), then the mean z of each unit's channels (prune.flap runs it
+    for every layer: unit = a KV group's columns of o_proj, and 1 for the MLP channels of down_proj)."""
+    v = Verdict("unit_scores")
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(12, 12, generator=g)  # [out, in], square so that a row/column mix-up keeps the shape
+    W[:, 4] *= 3.0  # a channel with heavy weights
+    var = torch.rand(12, generator=g) * torch.tensor([0.2, 1.0, 3.0, 0.5, 1.5, 0.1] * 2)  # [in]
+    population = False
+    for unit in (4, 1, 3):
+        got = call(v, fn, var.clone(), W.clone(), unit)
+        score = var * W.pow(2).sum(0)
+        expected = _standardized(score).view(-1, unit).mean(1)
+        pop = _standardized(score, unbiased=False).view(-1, unit).mean(1)
+        if (
+            isinstance(got, torch.Tensor)
+            and got.shape == pop.shape
+            and torch.allclose(got.double(), pop.double(), 1e-4, 1e-5)
+        ):
+            population = True
+            continue
+        hints = {
+            "summed the squared weights over a row (dim=1) instead of the column that channel j feeds (dim=0)": (
+                _standardized(var * W.pow(2).sum(1)).view(-1, unit).mean(1)
+            ),
+            "used the column norm ‖W[:, j]‖, not its square": _standardized(var * W.norm(dim=0)).view(-1, unit).mean(1),
+            "forgot to standardize: (S − mean) / std over the layer's channels puts layers and modules on one scale": (
+                score.view(-1, unit).mean(1)
+            ),
+            "divided by the variance of the scores, not their standard deviation": (
+                ((score - score.mean()) / score.var()).view(-1, unit).mean(1)
+            ),
+            "forgot to subtract the mean before dividing by the standard deviation": (score / score.std())
+            .view(-1, unit)
+            .mean(1),
+        }
+        if unit > 1:
+            hints |= {
+                "standardized within each unit: standardize over all the layer's channels, then average per unit": (
+                    torch.stack([_standardized(u) for u in score.view(-1, unit)]).mean(1)
+                ),
+                "averaged the raw scores per unit and standardized those: standardize the channels first": (
+                    _standardized(score.view(-1, unit).mean(1))
+                ),
+                "summed each unit's z instead of averaging them": _standardized(score).view(-1, unit).sum(1),
+                "took every (in // unit)-th channel (interleaved): a unit owns `unit` consecutive channels": (
+                    _standardized(score).view(unit, -1).mean(0)
+                ),
+            }
+        if not tensor_like(v, got, expected, f"the scores for unit = {unit}", hints=hints):
+            break
+    note = (
+        " (with the population std, n; labkit and the authors' code use the sample std, n − 1.)" if population else ""
     )
-    return v.report("A channel that barely fluctuates can be replaced by its mean.")
+    return v.report("Standardized fluctuation, one score per unit: all layers now compete on one scale." + note)
 
 
 @exercise
@@ -123,4 +154,4 @@ def compensation_bias(fn) -> bool:
     return v.report("The pruned layer now outputs W_kept x_kept + b, the best constant stand-in for W_R x_R.")
 
 
-__all__ = ["compensation_bias", "fluctuation_score", "kv_group_columns"]
+__all__ = ["compensation_bias", "kv_group_columns", "unit_scores"]

@@ -1,8 +1,9 @@
-"""Checks for lesson 10 (fused kernels): count bytes, compute an arithmetic intensity, write RMSNorm.
+"""Checks for lesson 10 (fused kernels): the fused RMSNorm kernel in Triton (the lesson's "build it": the
+fused model of section 6 runs it), the bytes an unfused RMSNorm moves, the arithmetic intensity of a matmul.
 
+check.lesson10.rms_norm_kernel(my_kernel)                  # a @triton.jit kernel, labkit's signature
 check.lesson10.unfused_rmsnorm_residual_bytes(my_count)   # my_count(rows, hidden) -> bytes
 check.lesson10.matmul_intensity(my_intensity)            # my_intensity(m, n, k, element_bytes)
-check.lesson10.rms_norm(my_rms_norm)                      # my_rms_norm(x, weight, eps) -> y
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 
 import torch
 
-from . import Verdict, as_number, call, exercise, number_like, tensor_like
+from . import Verdict, as_number, call, describe, exercise, number_like, tensor_like
 
 
 def _hint(v: Verdict, got, exact: float, wrong: dict, rtol: float, where: str) -> None:
@@ -97,46 +98,93 @@ def matmul_intensity(fn) -> bool:
 # --- exercise 3: RMSNorm in torch ----------------------------------------------------------------------------
 
 
-def _reference(x, weight, eps):
-    xf = x.float()
-    return (weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+def _wrong_rms(h, weight, eps, hidden_divisor=None, *, eps_outside=False, weighted=True, centred=False):
+    """Known wrong RMSNorms, in fp32 (h: [rows, hidden]), for the hints."""
+    h = h.float()
+    if centred:
+        h = h - h.mean(-1, keepdim=True)
+    ms = h.pow(2).sum(-1, keepdim=True) / (hidden_divisor or h.shape[-1])
+    normed = h / (ms.sqrt() + eps) if eps_outside else h / torch.sqrt(ms + eps)
+    return normed * weight.float() if weighted else normed
 
 
 @exercise
-def rms_norm(fn) -> bool:
-    """fn(x, weight, eps) -> y = x / sqrt(mean(x²) + eps) · weight over the last dimension, in x's dtype."""
-    v = Verdict("rms_norm")
+def rms_norm_kernel(fn) -> bool:
+    """fn: a @triton.jit kernel with the signature of labkit.kernels.rms_norm_kernel,
+    (out_ptr, x_ptr, residual_ptr, residual_out_ptr, weight_ptr, hidden, eps, HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr), launched with one program per row of a contiguous [rows, hidden] x and BLOCK =
+    hidden rounded up to a power of 2: with HAS_RESIDUAL, h = x + residual is stored to residual_out_ptr
+    (rounded to x's dtype) and normalised; y = h / sqrt(mean(h²) + eps) · weight (statistics in fp32,
+    rounded to the output dtype before the weight) is stored to out_ptr. Runs where Triton runs: a CUDA
+    GPU, or the CPU with TRITON_INTERPRET=1 set before labkit.kernels is imported."""
+    from ..kernels import _triton, fused
+
+    v = Verdict("rms_norm_kernel")
+    if not (_triton.available() and (_triton.interpreted() or torch.cuda.is_available())):
+        v.fail(
+            "a Triton kernel runs on a CUDA GPU or in Triton's CPU interpreter; set TRITON_INTERPRET=1 before "
+            "importing labkit.kernels (the lesson's first cells do) and restart the kernel."
+        )
+        return v.report()
+    if not (callable(getattr(fn, "__getitem__", None)) and hasattr(fn, "fn")):
+        v.fail(
+            f"pass a Triton kernel: decorate your function with @triton.jit (got {describe(fn)}); it is launched "
+            f"as kernel[(rows,)](out, x, residual, residual_out, weight, hidden, eps, HAS_RESIDUAL=..., BLOCK=...)."
+        )
+        return v.report()
+    device = _triton.device()
     g = torch.Generator().manual_seed(10)
-    x = torch.randn(3, 8, generator=g) + 0.5  # a non-zero mean, so LayerNorm differs from RMSNorm
-    x[2] *= 0.05  # a small row: there eps matters
-    weight = 1 + 0.5 * torch.randn(8, generator=g)
-    eps = 0.01
-    xf = x.float()
-    ms = xf.pow(2).mean(-1, keepdim=True)
-    hints = {
-        "subtracted the mean (that is LayerNorm; RMSNorm does not centre x)": weight
-        * (xf - xf.mean(-1, keepdim=True))
-        * torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps),
-        "left out eps (it keeps small rows from blowing up)": weight * xf * torch.rsqrt(ms),
-        "added eps after the square root instead of inside it": weight * xf / (ms.sqrt() + eps),
-        "forgot to multiply by the weight": xf * torch.rsqrt(ms + eps),
-        "summed the squares instead of averaging them": weight
-        * xf
-        * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps),
-        "multiplied by the RMS instead of dividing by it": weight * xf * torch.sqrt(ms + eps),
-        "normalised over the wrong dimension (rows, not the hidden dimension)": weight
-        * xf
-        * torch.rsqrt(xf.pow(2).mean(0, keepdim=True) + eps),
-    }
-    got = call(v, fn, x.clone(), weight.clone(), eps)
-    if got is not None and tensor_like(v, got, _reference(x, weight, eps), "y", atol=1e-5, hints=hints):
-        half = x.half()
-        got16 = call(v, fn, half, weight.half(), eps)
-        if got16 is not None and isinstance(got16, torch.Tensor) and got16.dtype != torch.float16:
+    cases = [(3, 203, torch.float32, True), (2, 64, torch.float32, False), (4, 96, torch.float16, True)]
+    for rows, hidden, dtype, with_residual in cases:
+        x = (torch.randn(rows, hidden, generator=g) + 0.5).to(dtype)  # a non-zero mean: LayerNorm differs
+        x[-1] *= 0.05  # a small row: there eps matters
+        r = torch.randn(rows, hidden, generator=g).to(dtype) if with_residual else None
+        w = (1 + 0.5 * torch.randn(hidden, generator=g)).to(dtype)
+        eps = 0.01
+        on = [t.to(device) if t is not None else None for t in (x, r, w)]
+        what = f"{rows} rows of {hidden}, {str(dtype)[6:]}, {'with' if with_residual else 'without'} the residual"
+        try:
+            got = fused.rms_norm(on[0], on[2], eps, residual=on[1], backend="triton", kernel=fn)
+        except Exception as error:  # the learner's kernel: a compile or launch error, in words
+            v.fail(f"launching it on {what} raised {type(error).__name__}: {str(error)[:300]}")
+            return v.report()
+        y, h = got if with_residual else (got, None)
+        y, h = y.cpu(), h.cpu() if h is not None else None
+        if torch.isnan(y).all() and (h is None or torch.isnan(h).all()):
+            v.fail("not written yet: your kernel stored nothing (both outputs start as NaN and stayed NaN).")
+            return v.report()
+        expected_h = x + r if with_residual else x
+        if with_residual and torch.isnan(h).all():
             v.fail(
-                f"for an fp16 x the result is {got16.dtype}; return x's dtype (compute the statistics in "
-                f"fp32, then cast back, as transformers' LlamaRMSNorm does)."
+                f"on {what}: h = x + residual was never stored; store it to residual_out_ptr (the new residual "
+                f"stream, the second output) and normalise it."
             )
-        elif got16 is not None:
-            tensor_like(v, got16, _reference(half, weight.half(), eps), "y for an fp16 x", atol=2e-3, rtol=2e-3)
-    return v.report("Same formula as transformers' LlamaRMSNorm and labkit.kernels.rms_norm_torch.")
+            return v.report()
+        if with_residual and not tensor_like(v, h, expected_h, f"h on {what}", atol=0, rtol=0):
+            return v.report()
+        expected = fused.rms_norm_torch(expected_h, w, eps)
+        block = _triton.next_power_of_2(hidden)
+        hints = {
+            "normalised x without the residual: with HAS_RESIDUAL, normalise h = x + residual": _wrong_rms(x, w, eps),
+            f"divided the sum of squares by BLOCK ({block}) instead of hidden ({hidden}): the padding is not "
+            f"part of the row": _wrong_rms(expected_h, w, eps, block),
+            "added eps after the square root instead of inside it": _wrong_rms(expected_h, w, eps, eps_outside=True),
+            "forgot to multiply by the weight": _wrong_rms(expected_h, w, eps, weighted=False),
+            "subtracted the mean (that is LayerNorm; RMSNorm does not centre the row)": _wrong_rms(
+                expected_h, w, eps, centred=True
+            ),
+            "left out eps (it keeps small rows from blowing up)": _wrong_rms(expected_h, w, 0.0),
+        }
+        if not with_residual:
+            del hints["normalised x without the residual: with HAS_RESIDUAL, normalise h = x + residual"]
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        hints = {k: val.to(dtype) for k, val in hints.items()}
+        if y.dtype != dtype:
+            v.fail(f"y has dtype {y.dtype} on {what}; store it in the output's dtype (out_ptr.dtype.element_ty).")
+            return v.report()
+        if not tensor_like(v, y, expected, f"y on {what}", atol=tol, rtol=tol, hints=hints):
+            return v.report()
+    return v.report("One read of x, the residual and the weight, one write of y and h: the fused RMSNorm.")
+
+
+__all__ = ["matmul_intensity", "rms_norm_kernel", "unfused_rmsnorm_residual_bytes"]

@@ -19,6 +19,7 @@ from ._triton import device as triton_device
 from ._triton import interpreted as triton_interpreted
 from .fused import (
     rms_norm,
+    rms_norm_kernel,
     rms_norm_torch,
     rotary,
     rotary_torch,
@@ -31,4 +32,4 @@ from .fused import (
     w4a16_matmul_torch,
     w4a16_unpack,
 )
-from .paged_attention import paged_attention_decode, paged_attention_decode_torch
+from .paged_attention import online_softmax_step, paged_attention_decode, paged_attention_decode_torch, weighted_sum

@@ -93,6 +93,18 @@ class _LazyKernel:
         return self._jitted[grid]
 
 
+def device_function(fn):
+    """`triton.jit` for a function that kernels call rather than launch (Triton compiles it into each
+    caller; a kernel can also receive one as a tl.constexpr argument). Decorated when labkit.kernels is
+    imported, which is when `import triton.language` makes Triton's own interpreter-or-GPU choice anyway;
+    without triton, the plain function (no kernel can run then)."""
+    if not available():
+        return fn
+    import triton
+
+    return triton.jit(fn)
+
+
 def jit(fn) -> _LazyKernel:
     """Use as `@jit` on a kernel in place of `@triton.jit` (same body; `triton.jit` at first launch).
 

@@ -16,6 +16,8 @@ agree to the last bit or two of the output dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -39,12 +41,15 @@ def _rows(x: torch.Tensor) -> int:
 # --- RMSNorm (optionally fused with the residual add) -----------------------------------------------
 
 
-def rms_norm(x, weight, eps: float = 1e-6, residual=None, backend: str = "auto"):
+def rms_norm(x, weight, eps: float = 1e-6, residual=None, backend: str = "auto", kernel=None):
     """y = x / sqrt(mean(x²) + eps) · weight, as transformers' LlamaRMSNorm (fp32 statistics).
 
     x: [..., hidden]; weight: [hidden]; residual: None or [..., hidden] like x.
     Without residual: returns y. With residual: h = x + residual, returns (rms_norm(h), h), the
     decoder layer's "add the sublayer's output to the residual stream, then normalise" in one pass.
+    kernel: None (labkit's rms_norm_kernel) or your own @triton.jit kernel of its signature (lesson 10's
+    "build it"), launched with one program per row wherever the Triton backend runs (the torch
+    backend has no kernel to replace); its outputs start as NaN, so entries it never stores show.
     Traffic (hidden = n elements per row): eager reads/writes about 8n elements per row in 5-6
     kernels (add, pow, mean, rsqrt-mul, cast, mul); fused: reads x, residual, weight, writes y, h.
     """
@@ -61,9 +66,19 @@ def rms_norm(x, weight, eps: float = 1e-6, residual=None, backend: str = "auto")
             )
         tensors["residual"] = residual
     _triton.check_contiguous(where, **tensors)
+    check_kernel(kernel, "kernel")
     if _triton.resolve_backend(backend, where, *tensors.values()) == "torch":
         return rms_norm_torch(x, weight, eps, residual)
-    return _rms_norm_triton(x, weight, eps, residual)
+    return _rms_norm_triton(x, weight, eps, residual, kernel)
+
+
+def check_kernel(kernel, name: str) -> None:
+    """None or a Triton kernel (something launched as kernel[grid](...)); else ValueError naming `name`."""
+    if kernel is not None and not (callable(getattr(kernel, "__getitem__", None)) and hasattr(kernel, "fn")):
+        raise ValueError(
+            f"{name}={kernel!r}: pass a Triton kernel, a function decorated with @triton.jit (launched as "
+            f"kernel[grid](...)), or None for labkit's own."
+        )
 
 
 def rms_norm_torch(x, weight, eps: float = 1e-6, residual=None):
@@ -77,7 +92,7 @@ def rms_norm_torch(x, weight, eps: float = 1e-6, residual=None):
 
 
 @jit
-def _rms_norm_kernel(
+def rms_norm_kernel(
     out_ptr,  # [rows, hidden]
     x_ptr,  # [rows, hidden]
     residual_ptr,  # [rows, hidden] (read only if HAS_RESIDUAL)
@@ -108,12 +123,13 @@ def _rms_norm_meta(hidden: int, has_residual: bool) -> dict:
     return dict(HAS_RESIDUAL=has_residual, BLOCK=max(16, next_power_of_2(hidden)))
 
 
-def _rms_norm_triton(x, weight, eps, residual):
-    out = torch.empty_like(x)
-    h = torch.empty_like(x) if residual is not None else None
+def _rms_norm_triton(x, weight, eps, residual, kernel=None):
+    empty = torch.empty_like if kernel is None else functools.partial(torch.full_like, fill_value=float("nan"))
+    out = empty(x)
+    h = empty(x) if residual is not None else None
     rows, hidden = _rows(x), x.shape[-1]
     if rows:
-        _rms_norm_kernel[(rows,)](
+        (kernel or rms_norm_kernel)[(rows,)](
             out,
             x,
             residual if residual is not None else x,

@@ -25,7 +25,16 @@ from torch import nn
 
 from ..models import check_llama, decoder_layers, linear_layers, set_module
 from ..transform import all_or_nothing, check_model, record
-from .fused import rms_norm, swiglu, w4a16_dequantize, w4a16_from_codes, w4a16_matmul
+from . import _triton
+from .fused import (
+    check_kernel,
+    rms_norm,
+    rms_norm_torch,
+    swiglu,
+    w4a16_dequantize,
+    w4a16_from_codes,
+    w4a16_matmul,
+)
 
 
 class W4A16Linear(nn.Module):
@@ -94,28 +103,65 @@ class W4A16Linear(nn.Module):
         )
 
 
-def fused_decoder_forward(layer, hidden_states, *args, backend: str = "auto", **kwargs):
+def fused_decoder_forward(layer, hidden_states, *args, backend: str = "auto", rms_norm_kernel=None, **kwargs):
     """LlamaDecoderLayer.forward with the residual add fused into the second RMSNorm and SwiGLU fused.
 
     hidden_states: [batch, seq, hidden]; every other argument goes to transformers' attention as the
-    original forward passes it (attention_mask, position_embeddings, the KV cache, ...)."""
+    original forward passes it (attention_mask, position_embeddings, the KV cache, ...).
+    rms_norm_kernel: None (labkit's) or the Triton kernel both RMSNorms launch (kernels.rms_norm's kernel=)."""
     ln1, ln2, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
     h = hidden_states.contiguous()
-    t = rms_norm(h, ln1.weight, ln1.variance_epsilon, backend=backend)
+    t = rms_norm(h, ln1.weight, ln1.variance_epsilon, backend=backend, kernel=rms_norm_kernel)
     a, _ = layer.self_attn(t, *args, **kwargs)
-    t, h = rms_norm(a.contiguous(), ln2.weight, ln2.variance_epsilon, residual=h, backend=backend)  # h = h + a
+    t, h = rms_norm(  # h = h + a, t = rms_norm(h): one kernel
+        a.contiguous(), ln2.weight, ln2.variance_epsilon, residual=h, backend=backend, kernel=rms_norm_kernel
+    )
     return h + mlp.down_proj(swiglu(mlp.gate_proj(t), mlp.up_proj(t), backend=backend))
+
+
+def check_rms_norm_kernel(kernel) -> None:
+    """A learner's RMSNorm kernel, tried on two small rows (with and without the residual) against the torch
+    reference before it goes into a model: ValueError if it cannot run here or computes something else."""
+    check_kernel(kernel, "rms_norm_kernel")
+    if kernel is None:
+        return
+    if not (_triton.available() and (_triton.interpreted() or torch.cuda.is_available())):
+        raise ValueError(
+            "rms_norm_kernel: a Triton kernel runs on a CUDA GPU, or on the CPU in Triton's interpreter "
+            "(TRITON_INTERPRET=1 set before labkit.kernels is imported); neither is available here."
+        )
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(2, 40, generator=g).to(_triton.device()) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(40, generator=g)).to(_triton.device())
+    for residual in (None, r):
+        got = rms_norm(x, w, 1e-6, residual=residual, backend="triton", kernel=kernel)
+        expected = rms_norm_torch(x, w, 1e-6, residual)
+        got, expected = (got, expected) if residual is not None else ((got,), (expected,))
+        if not all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(got, expected)):
+            raise ValueError(
+                f"rms_norm_kernel computes something else than RMSNorm {'with' if residual is not None else 'without'} "
+                f"the residual on a 2 x 40 test (check.lesson10.rms_norm_kernel says what). The model is unchanged."
+            )
 
 
 @all_or_nothing
 def fuse(
-    model, w4a16: bool = False, group_size: int = 128, float_offset: bool = False, backend: str = "auto", layers=None
+    model,
+    w4a16: bool = False,
+    group_size: int = 128,
+    float_offset: bool = False,
+    backend: str = "auto",
+    layers=None,
+    rms_norm_kernel=None,
 ) -> dict:
     """Make `model`'s decoder layers (all, or the indices in `layers`) run the fused kernels, in place.
 
     w4a16: also replace each nn.Linear in those layers by a W4A16Linear (round-to-nearest, 4 bits,
-    `group_size`). Returns {"layers": n, "linears": n, "weights": n}: what was changed."""
+    `group_size`). rms_norm_kernel: None (labkit's) or your own Triton RMSNorm kernel (lesson 10's
+    "build it"; kernels.rms_norm's kernel=), tried on a small case before the model is changed; it runs
+    in the layers whose backend is Triton. Returns {"layers": n, "linears": n, "weights": n}: what was changed."""
     check_llama(model, "labkit.kernels.llama.fuse")
+    check_rms_norm_kernel(rms_norm_kernel)
     if w4a16:
         check_model(model, "labkit.kernels.llama.fuse(w4a16=True)")
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
@@ -140,7 +186,9 @@ def fuse(
                 set_module(layer, name, W4A16Linear.from_linear(linear, group_size, float_offset, backend))
                 report["linears"] += 1
                 report["weights"] += linear.weight.numel()
-        layer.forward = functools.partial(fused_decoder_forward, layer, backend=backend)
+        layer.forward = functools.partial(
+            fused_decoder_forward, layer, backend=backend, rms_norm_kernel=rms_norm_kernel
+        )
         report["layers"] += 1
     if w4a16:
         record(model, "W4A16 (fused)", f"W4 g{group_size}", "quantize")
@@ -159,7 +207,8 @@ def set_backend(model, backend: str, layers=None) -> None:
             raise ValueError(f"set_backend: layer {i} is not fused; call fuse(model) first.")
     for i in chosen:
         layer = all_layers[i]
-        layer.forward = functools.partial(fused_decoder_forward, layer, backend=backend)
+        kernel = layer.forward.keywords.get("rms_norm_kernel")  # fuse's choice stays
+        layer.forward = functools.partial(fused_decoder_forward, layer, backend=backend, rms_norm_kernel=kernel)
         for module in layer.modules():
             if isinstance(module, W4A16Linear):
                 module.backend = backend

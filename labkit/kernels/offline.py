@@ -101,7 +101,7 @@ def cases(dtype: torch.dtype, shapes: dict = LLAMA_7B) -> list[Case]:
         return args | dict(max_blocks_per_seq=256)
 
     all_cases = [
-        Case(f"rms_norm + residual [{H}]", fused._rms_norm_kernel, rms, fused._rms_norm_meta(H, True)),
+        Case(f"rms_norm + residual [{H}]", fused.rms_norm_kernel, rms, fused._rms_norm_meta(H, True)),
         Case(f"silu_and_mul [{inter}]", fused._swiglu_kernel, swiglu, fused._swiglu_meta(inter)),
         Case(f"rotary [d {d}]", fused._rotary_kernel, rotary, fused._rotary_meta(d)),
         Case(f"w4a16 decode [16x{H}] g{g}", fused._w4a16_matmul_kernel, w4_args(16), fused._w4a16_meta(16, g, dt)),

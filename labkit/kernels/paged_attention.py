@@ -34,7 +34,7 @@ except ImportError:  # triton is a dependency on Linux only: the torch reference
     tl = None  # a Triton launch says how to install it (_triton.load)
 
 from . import _triton
-from ._triton import jit
+from ._triton import device_function, jit
 
 
 def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, check_values: bool = True):
@@ -128,6 +128,7 @@ def paged_attention_decode(
     scale: float | None = None,
     backend: str = "auto",
     check_values: bool = True,
+    step=None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV cache.
 
@@ -139,13 +140,28 @@ def paged_attention_decode(
     or "torch". check_values: validate context lengths and used block-table entries (one device sync
     on GPU; a caller that built the tables on CPU checks them there with check_block_tables and
     passes False).
+    step: None (labkit's online_softmax_step) or your own @triton.jit function of its signature (lesson
+    09's "build it"), the update of the running max, sum and output that the Triton kernel calls for every
+    tile of the context (the torch backend has no tiles).
     Returns [num_seqs, num_heads, head_dim] in q's dtype; softmax and sums are accumulated in fp32.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, check_values)
+    check_step(step)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _triton.resolve_backend(backend, "paged_attention_decode", q, k_cache, v_cache) == "torch":
         return paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return _paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return _paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, step)
+
+
+def check_step(step) -> None:
+    """None or a function Triton can call from a kernel (decorated with @triton.jit); else ValueError."""
+    if step is None:
+        return
+    if not (callable(step) and hasattr(step, "fn")) or isinstance(step, _triton._LazyKernel):
+        raise ValueError(
+            f"step={step!r}: pass a function decorated with @triton.jit, step(m_i, l_i, acc, s, v) -> (m, l, acc) "
+            f"(labkit.kernels.paged_attention.online_softmax_step's signature), or None for labkit's own."
+        )
 
 
 def paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None):
@@ -169,6 +185,33 @@ def paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens
     return out
 
 
+@device_function
+def weighted_sum(p, v):
+    """p [G, N] fp32 · v [N, D] -> [G, D] fp32: the attention weights of a tile times its values. A tl.dot
+    (tensor cores; its tiles are at least 16 rows, so G is padded to 16) for a group of query heads; a
+    multiply and sum for one query head (G == 1, LLaMA-7B), where a dot would be 15/16 padding."""
+    if p.shape[0] == 1:
+        return tl.sum(tl.trans(p) * v.to(tl.float32), 0)[None, :]
+    if v.dtype == tl.float32:
+        return tl.dot(p, v, input_precision="ieee")  # fp32 in, fp32 math (no TF32 rounding)
+    return tl.dot(p.to(v.dtype), v)
+
+
+@device_function
+def online_softmax_step(m_i, l_i, acc, s, v):
+    """One tile of the online softmax (FlashAttention, Dao et al. 2022, Algorithm 1): the running state of
+    each query head after the tile's scores s [G, N] (fp32, scaled, -inf past the context) and values v [N, D].
+
+    m_i: [G] running max of the scores; l_i: [G] running sum of exp(score - m_i); acc: [G, D] running sum
+    of exp(score - m_i) · v, all fp32. Returns (m_new, l_new, acc_new); the output is acc / l at the end."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)  # rescales what was accumulated under the old max (0 on the first tile)
+    p = tl.exp(s - m_new[:, None])  # [G, N]
+    l_new = l_i * alpha + tl.sum(p, 1)
+    acc_new = acc * alpha[:, None] + weighted_sum(p, v)
+    return m_new, l_new, acc_new
+
+
 @jit
 def _paged_attention_decode_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]
@@ -189,6 +232,7 @@ def _paged_attention_decode_kernel(
     BLOCK_N: tl.constexpr,  # tokens per loop step (may span several cache blocks)
     FP32_MATH: tl.constexpr,  # upcast K/V/q to fp32 before the dots (bf16 in the interpreter)
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32, "tf32" (= default) otherwise
+    STEP: tl.constexpr,  # the online-softmax update of one tile: online_softmax_step, or yours
 ):
     # One program per (sequence, KV head): it serves all GROUP query heads that share this KV head,
     # so each K/V element is read from memory once, not GROUP times.
@@ -228,23 +272,13 @@ def _paged_attention_decode_kernel(
         else:
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N] fp32
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Online softmax: rescale what was accumulated under the old max (FlashAttention, Alg. 1).
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])  # [BLOCK_G, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if BLOCK_G == 1:
-            pv = tl.sum(tl.trans(p) * v, 0)[None, :]  # [BLOCK_N, 1] · [BLOCK_N, BLOCK_D] -> [1, BLOCK_D] fp32
-        else:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BLOCK_G, BLOCK_D]
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = STEP(m_i, l_i, acc, s, v)  # the online softmax: rescale, then add this tile
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
 
-def _launch_meta(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict:
+def _launch_meta(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, step=None) -> dict:
     """The kernel's compile-time constants for these shapes (labkit.kernels.offline compiles the same).
     BLOCK_N: 64 tokens per step without tl.dot (one query head per KV head) in 16-bit, else 32: with
     tl.dot, a 64-token fp16 tile spills registers on sm75 (T4) and an fp32 one needs most of its
@@ -257,10 +291,11 @@ def _launch_meta(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.
         BLOCK_N=64 if group == 1 and dtype.itemsize <= 2 else 32,
         FP32_MATH=_triton.compute_in_fp32(dtype),
         PRECISION=_triton.dot_precision(dtype),
+        STEP=step or online_softmax_step,
     )
 
 
-def _paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale):
+def _paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, step=None):
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(q)
@@ -280,6 +315,6 @@ def _paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_le
         head_dim,
         block_size,
         block_tables.shape[1],
-        **_launch_meta(num_heads, num_kv_heads, head_dim, q.dtype),
+        **_launch_meta(num_heads, num_kv_heads, head_dim, q.dtype, step),
     )
     return out

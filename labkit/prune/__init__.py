@@ -17,7 +17,7 @@ decoder layers: prune.block_influence (ShortGPT) chooses them, prune.drop_layers
 """
 
 from .depth import block_influence, drop_layers
-from .flap import flap, flap_allocation, flap_scores, flap_stats, fluctuation, standardize
+from .flap import flap, flap_allocation, flap_scores, flap_stats, flap_unit_scores, fluctuation, standardize
 from .llm_pruner import (
     default_layers,
     group_importance,
@@ -98,6 +98,7 @@ __all__ = [
     "flap_allocation",
     "flap_scores",
     "flap_stats",
+    "flap_unit_scores",
     "fluctuation",
     "group_heads",
     "group_importance",

@@ -67,6 +67,29 @@ def standardize(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / scores.std().clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def flap_unit_scores(var: torch.Tensor, weight: torch.Tensor, unit: int) -> torch.Tensor:
+    """FLaP's score of every prunable unit of one output projection: the fluctuation of each input
+    channel (step 1), standardized over the layer's channels (step 2), averaged over the `unit`
+    consecutive channels a unit owns (the authors' code).
+
+    var: [in] variance of each input channel; weight: [out, in]; unit: channels per unit (a KV group's
+    group · head_dim columns of o_proj; 1 for an MLP channel of down_proj) -> [in // unit]."""
+    return standardize(fluctuation(var, weight)).view(-1, unit).mean(1)
+
+
+def _checked_scores(z, n_units: int, where: str) -> torch.Tensor:
+    """A learner's unit_scores answer: one finite float per unit, or ValueError (nothing pruned yet)."""
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point() or tuple(z.shape) != (n_units,):
+        got = f"shape {tuple(z.shape)}, dtype {z.dtype}" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(
+            f"unit_scores returned {got} for {where}; it must return a float tensor [{n_units}], one score "
+            f"per unit. The model is unchanged."
+        )
+    if not torch.isfinite(z).all():
+        raise ValueError(f"unit_scores returned NaN or infinite scores for {where}. The model is unchanged.")
+    return z.detach().float().cpu()
+
+
 @torch.no_grad()
 def flap_stats(model, calibration: torch.Tensor, device=None, batch_size: int = 8) -> list[dict[str, ColumnStats]]:
     """Input statistics of o_proj and down_proj of every layer, on the unpruned model.
@@ -92,21 +115,40 @@ def flap_stats(model, calibration: torch.Tensor, device=None, batch_size: int = 
     )
 
 
-def flap_scores(model, stats: list[dict[str, ColumnStats]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (fluctuation of each o_proj input channel [n_heads · head_dim], of each MLP channel [intermediate])."""
+def flap_scores(
+    model, stats: list[dict[str, ColumnStats]], unit_scores=flap_unit_scores
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (score of each KV group [n_kv_heads], score of each MLP channel [intermediate]): FLaP's
+    standardized fluctuation, from `stats` (flap_stats on this model, unpruned).
+
+    unit_scores: labkit's flap_unit_scores (default) or your own function unit_scores(var [in], weight [out, in], unit)
+    -> [in // unit] (lesson 03's "build it"); an answer of another shape, or not finite, raises ValueError."""
     layers = model.model.layers
     if len(stats) != len(layers) or any(set(s) != set(OBSERVED) for s in stats):
         raise ValueError(
             f"stats must hold {OBSERVED} statistics for each of the {len(layers)} layers "
             f"(labkit.prune.flap_stats on this model, before it was pruned)."
         )
-    return [
-        (
-            fluctuation(s["self_attn.o_proj"].var, layer.self_attn.o_proj.weight).cpu(),
-            fluctuation(s["mlp.down_proj"].var, layer.mlp.down_proj.weight).cpu(),
+    if not callable(unit_scores):
+        raise ValueError(
+            f"unit_scores={unit_scores!r}: pass a function unit_scores(var, weight, unit) -> [in // unit]."
         )
-        for layer, s in zip(layers, stats)
-    ]
+    out = []
+    for index, (layer, s) in enumerate(zip(layers, stats)):
+        shape = attention_shape(layer.self_attn)
+        o, down = layer.self_attn.o_proj, layer.mlp.down_proj
+        o_var, down_var = s["self_attn.o_proj"].var, s["mlp.down_proj"].var
+        groups = unit_scores(o_var.clone(), o.weight.detach().clone(), shape.group * shape.head_dim)
+        channels = unit_scores(down_var.clone(), down.weight.detach().clone(), 1)
+        out.append(
+            (
+                _checked_scores(
+                    groups, shape.n_kv_heads, f"layers.{index}.self_attn.o_proj (unit {shape.group * shape.head_dim})"
+                ),
+                _checked_scores(channels, down.in_features, f"layers.{index}.mlp.down_proj (unit 1)"),
+            )
+        )
+    return out
 
 
 def flap_allocation(
@@ -114,14 +156,12 @@ def flap_allocation(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Which KV groups and MLP channels each layer keeps: the adaptive global search (FLaP step 2).
 
-    Returns (kept KV groups per layer, kept MLP channels per layer), index tensors.
+    scores: per layer (score of each KV group [n_kv_heads], of each MLP channel [intermediate]), as
+    flap_scores returns them. Returns (kept KV groups per layer, kept MLP channels per layer), index tensors.
     """
     ratio = check_ratio(ratio)
     unit_z, unit_cost, owner = [], [], []  # one entry per candidate unit, over all layers
-    for index, (layer, (attn, mlp)) in enumerate(zip(model.model.layers, scores)):
-        s = attention_shape(layer.self_attn)
-        groups = standardize(attn).view(s.n_kv_heads, s.group * s.head_dim).mean(1)  # [n_kv]: mean z per group
-        channels = standardize(mlp)  # [intermediate]
+    for index, (layer, (groups, channels)) in enumerate(zip(model.model.layers, scores)):
         unit_z += [groups, channels]
         unit_cost += [
             torch.full_like(groups, group_param_count(layer.self_attn), dtype=torch.float64),
@@ -174,6 +214,7 @@ def flap(
     stats=None,
     device=None,
     batch_size: int = 8,
+    unit_scores=flap_unit_scores,
 ) -> StructuredReport:
     """Prune `model` in place with FLaP: a physically smaller dense model.
 
@@ -181,6 +222,8 @@ def flap(
         (from flap_stats on this same unpruned model) is given, e.g. to prune copies at several ratios.
     ratio: fraction of the decoder linears' parameters to remove, in [0, 1).
     bias: add FLaP's bias compensation to o_proj and down_proj.
+    unit_scores: labkit's flap_unit_scores or your own function of its signature (see flap_scores); every layer's
+        answer is checked before anything is pruned.
     Returns a StructuredReport (parameters before/after, heads and channels kept per layer).
     """
     ratio = check_ratio(ratio)
@@ -195,7 +238,7 @@ def flap(
         check_calibration(calibration, model)
         check_count(batch_size, "batch_size")
         stats = flap_stats(model, calibration, device=device, batch_size=batch_size)
-    scores = flap_scores(model, stats)
+    scores = flap_scores(model, stats, unit_scores)
     keep_groups, keep_channels = flap_allocation(model, scores, ratio)
     for layer, s, groups, channels in zip(model.model.layers, stats, keep_groups, keep_channels):
         shape = attention_shape(layer.self_attn)
@@ -210,4 +253,4 @@ def flap(
     return finish("flap", ratio, before, model, time.perf_counter() - start, bias)
 
 
-__all__ = ["flap", "flap_allocation", "flap_scores", "flap_stats", "fluctuation", "standardize"]
+__all__ = ["flap", "flap_allocation", "flap_scores", "flap_stats", "flap_unit_scores", "fluctuation", "standardize"]

@@ -31,8 +31,9 @@ def of(exercise):
 
 
 def show(exercise) -> None:
-    """Print the worked solution of `exercise` (its source code)."""
-    print(inspect.getsource(of(exercise)).rstrip())
+    """Print the worked solution of `exercise` (its source code; a Triton kernel's Python function)."""
+    solution = of(exercise)
+    print(inspect.getsource(getattr(solution, "fn", solution)).rstrip())
 
 
 def __getattr__(name: str):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from ..kernels import paged_attention
+
 
 def kv_bytes_per_token(config, dtype_bytes):
     head_dim = config.hidden_size // config.num_attention_heads
@@ -17,3 +19,8 @@ def slot(block_table, block_size, t):
 def paged_waste(lengths, block_size):
     reserved = sum(math.ceil(n / block_size) * block_size for n in lengths)  # whole blocks
     return 1 - sum(lengths) / reserved
+
+
+# The online-softmax step's worked solution is labkit's own, which the paged-attention kernel calls for every
+# tile (labkit.kernels.paged_attention.online_softmax_step, a @triton.jit function).
+online_softmax_step = paged_attention.online_softmax_step

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from ..kernels import fused
 
 
 def unfused_rmsnorm_residual_bytes(rows, hidden):
@@ -28,7 +28,6 @@ def matmul_intensity(m, n, k, element_bytes):
     return flops / nbytes
 
 
-def rms_norm(x, weight, eps):
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * normed.to(x.dtype)).to(x.dtype)
+# The kernel's worked solution is labkit's own kernel, which lesson 10 shows and reads line by line right
+# after the exercise (labkit.kernels.fused.rms_norm_kernel).
+rms_norm_kernel = fused.rms_norm_kernel
