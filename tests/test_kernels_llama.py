@@ -115,3 +115,32 @@ def test_fuse_input_errors(tiny_on_device):
         fused_llama.set_backend(copy.deepcopy(model), "torch")
     with pytest.raises(TypeError, match="Llama-architecture"):
         fused_llama.fuse(torch.nn.Linear(2, 2))
+
+
+def test_a_gptq_model_reaches_the_w4a16_kernel(tiny_on_device, calibration):
+    """One 4-bit layout: fuse(w4a16=True) takes GPTQ's QuantLinears as they are (their codes, repacked)."""
+    from labkit import quant
+
+    model = tiny_on_device
+    quant.gptq(model, calibration.to(DEVICE), bits=4, group_size=32, act_order=False)
+    ids = calibration[:2].to(DEVICE)
+    expected = logits(model, ids)
+    weights = {n: m.dequantized_weight(torch.float32) for n, m in quant.quant_linears(model).items()}
+    report = fused_llama.fuse(model, w4a16=True, group_size=128)  # group_size is for float linears only
+    assert report["linears"] == len(weights) == 14
+    kernels_ = {n: m for n, m in model.named_modules() if isinstance(m, fused_llama.W4A16Linear)}
+    for name, w in weights.items():
+        assert torch.allclose(kernels_[name].dequantized_weight(), w, rtol=0, atol=1e-3 * w.abs().max())
+    fused_llama.set_backend(model, "triton" if DEVICE == "cpu" else "auto")
+    assert (logits(model, ids) - expected).abs().max() < 50 * TOL * expected.abs().max()
+
+
+def test_an_act_order_model_is_refused_unchanged(tiny_on_device, calibration):
+    from labkit import quant
+
+    model = tiny_on_device
+    quant.gptq(model, calibration.to(DEVICE), bits=4, group_size=32, act_order=True)
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="with act-order; the W4A16 kernel takes 4-bit codes in column order"):
+        fused_llama.fuse(model, w4a16=True)
+    assert [type(m) for m in model.modules()] == modules

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..models import check_llama, decoder_layers, linear_layers, set_module
+from ..quant.qlinear import QuantLinear
 from ..transform import all_or_nothing, check_model, record
 from . import _triton
 from .fused import (
@@ -157,20 +158,38 @@ def fuse(
     """Make `model`'s decoder layers (all, or the indices in `layers`) run the fused kernels, in place.
 
     w4a16: also replace each nn.Linear in those layers by a W4A16Linear (round-to-nearest, 4 bits,
-    `group_size`). rms_norm_kernel: None (labkit's) or your own Triton RMSNorm kernel (lesson 10's
-    "build it"; kernels.rms_norm's kernel=), tried on a small case before the model is changed; it runs
-    in the layers whose backend is Triton. Returns {"layers": n, "linears": n, "weights": n}: what was changed."""
+    `group_size`), and each 4-bit QuantLinear already there (quant.gptq's or quant.rtn's, without
+    act-order) by a W4A16Linear with its own codes: one 4-bit layout, repacked for the kernel (the
+    `group_size` and `float_offset` arguments apply to the float linears only).
+    rms_norm_kernel: None (labkit's) or your own Triton RMSNorm kernel (lesson 10's "build it";
+    kernels.rms_norm's kernel=), tried on a small case before the model is changed; it runs in the layers
+    whose backend is Triton. Returns {"layers": n, "linears": n, "weights": n}: what was changed."""
     check_llama(model, "labkit.kernels.llama.fuse")
     check_rms_norm_kernel(rms_norm_kernel)
+    all_layers = decoder_layers(model)
+    chosen = range(len(all_layers)) if layers is None else list(layers)
+    quantized = {  # 4-bit layers a quantization method made: the kernel takes their codes as they are
+        (i, name): m
+        for i in chosen
+        if 0 <= i < len(all_layers)
+        for name, m in all_layers[i].named_modules()
+        if isinstance(m, QuantLinear)
+    }
     if w4a16:
-        check_model(model, "labkit.kernels.llama.fuse(w4a16=True)")
+        if not quantized:  # round-to-nearest from the float weights: only a model not quantized before
+            check_model(model, "labkit.kernels.llama.fuse(w4a16=True)")
+        for (i, name), m in quantized.items():
+            if m.bits != 4 or m.g_idx is not None:
+                raise ValueError(
+                    f"fuse: layers.{i}.{name} is a {m.bits}-bit QuantLinear"
+                    f"{' with act-order' if m.g_idx is not None else ''}; the W4A16 kernel takes 4-bit codes in "
+                    f"column order (quantize with act_order=False)."
+                )
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
             raise ValueError(f"fuse: group_size={group_size!r}: need a positive even integer, e.g. 128.")
     act = getattr(model.config, "hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"fuse: the fused MLP computes SiLU(gate) · up; this model's hidden_act is {act!r}.")
-    all_layers = decoder_layers(model)
-    chosen = range(len(all_layers)) if layers is None else list(layers)
     report = {"layers": 0, "linears": 0, "weights": 0}
     for i in chosen:
         if not 0 <= i < len(all_layers):
@@ -186,12 +205,17 @@ def fuse(
                 set_module(layer, name, W4A16Linear.from_linear(linear, group_size, float_offset, backend))
                 report["linears"] += 1
                 report["weights"] += linear.weight.numel()
+            for name, m in [(n, m) for (j, n), m in quantized.items() if j == i]:
+                set_module(layer, name, W4A16Linear.from_quant_linear(m, backend))
+                report["linears"] += 1
+                report["weights"] += m.in_features * m.out_features
         layer.forward = functools.partial(
             fused_decoder_forward, layer, backend=backend, rms_norm_kernel=rms_norm_kernel
         )
         report["layers"] += 1
     if w4a16:
-        record(model, "W4A16 (fused)", f"W4 g{group_size}", "quantize")
+        setting = "the QuantLinears' own codes" if quantized else f"W4 g{group_size}"
+        record(model, "W4A16 (fused)", setting, "quantize")
     return report
 
 

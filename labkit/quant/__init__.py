@@ -18,6 +18,8 @@ from . import (
     pack,
 )
 from .checkpoint import load_gptq, load_quantized, save_gptq, save_quantized
+from .cpu_kernels import to_cpu_kernels
+from .ct_export import save_compressed_tensors
 from .formats import (
     FP4,
     FP8_FORMATS,
@@ -32,6 +34,7 @@ from .formats import (
     quantize_fp8,
     quantize_lut,
 )
+from .gguf_export import save_gguf
 from .gptq import GPTQResult, gptq, gptq_quantize_weight
 from .int8 import Int8Linear, absmax_quantize, int8_matmul, matmul_path
 from .llm_int8 import Int8Report, llm_int8, outlier_counts

@@ -80,7 +80,10 @@ class Engine:
         """Greedy completions of `prompts` (strings or lists of token ids), in the prompts' order.
 
         max_new_tokens: one limit for all, or one per prompt (requests then leave the batch at
-        different steps and waiting ones take their place). Statistics of the run: self.stats."""
+        different steps and waiting ones take their place). Statistics of the run: self.stats (decode
+        steps, batch sizes, prefills, preemptions, seconds of prefill and decode, new tokens and
+        tokens_per_s = new tokens / (prefill + decode seconds)). The model's own layers run, so a
+        compressed model (quant.w8a8, quant.to_cpu_kernels, ...) is served as it is."""
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(limits) != len(prompts) or min(limits, default=1) < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1 or one such int per prompt; got {max_new_tokens}.")
@@ -128,6 +131,8 @@ class Engine:
             for r in [r for r in running if r.finish_reason is not None]:
                 running.remove(r)
                 self.blocks.free(r.id)
+        stats["new_tokens"] = sum(len(r.output_ids) for r in requests)
+        stats["tokens_per_s"] = stats["new_tokens"] / max(stats["prefill_s"] + stats["decode_s"], 1e-9)
         self.stats = stats
         return [
             Completion(r.prompt_ids, r.output_ids, self.tokenizer.decode(r.output_ids), r.finish_reason)
