@@ -64,3 +64,15 @@ def test_refusals_leave_nothing_written(tmp_path):
     quant.save_compressed_tensors(model, tmp_path / "c")
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         quant.save_compressed_tensors(model, tmp_path / "c")
+
+
+def test_a_gptq_export_loads_in_transformers_with_labkits_logits(tmp_path, calibration):
+    """The issue's case: a GPTQ model (symmetric grid, groups, no act-order) through a standard library."""
+    from transformers import AutoModelForCausalLM
+
+    model = models.load("tiny-llama-random")[0]
+    quant.gptq(model, calibration, bits=4, group_size=32, sym=True, act_order=False)
+    folder = quant.save_compressed_tensors(model, tmp_path / "gptq-ct")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
