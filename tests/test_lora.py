@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from labkit import distill, evaluate, lora, models, profiles
+from labkit import distill, evaluate, lora, models, profiles, quant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,9 +100,9 @@ def test_bad_settings_are_refused_before_any_change(tiny, kwargs, match):
 
 
 def test_bad_modules_are_refused(tiny):
-    with pytest.raises(ValueError, match=r"single nn\.Linear"), lora.adapters(nn.Linear(4, 4), 2):
+    with pytest.raises(ValueError, match=r"wrap a single linear"), lora.adapters(nn.Linear(4, 4), 2):
         pass
-    with pytest.raises(ValueError, match=r"holds no nn\.Linear"), lora.adapters(tiny.model.norm, 2):
+    with pytest.raises(ValueError, match=r"holds no linear layer"), lora.adapters(tiny.model.norm, 2):
         pass
     with (
         lora.adapters(tiny, 2),
@@ -122,3 +122,57 @@ def test_meta_copy_has_the_structure_and_no_memory(tiny):
     assert evaluate.weight_bytes(copy16) == evaluate.weight_bytes(copy.deepcopy(tiny).half())
     assert models.parameter_count(copy16) == models.parameter_count(tiny)
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in tiny.parameters())  # unchanged
+
+
+# --- QLoRA: adapters over frozen quantized linears, kept beside them ----------------------------------------
+
+
+def _codes(model):  # each quantized linear's packed codes, by its slot's name
+    return {
+        n.removesuffix(".base"): m.qweight.clone()
+        for n, m in model.named_modules()
+        if isinstance(m, (quant.QuantLinear, quant.NF4Linear))
+    }
+
+
+def test_quantized_linears_refuse_a_merge_and_nothing_changes(tiny, calibration):
+    quant.rtn(tiny, 4, 16)
+    before = copy.deepcopy(tiny.state_dict())
+    with pytest.raises(ValueError, match="merge=False"):
+        lora.lora_recover(tiny, calibration, steps=2, rank=4)
+    with pytest.raises(ValueError, match="merge=False"), lora.adapters(tiny, 4):
+        pass
+    after = tiny.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(isinstance(m, lora.LoRALinear) for m in tiny.modules())
+
+
+@pytest.mark.parametrize("quantize", ["rtn", "nf4"])
+def test_qlora_trains_adapters_over_frozen_codes(tiny, calibration, quantize):
+    if quantize == "rtn":
+        quant.rtn(tiny, 4, 16)
+        base_type = quant.QuantLinear
+    else:
+        quant.nf4(tiny, blocksize=64)
+        base_type = quant.NF4Linear
+    codes, size = _codes(tiny), evaluate.weight_bytes(tiny)
+    before = logits(tiny, calibration)
+    report = lora.lora_recover(tiny, calibration, steps=4, rank=4, lr=1e-2, batch_size=2, merge=False)
+    slots = {n: m for n, m in tiny.named_modules() if isinstance(m, lora.LoRALinear)}
+    assert len(slots) == 14 and all(isinstance(m.base, base_type) for m in slots.values())
+    assert report["trainable"] == sum(4 * (m.in_features + m.out_features) for m in slots.values())
+    assert report["merged"] is False and report["loss"][-1] < report["loss"][0]
+    assert not any(p.requires_grad for m in slots.values() for p in (m.A, m.B))  # trained, now frozen
+    after = _codes(tiny)
+    assert len(after) == 14 and all(torch.equal(after[n], codes[n]) for n in codes)  # the bases are untouched
+    assert evaluate.weight_bytes(tiny) == size + 4 * report["trainable"]  # fp32 adapters on top of the codes
+    assert not torch.allclose(logits(tiny, calibration), before, atol=1e-4)
+
+
+def test_an_error_inside_a_kept_block_removes_the_adapters(tiny, calibration):
+    quant.rtn(tiny, 4, 16)
+    before = logits(tiny, calibration)
+    with pytest.raises(RuntimeError, match="stop"), lora.adapters(tiny, 4, merge=False):
+        raise RuntimeError("stop")
+    assert not any(isinstance(m, lora.LoRALinear) for m in tiny.modules())
+    torch.testing.assert_close(logits(tiny, calibration), before, rtol=0, atol=0)

@@ -17,6 +17,7 @@ from . import (
     int8,
     pack,
 )
+from .awq import AWQReport, awq
 from .checkpoint import load_gptq, load_quantized, save_gptq, save_quantized
 from .cpu_kernels import to_cpu_kernels
 from .ct_export import save_compressed_tensors
