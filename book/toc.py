@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 BOOK = Path(__file__).resolve().parent
-TRACKS = [  # (caption, lesson numbers)
+TRACKS = [  # (caption, lesson ids: labkit.course.lesson_id, e.g. "05b" for notebooks/05b_*.ipynb)
     ("Foundations", ["00"]),
     ("Pruning", ["01", "02", "03"]),
-    ("Quantization", ["04", "05", "06"]),
+    ("Quantization", ["04", "05", "05b", "06"]),
     ("Distillation", ["07"]),
     ("Low rank", ["08"]),
     ("Systems", ["09", "10", "11"]),
@@ -26,12 +26,15 @@ REFERENCE = ["glossary", "bibliography"]
 
 
 def lessons(notebooks: Path) -> dict[str, str]:
-    """{'00': '00_baseline', ...} for every notebooks/NN_*.ipynb."""
-    return {p.stem[:2]: p.stem for p in sorted(notebooks.glob("[0-9][0-9]_*.ipynb"))}
+    """{'00': '00_baseline', ..., '05b': '05b_awq_and_qlora', ...} for every lesson in notebooks/."""
+    from labkit.course import lesson_id
+    from labkit.course import lessons as lesson_paths
+
+    return {lesson_id(p): p.stem for p in lesson_paths(notebooks)}
 
 
 def parts(notebooks: Path) -> list[tuple[str, list[str]]]:
-    """(caption, pages) in book order; a lesson number with no track raises (add it to TRACKS)."""
+    """(caption, pages) in book order; a lesson id with no track raises (add it to TRACKS)."""
     found = lessons(notebooks)
     tracked = {n for _, numbers in TRACKS for n in numbers}
     stray = sorted(set(found) - tracked)

@@ -19,14 +19,24 @@ import os
 import time
 from pathlib import Path
 
+# The rule of lesson ids ('05b' follows '05', precedes '06'), from its leaf module (which labkit.results and
+# labkit.runtime import without importing this runner); the book and the tests take it from here.
+from ._lesson_ids import LESSON_GLOB, LESSON_ID, LESSON_NAME, is_lesson, is_lesson_id, lesson_id  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
+def _selects(prefix: str, path: Path) -> bool:
+    """'05' selects lesson 05 only (not 05b); a longer prefix ('05_gp', '05b_awq') selects the names it starts."""
+    return lesson_id(path) == prefix if is_lesson_id(prefix) else path.name.startswith(prefix)
+
+
 def lessons(notebook_dir: Path = ROOT / "notebooks", select: list[str] | None = None) -> list[Path]:
-    found = sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb"))
+    """The lessons in notebook_dir in course order, by id ('05' < '05b' < '06'); select: ids or name prefixes."""
+    found = sorted((p for p in notebook_dir.glob(LESSON_GLOB) if is_lesson(p)), key=lambda p: (lesson_id(p), p.name))
     if select:
-        found = [p for p in found if any(p.name.startswith(s) for s in select)]
+        found = [p for p in found if any(_selects(s, p) for s in select)]
         if not found:
             raise SystemExit(f"No lesson matches {select}; lessons are named like 00_baseline.ipynb.")
     return found
@@ -74,7 +84,7 @@ def execute(path: Path, out_path: Path, timeout: int = 1800, env: dict[str, str]
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("select", nargs="*", help="lesson prefixes to run, e.g. 00 03 (default: all)")
+    parser.add_argument("select", nargs="*", help="lessons to run, by id (00 05b) or name prefix (default: all)")
     parser.add_argument("--in-place", action="store_true", help="store outputs in notebooks/ (authors only)")
     parser.add_argument("--out", default=str(ROOT / "build" / "executed"), help="folder for executed copies")
     parser.add_argument(
@@ -132,7 +142,7 @@ def update_references(paths: list[Path], out: Path, profile: str) -> None:
     for path in paths:
         print(f"  measuring {path.name} ...", flush=True)
         execute(path, out / path.name, env=env)
-    print_changes(results.update_references([path.name[:2] for path in paths], since=start))
+    print_changes(results.update_references([lesson_id(path) for path in paths], since=start))
     print("  storing the outputs:")
 
 

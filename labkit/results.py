@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._lesson_ids import is_lesson_id, lesson_id
 from .profiles import PROTOCOL_FIELDS, Protocol, differences, fingerprint
 
 if TYPE_CHECKING:
@@ -251,6 +252,15 @@ def table(rows: list[Row]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def _lesson(name: str) -> str:
+    """The lesson id of a row's lesson ('05b' from '05b_awq_and_qlora', labkit.course.lesson_id); a name that
+    is no lesson's, as it is (messages about rows never fail on the name)."""
+    try:
+        return lesson_id(name)
+    except (TypeError, ValueError):
+        return str(name)
+
+
 def require(rows: list[Row], wanted: list[tuple[str, str, str]]) -> list[Row]:
     """The rows for `wanted` (lesson, method, setting) keys, in that order; fails loudly when one is missing.
 
@@ -262,7 +272,7 @@ def require(rows: list[Row], wanted: list[tuple[str, str, str]]) -> list[Row]:
         lessons = sorted({lesson for lesson, _, _ in missing})
         raise LookupError(
             f"{len(missing)} result row(s) missing from {results_dir()}: {missing}. Run lesson(s) {lessons} "
-            f"first (python -m labkit.course {' '.join(name[:2] for name in lessons)}), on the same profile."
+            f"first (python -m labkit.course {' '.join(_lesson(name) for name in lessons)}), on the same profile."
         )
     return [by_key[key] for key in wanted]
 
@@ -273,7 +283,7 @@ def require_lessons(rows: list[Row], lessons: list[str]) -> list[Row]:
     if missing:
         raise LookupError(
             f"No recorded rows from lesson(s) {missing} in {results_dir()}. Run them first, on the same "
-            f"profile (python -m labkit.course {' '.join(name[:2] for name in missing)})."
+            f"profile (python -m labkit.course {' '.join(_lesson(name) for name in missing)})."
         )
     return sorted((r for r in rows if r.lesson in lessons), key=lambda r: lessons.index(r.lesson))
 
@@ -286,7 +296,7 @@ def protocols(rows: list[Row]) -> str:
         groups.setdefault(r.fingerprint if r.protocol is not None else "", []).append(r)
     lines = []
     for key, group in groups.items():
-        lessons = ", ".join(sorted({r.lesson[:2] for r in group}))
+        lessons = ", ".join(sorted({_lesson(r.lesson) for r in group}))
         what = Protocol(**group[0].protocol).describe() if key else "none: recorded without a protocol (re-run them)"
         lines.append(f"{what} (lessons {lessons})")
     return "\n".join(lines)
@@ -299,7 +309,7 @@ def _refuse_unrecorded(rows: list[Row], what: str) -> None:
         raise ValueError(
             f"{what}: {len(old)} row(s) of lesson(s) {lessons} were recorded without their protocol (by an older "
             f"labkit), so nothing says which numbers they compare with. Re-run them (python -m labkit.course "
-            f"{' '.join(name[:2] for name in lessons)}), on the same profile, to record it."
+            f"{' '.join(_lesson(name) for name in lessons)}), on the same profile, to record it."
         )
 
 
@@ -444,12 +454,19 @@ def measured(profile: str, since: float | None = None) -> dict[str, dict]:
     return {e["key"]: e for e in (json.loads(p.read_text()) for p in paths)}
 
 
+def _prefixes(prefix: str, key: str) -> bool:
+    """Whether `prefix` names reference key `key`: a lesson id names its lesson's keys ('05' names '05/gptq-w4/...',
+    not lesson 05b's '05b/awq-w4-grouped/...'; '00' names '00_baseline/perplexity'); any other prefix, the keys
+    it starts."""
+    return _lesson(key.split("/", 1)[0]) == prefix if is_lesson_id(prefix) else key.startswith(prefix)
+
+
 def update_references(
     prefixes: list[str] | None = None, since: float | None = None, rtol: float = 0.02
 ) -> list[tuple[str, float | None, float]]:
     """Authors only: store the last measured CPU-profile values in references.json.
 
-    prefixes: reference keys to update, by prefix (a lesson number such as "05", or a whole key);
+    prefixes: reference keys to update: a lesson id ("05": lesson 05's keys, not 05b's), or any prefix of keys;
     None updates every measured key. since: only values measured after this time.time().
     Only CPU-profile entries are written: published GPU-profile values are never overwritten. An
     existing entry keeps its tolerance and origin; a new entry gets rtol 2% (compressed models go
@@ -458,7 +475,7 @@ def update_references(
     """
     found = measured("cpu", since)
     if prefixes:
-        found = {k: e for k, e in found.items() if any(k.startswith(p) for p in prefixes)}
+        found = {k: e for k, e in found.items() if any(_prefixes(p, k) for p in prefixes)}
     if not found:
         raise LookupError(
             f"No measured CPU-profile values{' for ' + str(prefixes) if prefixes else ''} in {measured_dir('cpu')}. "

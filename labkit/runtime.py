@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 
 from . import colab
+from ._lesson_ids import lesson_id
 from .rehearsal.harness import RUNTIMES, GiB, Runtime
 
 GPU_SLACK = 0.02  # a GPU may report up to 2% less memory than the runtime's figure (driver, ECC) and still pass
@@ -72,6 +73,13 @@ LESSONS = {
         "rehearsed",
         "the Hessian walk and GPTQ's walk with the model on the GPU peak at 16.19 GiB (L4 budget 19.8), "
         "12.06 GiB host (RTN's parked weights); one model at a time from cell 28",
+    ),
+    "05b": Need(
+        "L4",
+        "estimate",
+        "one 7B model at a time: AWQ's walk holds what GPTQ's does (16.19 GiB rehearsed for lesson 05, plus one "
+        "[in, in] Hessian per group of linears); the LoRA recoveries train rank-8 adapters on one model (the 4-bit "
+        "AWQ model, then the dense control, 13.5 GB) with 2 x 128-token batches",
     ),
     "06": Need(
         "A100-40",
@@ -127,11 +135,17 @@ class Machine:
 
 
 def lesson_key(lesson: int | str) -> str:
-    """'00'..'12' from 0, '0', '00' or a notebook name like '00_baseline'."""
+    """A key of LESSONS ('00', ..., '05', '05b', ..., '12') from 0, '0', '00', '05b' or a notebook name like
+    '00_baseline' or '05b_awq_and_qlora' (labkit.course.lesson_id: the one rule of lesson ids)."""
     text = str(lesson)
-    key = text[:2] if len(text) > 2 and text[2] == "_" else text
+    try:
+        key = lesson_id(text)
+    except ValueError:  # not an id nor a lesson's name: a bare number ('0', '5') or nothing valid
+        key = text
     if key.isdigit() and f"{int(key):02d}" in LESSONS:
         return f"{int(key):02d}"
+    if key in LESSONS:
+        return key
     raise ValueError(f"lesson={lesson!r}: allowed are {list(LESSONS)} (or their numbers, or a notebook name).")
 
 
@@ -308,7 +322,7 @@ def main() -> None:
 
     for path in lessons():
         nb = nbformat.read(path, as_version=4)
-        if sync_notebook(nb, path.name[:2]):
+        if sync_notebook(nb, lesson_id(path)):
             nbformat.write(nb, path)
             print(f"updated {path.name}")
     readme = ROOT / "README.md"

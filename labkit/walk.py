@@ -264,6 +264,28 @@ def layer_inputs(model, tokens: torch.Tensor, index: int, batch_size: int = 8) -
     return torch.cat([states[0] for states, _ in batches]), _shared_kwargs(batches[0][1], "layer_inputs")
 
 
+@torch.no_grad()
+def observe_layer(
+    model, tokens: torch.Tensor, index: int, make_stats: Callable[[str, nn.Linear], Stats | None], batch_size: int = 8
+) -> dict[str, Stats]:
+    """The statistics of decoder layer `index`'s linear inputs on `tokens` [n, seqlen], as calibration_walk collects
+    them in that layer's turn when no layer before it has changed; make_stats(name, linear) as there.
+    One forward per batch, stopped once the layer's last observed linear has its input: a look at one layer
+    without walking all of them."""
+    check_llama(model, "observe_layer")
+    n_layers = len(model.model.layers)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n_layers:
+        raise ValueError(f"index={index!r}: the model has decoder layers 0..{n_layers - 1}.")
+    layer = model.model.layers[index]
+    linears = linear_layers(layer)
+    stats = {name: s for name, linear in linears.items() if (s := make_stats(name, linear)) is not None}
+    if stats:
+        batches = capture(model, tokens, [index], batch_size=batch_size)
+        device = next(layer.parameters()).device
+        _observe(layer, linears, stats, [(states[0], kwargs) for states, kwargs in batches], device)
+    return stats
+
+
 def layer_states(model, tokens: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], dict]:
     """Every decoder layer's input, and the last layer's output, from one forward pass per batch:
     (states, kwargs) with states[i] [n, seqlen, hidden] the input of layer i for i < L and states[L]

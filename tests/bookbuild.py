@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from labkit.course import lessons
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "book"
 
@@ -46,7 +48,7 @@ def toc_files() -> list[str]:
 
 
 def lesson_notebooks() -> list[Path]:
-    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    return lessons(ROOT / "notebooks")
 
 
 def lessons_in_book() -> list[Path]:

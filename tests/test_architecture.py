@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from labkit.course import LESSON_ID, lesson_id, lessons
+
 LABKIT = Path(__file__).resolve().parent.parent / "labkit"
 W4_LAYOUT = "labkit.quant.qlinear"  # QuantLinear: the one module of labkit.quant that labkit.kernels uses
 
@@ -230,10 +232,10 @@ NOT_IN_THE_MAP = {
 
 
 def lesson_map(readme: str) -> dict[str, set[str]]:
-    """{lesson: module paths under labkit/} from the README's table rows `| NN | modules |`, where
+    """{lesson: module paths under labkit/} from the README's table rows `| NN | modules |` (or `| NNx | ...`), where
     `dir/` (`a.py`, `b.py`) names dir/a.py and dir/b.py, and any other `x.py` or `dir/x.py` itself."""
     lessons = {}
-    for lesson, cell in re.findall(r"^\s*\| (\d\d) \| ([^|]+) \|\s*$", readme, re.M):
+    for lesson, cell in re.findall(rf"^\s*\| ({LESSON_ID}) \| ([^|]+) \|\s*$", readme, re.M):
         paths = set()
         for folder, inside in re.findall(r"`(\w+)/` \(([^)]*)\)", cell):
             paths.update(f"{folder}/{name}" for name in re.findall(r"`([\w.]+\.py)`", inside))
@@ -245,7 +247,8 @@ def lesson_map(readme: str) -> dict[str, set[str]]:
 
 def test_readme_lesson_map_matches_the_package():
     mapped = lesson_map((LABKIT.parent / "README.md").read_text())
-    assert sorted(mapped) == [f"{i:02d}" for i in range(13)], f"the map should have lessons 00-12; has {sorted(mapped)}"
+    ids = [lesson_id(p) for p in lessons()]
+    assert sorted(mapped) == ids, f"the map should have one row per lesson, {ids}; has {sorted(mapped)}"
     named = set().union(*mapped.values())
     modules = {
         str(path.relative_to(LABKIT))

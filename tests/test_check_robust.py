@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from labkit import check, kernels, solutions
+from labkit.course import lesson_id, lessons
 from labkit.distill import losses
 from labkit.lowrank import break_even
 from labkit.prune import masks, sparse_storage
@@ -89,6 +90,7 @@ SOLUTIONS = {
     "lesson11.bubble_fraction": lambda p, m: (p - 1) / (m + p - 1),
     "lesson11.linear_slices": solutions.lesson11.linear_slices,
     "lesson11.ring_bytes_per_token": lambda hidden, layers, b, world: 2 * (world - 1) / world * 2 * layers * hidden * b,
+    "lesson05b.scaled_error": solutions.lesson05b.scaled_error,
     "lesson12.pareto_front": _pareto,
     "lesson12.bits_per_weight_24": lambda value_bits: (value_bits + 2) / 2,
 }
@@ -96,12 +98,13 @@ SOLUTIONS = {
 
 def _checks() -> list[str]:
     names = []
-    for n in range(13):
-        module = importlib.import_module(f"labkit.check.lesson{n:02d}")
+    for path in lessons():
+        n = lesson_id(path)
+        module = importlib.import_module(f"labkit.check.lesson{n}")
         for name, fn in vars(module).items():
             is_check = inspect.isfunction(fn) and list(inspect.signature(fn).parameters) == ["fn"]
             if is_check and fn.__module__ == module.__name__ and not name.startswith("_"):
-                names.append(f"lesson{n:02d}.{name}")
+                names.append(f"lesson{n}.{name}")
     return names
 
 
@@ -114,7 +117,7 @@ def _check(key: str):
 
 
 def test_every_check_is_covered():
-    assert len(CHECKS) == 43 and sorted(CHECKS) == sorted(SOLUTIONS)
+    assert len(CHECKS) == 44 and sorted(CHECKS) == sorted(SOLUTIONS)
 
 
 def _poison(value, fill: float, everywhere: bool = True):

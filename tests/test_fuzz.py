@@ -410,8 +410,10 @@ def _checks():
     import inspect
 
     names = []
-    for n in range(13):
-        module = getattr(check, f"lesson{n:02d}")
+    from labkit.course import lesson_id, lessons
+
+    for path in lessons():
+        module = getattr(check, f"lesson{lesson_id(path)}")
         for name, fn in vars(module).items():
             is_check = inspect.isfunction(fn) and list(inspect.signature(fn).parameters) == ["fn"]
             if is_check and fn.__module__ == module.__name__ and not name.startswith("_"):

@@ -24,6 +24,7 @@ import torch
 from transformers import LlamaConfig
 
 from labkit import distill, evaluate, kernels, lora, lowrank, models, profiles, prune, quant, results, walk
+from labkit.course import lessons
 from labkit.prune.llm_pruner import taylor_importance
 from labkit.rehearsal import harness
 from labkit.rehearsal.harness import GPU, HOST, rehearse
@@ -54,8 +55,8 @@ def all_finite(module: torch.nn.Module) -> bool:
 
 
 def cell(lesson: str, needle: str) -> str:
-    """The source of the one code cell of lesson `lesson` (e.g. "08") that contains `needle`."""
-    (path,) = NOTEBOOKS.glob(f"{lesson}_*.ipynb")
+    """The source of the one code cell of lesson `lesson` (e.g. "08" or "05b") that contains `needle`."""
+    (path,) = lessons(NOTEBOOKS, [lesson])
     cells = json.loads(path.read_text())["cells"]
     found = ["".join(c["source"]) for c in cells if c["cell_type"] == "code" and needle in "".join(c["source"])]
     assert len(found) == 1, f"lesson {lesson}: {len(found)} code cells contain {needle!r}"
@@ -273,7 +274,7 @@ def test_lesson10_triton_examples_put_their_tensors_where_triton_runs():
     Every such lesson call must take tensors made on or moved to kernels.triton_device()."""
     assert kernels.triton_device() == torch.device("cpu" if kernels.triton_interpreted() else "cuda")
     for lesson in ("09", "10"):
-        (path,) = NOTEBOOKS.glob(f"{lesson}_*.ipynb")
+        (path,) = lessons(NOTEBOOKS, [lesson])
         for index, c in enumerate(json.loads(path.read_text())["cells"]):
             source = "".join(c["source"])
             if c["cell_type"] != "code" or 'backend="triton"' not in source or "torch.cuda.is_available()" in source:

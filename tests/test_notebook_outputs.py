@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+from labkit.course import lesson_id, lessons
+
+NOTEBOOKS = lessons(Path(__file__).resolve().parent.parent / "notebooks")
 
 # (lesson file, cell index) -> why its stderr output is acceptable. Empty today: every lesson runs clean.
 STDERR_ALLOWED: dict[tuple[str, int], str] = {}
@@ -70,7 +72,7 @@ def findings(nb: dict, name: str, stderr_allowed: dict | None = None) -> list[st
     return found
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: lesson_id(p))
 def test_stored_outputs_are_clean(path):
     problems = findings(json.loads(path.read_text(encoding="utf-8")), path.name)
     assert not problems, "re-execute the lesson after fixing its code (never edit outputs):\n" + "\n".join(problems)

@@ -18,10 +18,11 @@ import tomllib
 import torch
 
 from labkit import colab, profiles, results, runtime
+from labkit.course import lesson_id, lessons
 from labkit.rehearsal import RUNTIMES, fits, plans, rehearse
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = lessons(ROOT / "notebooks")
 ORDER = list(RUNTIMES)  # smallest first: T4, L4, A100-40, A100-80
 
 
@@ -49,7 +50,7 @@ def machine_like(monkeypatch):
 
 
 def test_every_lesson_declares_a_known_runtime():
-    assert list(runtime.LESSONS) == [p.name[:2] for p in NOTEBOOKS]
+    assert list(runtime.LESSONS) == [lesson_id(p) for p in NOTEBOOKS]
     for key, need in runtime.LESSONS.items():
         assert need.runtime in RUNTIMES, key
         assert need.basis in ("rehearsed", "estimate"), key
@@ -168,10 +169,10 @@ def test_require_rejects_an_unknown_lesson():
 # --- the notebooks -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: lesson_id(p))
 def test_notebook_declares_and_checks_its_runtime(path):
     nb = nbformat.read(path, as_version=4)
-    key = path.name[:2]
+    key = lesson_id(path)
     need = runtime.LESSONS[key]
     assert nb.metadata["labkit"] == {"runtime": need.runtime}
     assert nb.metadata["accelerator"] == "GPU"

@@ -306,3 +306,25 @@ def test_activations_on_host_or_device_give_the_same_walk(tiny):
     assert all(torch.equal(a, b) for a, b in zip(seen["host"], seen["device"]))
     with pytest.raises(ValueError, match=r"activations='gpu': allowed are 'host'"):
         walk.calibration_walk(tiny, CALIB, lambda n, lin: None, lambda i, layer, s: None, activations="gpu")
+
+
+def test_observe_layer_sees_what_the_walk_sees_in_that_layers_turn(tiny):
+    walked = {}
+    walk.calibration_walk(
+        tiny, CALIB, lambda n, lin: Keep(), lambda i, layer, stats: walked.setdefault(i, stats), batch_size=2
+    )
+    for index in (0, 1):
+        one = walk.observe_layer(
+            tiny, CALIB, index, lambda n, lin: Keep() if n != "mlp.up_proj" else None, batch_size=2
+        )
+        assert set(one) == set(walked[index]) - {"mlp.up_proj"}
+        for name, stat in one.items():
+            torch.testing.assert_close(stat.x, walked[index][name].x, rtol=0, atol=0)
+    assert walk.observe_layer(tiny, CALIB, 1, lambda n, lin: None) == {}
+    with pytest.raises(ValueError, match="index=2"):
+        walk.observe_layer(tiny, CALIB, 2, lambda n, lin: Keep())
+
+
+def test_observe_layer_keeps_no_graph(tiny):
+    stats = walk.observe_layer(tiny, CALIB, 0, lambda n, lin: walk.ColumnStats(lin.in_features))
+    assert not any(s.sum.requires_grad or s.max_abs.requires_grad for s in stats.values())

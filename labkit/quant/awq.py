@@ -174,10 +174,11 @@ def fold_scale(
 @dataclass
 class AWQReport(QuantReport):
     """A QuantReport (`errors`: each linear's relative output error tr(ΔHΔᵀ) / tr(WHWᵀ) on the calibration
-    inputs) with the search's results, per group ('layers.3.input_layernorm'): the chosen α and the loss of
-    every α tried."""
+    inputs) with the search's results, per group ('layers.3.input_layernorm'): the chosen α, the loss of
+    every α tried, and the activation scale s_X of the group's input (on the CPU)."""
 
     alphas: dict[str, float] = field(default_factory=dict)
+    act_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # s_X = mean |X_j| [in] of each group's input
     losses: dict[str, list[float]] = field(default_factory=dict)
     clip: bool = True
 
@@ -249,7 +250,7 @@ def awq(
             )
             fold_scale(layer.get_submodule(prev_name), linears, s, rep, head_dim)
             key = f"layers.{index}.{prev_name}"
-            report.alphas[key], report.losses[key] = alpha, losses
+            report.alphas[key], report.losses[key], report.act_scales[key] = alpha, losses, stat.mean_abs.cpu()
             Hs = H / s[:, None] / s[None, :]  # the input is now X diag(s)⁻¹
             hessians.update({n: Hs for n in names})
         for name, H in hessians.items():
