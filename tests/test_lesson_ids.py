@@ -2,10 +2,10 @@
 ('05b' follows '05' and precedes '06'). labkit.course holds the one rule (lesson_id, is_lesson_id, lessons);
 these tests prove it on a folder of fake notebooks, and that runtime, results and the book follow it."""
 
-import sys
 from pathlib import Path
 
 import pytest
+from bookbuild import _toc_module
 from helpers import row
 
 from labkit import course, results, runtime
@@ -115,19 +115,10 @@ def test_protocols_name_lettered_lessons():
 # --- the book ------------------------------------------------------------------------------------------------
 
 
-def _toc():
-    sys.path.insert(0, str(ROOT / "book"))
-    try:
-        import toc
-    finally:
-        sys.path.pop(0)
-    return toc
-
-
 def test_the_book_places_an_inserted_lesson_after_its_predecessor(tmp_path):
     for name in ("04_a", "05_x", "05b_y", "06_z"):
         (tmp_path / f"{name}.ipynb").write_text("{}")
-    toc = _toc()
+    toc = _toc_module()
     assert toc.lessons(tmp_path) == {"04": "04_a", "05": "05_x", "05b": "05b_y", "06": "06_z"}
     assert dict(toc.parts(tmp_path))["Quantization"] == [f"notebooks/{n}" for n in ("04_a", "05_x", "05b_y", "06_z")]
     (tmp_path / "05c_stray.ipynb").write_text("{}")
@@ -136,5 +127,7 @@ def test_the_book_places_an_inserted_lesson_after_its_predecessor(tmp_path):
 
 
 def test_the_books_chapters_follow_the_course_order():
-    pages = [page for _, pages in _toc().parts(ROOT / "notebooks") for page in pages if page.startswith("notebooks/")]
+    pages = [
+        page for _, pages in _toc_module().parts(ROOT / "notebooks") for page in pages if page.startswith("notebooks/")
+    ]
     assert pages == [f"notebooks/{p.stem}" for p in course.lessons()]
