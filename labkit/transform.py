@@ -143,14 +143,19 @@ def _parked(t: torch.Tensor) -> bool:
 
 
 class _Journal:
-    """What an all_or_nothing call parked in CPU memory: the old values of replaced accelerator tensors."""
+    """What an all_or_nothing call parked in CPU memory: the old values of replaced accelerator tensors.
 
-    def __init__(self):
+    referenced: ids of the tensors whose old data the snapshot holds already (CPU tensors at the start): not
+    parked again when a walk has moved them to the GPU meanwhile. devices: where each tensor was at the start,
+    where a restore puts it back (a CPU model walked on a GPU goes back to the CPU)."""
+
+    def __init__(self, referenced: set[int] = frozenset(), devices: dict[int, torch.device] | None = None):
         self.tensors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.device]] = {}
+        self.referenced, self.devices = referenced, devices or {}
 
     def tensor_replaced(self, t: torch.Tensor) -> None:
-        if _parked(t) and id(t) not in self.tensors:
-            self.tensors[id(t)] = (t, t.data.to("cpu", copy=True), t.device)
+        if _parked(t) and id(t) not in self.tensors and id(t) not in self.referenced:
+            self.tensors[id(t)] = (t, t.data.to("cpu", copy=True), self.devices.get(id(t), t.device))
 
     def module_replaced(self, old: nn.Module, new: nn.Module) -> None:
         """`old` leaves the model: its accelerator tensors are parked and emptied, except those `new` still holds
@@ -196,6 +201,13 @@ def _snapshot(model: nn.Module):
     return modules, [(t, t.data) for t in tensors if t is not None and not _parked(t)], config
 
 
+def _start_devices(snapshot) -> tuple[set[int], dict[int, torch.device]]:
+    """For the journal: the ids of the tensors the snapshot holds, and every tensor's device at the start."""
+    modules, referenced, _ = snapshot
+    tensors = [t for module, _ in modules for t in [*module._parameters.values(), *module._buffers.values()]]
+    return {id(t) for t, _ in referenced}, {id(t): t.device for t in tensors if t is not None}
+
+
 def _restore(model: nn.Module, snapshot) -> None:
     modules, tensors, config = snapshot
     for module, state in modules:
@@ -221,7 +233,8 @@ def all_or_nothing(transform):
     def wrapper(model, *args, **kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{transform.__qualname__}: model must be a torch.nn.Module; got {type(model).__name__}.")
-        snapshot, journal = _snapshot(model), _Journal()
+        snapshot = _snapshot(model)
+        journal = _Journal(*_start_devices(snapshot))
         _journals.append(journal)
         if _module_replaced not in models.before_replace:
             models.before_replace.append(_module_replaced)

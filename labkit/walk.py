@@ -365,24 +365,33 @@ def calibration_walk(
             layer.to(device)
         else:
             layers.load(index, layer, device)
-        linears = linear_layers(layer)
-        groups = sequential if sequential is not None else [list(linears)]
-        for group in groups:
-            unknown = [name for name in group if name not in linears]
-            if unknown:
-                raise ValueError(f"sequential names {unknown} are not linears of the layer; allowed: {list(linears)}.")
-            stats = {name: s for name in group if (s := make_stats(name, linears[name])) is not None}
-            if stats:
-                _observe(layer, linears, stats, batches, device)
-            results.append(update(index, layer, stats))
-        for i in range(len(batches)):  # the next layer's inputs, each replacing its batch
-            hidden, kwargs = batches[i]
-            batches[i] = (layer(hidden.to(device), **kwargs).to(store), kwargs)
-            del hidden  # the replaced batch is freed now, not after the loop: one set of activations at a time
-        if layers is None:
-            layer.to(home)
-        else:
+        try:
+            results += _walk_layer(layer, index, make_stats, update, sequential, batches, device, store)
+        finally:  # also on error: a failed call leaves the model where it was (a CPU model on a GPU machine)
+            if layers is None:
+                layer.to(home)
+        if layers is not None:
             layers.store(index, layer)
+    return results
+
+
+def _walk_layer(layer, index, make_stats, update, sequential, batches, device, store) -> list:
+    """One layer's turn in calibration_walk: observe and update each group, then replace `batches` by the
+    layer's outputs. Returns update's results, one per group."""
+    linears = linear_layers(layer)
+    results = []
+    for group in sequential if sequential is not None else [list(linears)]:
+        unknown = [name for name in group if name not in linears]
+        if unknown:
+            raise ValueError(f"sequential names {unknown} are not linears of the layer; allowed: {list(linears)}.")
+        stats = {name: s for name in group if (s := make_stats(name, linears[name])) is not None}
+        if stats:
+            _observe(layer, linears, stats, batches, device)
+        results.append(update(index, layer, stats))
+    for i in range(len(batches)):  # the next layer's inputs, each replacing its batch
+        hidden, kwargs = batches[i]
+        batches[i] = (layer(hidden.to(device), **kwargs).to(store), kwargs)
+        del hidden  # the replaced batch is freed now, not after the loop: one set of activations at a time
     return results
 
 

@@ -225,7 +225,7 @@ def llama_cos_sin(batch, seq_len, head_dim, dtype, offset=0, base=10000.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 3, 7, 24), (3, 4, 5, 64)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 3, 7, 24), (3, 4, 5, 64), (2, 4, 33, 128)])
 def test_rotary_matches_reference(shape, dtype):
     batch, _heads, seq_len, head_dim = shape
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
@@ -317,6 +317,9 @@ W4_CASES = [
     ((20, 96), 33, 16),  # M > 16, K not a multiple of the 64-column K step; groups narrower than a step
     ((2, 192), 40, 64),  # one 64-column K step per group
     ((40, 384), 72, 192),  # M > 16 (a 64-row tile), 3 K steps per group
+    ((1, 1536), 40, 64),  # decode split along K into 3 programs of 512 columns
+    ((2, 1088), 24, 32),  # split in 2: 544 and 544 columns, whole groups of 32
+    ((3, 1024), 20, 16),  # split in 2, groups narrower than a step (scales loaded per byte)
 ]
 
 

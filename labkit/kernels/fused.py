@@ -250,23 +250,28 @@ def rotary(x, cos, sin, backend: str = "auto"):
     out = torch.empty_like(x)
     rows = x.numel() // head_dim
     if rows:
-        _rotary_kernel[(rows,)](
+        meta = _rotary_meta(head_dim)
+        _rotary_kernel[(_cdiv(rows, meta["BLOCK_R"]),)](
             out,
             x,
             cos,
             sin,
+            rows,
             x.shape[1],
             seq_len,
             head_dim // 2,
             cos.shape[-2] * head_dim if cos.dim() == 3 else 0,  # batch stride of cos/sin (0: shared)
-            **_rotary_meta(head_dim),
+            **meta,
         )
     return out
 
 
 def _rotary_meta(head_dim: int) -> dict:
-    """Compile-time constants (labkit.kernels.offline compiles the same): half a head per block."""
-    return dict(BLOCK=max(16, next_power_of_2(head_dim // 2)))
+    """Compile-time constants (labkit.kernels.offline compiles the same): half a head per block column,
+    and enough rows per program for ~1024 elements of each half. One row per program (64 values of a
+    LLaMA head) ran at 17% of the H200's bandwidth: too little work per program to hide the loads."""
+    block = max(16, next_power_of_2(head_dim // 2))
+    return dict(BLOCK_R=max(1, 1024 // block), BLOCK=block)
 
 
 def rotate_half(x):
@@ -287,27 +292,29 @@ def _rotary_kernel(
     x_ptr,  # [batch, num_heads, seq_len, head_dim]
     cos_ptr,  # [batch, seq_len, head_dim] or [seq_len, head_dim]
     sin_ptr,  # like cos
+    rows,  # batch · num_heads · seq_len
     num_heads,
     seq_len,
     half,  # head_dim // 2
     cos_batch_stride,  # seq_len · head_dim, or 0 when cos/sin are shared by the batch
+    BLOCK_R: tl.constexpr,  # (batch, head, position) rows per program
     BLOCK: tl.constexpr,  # half padded to a power of 2
 ):
-    row = tl.program_id(0).to(tl.int64)  # one (batch, head, position) row of head_dim values
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] rows of head_dim values
     b = row // (num_heads * seq_len)
     s = row % seq_len
     offs = tl.arange(0, BLOCK)
-    mask = offs < half
-    base = row * 2 * half
-    x1 = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + base + half + offs, mask=mask, other=0.0).to(tl.float32)
-    cbase = b * cos_batch_stride + s * 2 * half
-    c1 = tl.load(cos_ptr + cbase + offs, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + cbase + half + offs, mask=mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + cbase + offs, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + cbase + half + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + base + offs, (x1 * c1 - x2 * s1).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + base + half + offs, (x2 * c2 + x1 * s2).to(out_ptr.dtype.element_ty), mask=mask)
+    mask = (row < rows)[:, None] & (offs < half)[None, :]  # [BLOCK_R, BLOCK]
+    first = (row * 2 * half)[:, None] + offs[None, :]  # the first half of each row; the second is `half` on
+    x1 = tl.load(x_ptr + first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + first + half, mask=mask, other=0.0).to(tl.float32)
+    c_first = (b * cos_batch_stride + s * 2 * half)[:, None] + offs[None, :]
+    c1 = tl.load(cos_ptr + c_first, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + c_first + half, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + c_first, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + c_first + half, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + first, (x1 * c1 - x2 * s1).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + first + half, (x2 * c2 + x1 * s2).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --- W4A16: 4-bit weights, 16-bit activations ------------------------------------------------------------
@@ -417,6 +424,7 @@ def _w4a16_matmul_kernel(
     K,
     n_groups,
     group_size,
+    split_cols,  # input columns per program along K (a multiple of the K step and, with STEP_IN_GROUP, of groups)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_KB: tl.constexpr,  # packed bytes per K step (= 2 · BLOCK_KB input columns), >= 16
@@ -428,17 +436,24 @@ def _w4a16_matmul_kernel(
     # tile of packed bytes once and splits it into the even-column and odd-column weights, so
     #     y = x[:, 0::2] · W[:, 0::2]ᵀ + x[:, 1::2] · W[:, 1::2]ᵀ
     # needs no interleaving; both halves share the byte's group scale and zero.
+    # Split-K (program_id(2)): each program sums its own `split_cols` input columns into its own slice
+    # out[pid_k] of an fp32 [SPLIT_K, M, N] buffer, and the launcher adds the slices (in a fixed order:
+    # deterministic, unlike atomics). At decode there are few output tiles (64 for N = 4096), too few
+    # programs to keep a large GPU's memory system busy; splitting K multiplies them.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_mask = offs_m < M
     n_mask = offs_n < N
     KB = K // 2
+    kb_start = pid_k * (split_cols // 2)
+    kb_end = tl.minimum(KB, kb_start + split_cols // 2)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kb0 in range(0, KB, BLOCK_KB):
+    for kb0 in range(kb_start, kb_end, BLOCK_KB):
         b = kb0 + tl.arange(0, BLOCK_KB)  # [BLOCK_KB] byte columns: input columns 2b and 2b + 1
-        b_mask = b < KB
+        b_mask = b < kb_end
         w_mask = b_mask[:, None] & n_mask[None, :]
         packed = tl.load(qweight_ptr + offs_n[None, :] * KB + b[:, None], mask=w_mask, other=0).to(tl.int32)
         if STEP_IN_GROUP:  # one scale and one zero per output column for the whole step: [1, BLOCK_N]
@@ -461,8 +476,15 @@ def _w4a16_matmul_kernel(
             x_odd = x_odd.to(tl.float32)
         acc += tl.dot(x_even, w_even.to(x_even.dtype), input_precision=PRECISION)
         acc += tl.dot(x_odd, w_odd.to(x_odd.dtype), input_precision=PRECISION)
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    out_offs = pid_k.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _w4a16_split_k(M: int, K: int) -> int:
+    """Programs along K: at decode (M <= 16) one per 512 input columns, at most 8 (4096 -> 8); else 1.
+    On the H200 the unsplit decode kernel (64 programs for a 4096 x 4096 layer) read its 4-bit weights
+    more slowly than cuBLAS read the fp16 ones (benchmarks/gpu_check.sh, 2026-12-04)."""
+    return min(8, max(1, K // 512)) if M <= 16 else 1
 
 
 def _w4a16_meta(M: int, group_size: int, dtype: torch.dtype) -> dict:
@@ -470,7 +492,8 @@ def _w4a16_meta(M: int, group_size: int, dtype: torch.dtype) -> dict:
     the same). BLOCK_M: 16 at decode (tl.dot's smallest tile), else 64 (32 in fp32); a 64-row tile
     gets 8 warps (with 4 it spills registers on sm75 and sm80). The K step is 64 input columns, or 32
     when that makes it fit inside a group (group size 32), so that scale and zero are loaded once
-    per step, not once per weight; other group sizes fall back to a load per byte."""
+    per step, not once per weight; other group sizes fall back to a load per byte, with 8 warps (with 4
+    the decode tile spilled registers on sm89 under Triton 3.6)."""
     block_m = 16 if M <= 16 else 64 if dtype.itemsize <= 2 else 32
     block_kb = 32 if group_size % 64 == 0 else 16 if group_size % 32 == 0 else 32
     return dict(
@@ -480,7 +503,7 @@ def _w4a16_meta(M: int, group_size: int, dtype: torch.dtype) -> dict:
         STEP_IN_GROUP=group_size % (2 * block_kb) == 0,
         FP32_MATH=_triton.compute_in_fp32(dtype),
         PRECISION=_triton.dot_precision(dtype),
-        num_warps=8 if block_m == 64 else 4,
+        num_warps=8 if block_m == 64 or group_size % (2 * block_kb) else 4,
     )
 
 
@@ -491,6 +514,15 @@ def _w4a16_matmul_triton(x, qweight, scales, zeros, group_size):
     out = x.new_empty(*x.shape[:-1], N)
     if M and N:
         meta = _w4a16_meta(M, group_size, x.dtype)
-        grid = (_cdiv(M, meta["BLOCK_M"]), _cdiv(N, meta["BLOCK_N"]))
-        _w4a16_matmul_kernel[grid](out, x2, qweight, scales, zeros, M, N, K, K // group_size, group_size, **meta)
+        # K split into whole steps (whole groups when a step lies inside one): `split` programs along K
+        unit = group_size if meta["STEP_IN_GROUP"] else 2 * meta["BLOCK_KB"]
+        split_cols = _cdiv(_cdiv(K, unit), _w4a16_split_k(M, K)) * unit
+        split = _cdiv(K, split_cols)
+        dest = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+        grid = (_cdiv(M, meta["BLOCK_M"]), _cdiv(N, meta["BLOCK_N"]), split)
+        _w4a16_matmul_kernel[grid](
+            dest, x2, qweight, scales, zeros, M, N, K, K // group_size, group_size, split_cols, **meta
+        )
+        if split > 1:
+            out.copy_(dest.sum(0).view(out.shape))  # the slices added in order, then cast to x's dtype
     return out

@@ -202,13 +202,13 @@ def fuse(
                         f"fuse: group_size={group_size} must be even and divide {name}'s "
                         f"in_features={linear.in_features}."
                     )
+                report["weights"] += linear.in_features * linear.out_features  # before parking empties it
                 set_module(layer, name, W4A16Linear.from_linear(linear, group_size, float_offset, backend))
                 report["linears"] += 1
-                report["weights"] += linear.weight.numel()
             for name, m in [(n, m) for (j, n), m in quantized.items() if j == i]:
+                report["weights"] += m.in_features * m.out_features
                 set_module(layer, name, W4A16Linear.from_quant_linear(m, backend))
                 report["linears"] += 1
-                report["weights"] += m.in_features * m.out_features
         layer.forward = functools.partial(
             fused_decoder_forward, layer, backend=backend, rms_norm_kernel=rms_norm_kernel
         )

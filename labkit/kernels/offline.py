@@ -88,12 +88,22 @@ def cases(dtype: torch.dtype, shapes: dict = LLAMA_7B) -> list[Case]:
     rms = dict(out_ptr=dt, x_ptr=dt, residual_ptr=dt, residual_out_ptr=dt, weight_ptr=dt, hidden=H, eps=1e-6)
     swiglu = dict(out_ptr=dt, gate_ptr=dt, up_ptr=dt, up_offset=inter, d=inter, row_stride=2 * inter)
     rotary = dict(
-        out_ptr=dt, x_ptr=dt, cos_ptr=dt, sin_ptr=dt, num_heads=heads, seq_len=2048, half=d // 2, cos_batch_stride=0
+        out_ptr=dt,
+        x_ptr=dt,
+        cos_ptr=dt,
+        sin_ptr=dt,
+        rows=heads * 2048,
+        num_heads=heads,
+        seq_len=2048,
+        half=d // 2,
+        cos_batch_stride=0,
     )
     w4 = dict(out_ptr=dt, x_ptr=dt, qweight_ptr=torch.uint8, scales_ptr=dt, zeros_ptr=dt)
 
     def w4_args(M):
-        return w4 | dict(M=M, N=inter, K=H, n_groups=H // g, group_size=g)
+        split = fused._w4a16_split_k(M, H)  # split K: fp32 slices, added by the launcher
+        out = dict(out_ptr=torch.float32) if split > 1 else {}
+        return w4 | out | dict(M=M, N=inter, K=H, n_groups=H // g, group_size=g, split_cols=-(-H // split))
 
     def paged(kv_heads):
         args = dict(out_ptr=dt, q_ptr=dt, k_cache_ptr=dt, v_cache_ptr=dt, block_tables_ptr=i32, context_lens_ptr=i32)

@@ -280,15 +280,19 @@ def _paged_attention_decode_kernel(
 
 def _launch_meta(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, step=None) -> dict:
     """The kernel's compile-time constants for these shapes (labkit.kernels.offline compiles the same).
-    BLOCK_N: 64 tokens per step without tl.dot (one query head per KV head) in 16-bit, else 32: with
-    tl.dot, a 64-token fp16 tile spills registers on sm75 (T4) and an fp32 one needs most of its
-    64 KB of shared memory (python -m labkit.kernels.offline shows both)."""
+    BLOCK_N: 32 tokens per step. Larger tiles spill registers somewhere (python -m labkit.kernels.offline
+    shows it): with tl.dot a 64-token fp16 tile on sm75 (T4), and an fp32 one needs most of its 64 KB of
+    shared memory; without tl.dot (one query head per KV head) a 64-token 16-bit tile spilled on sm89 (L4,
+    4 warps) and on sm90 (H100, 8 warps) with Triton 3.6, the version on the H200 that benchmarks/
+    gpu_check.sh ran on (2026-12-04). The price there: 32 sequences x 1024 tokens, 32 heads of 128, fell
+    from 60% to 39% of the H200's bandwidth (bench_kernels.py's target is 30%); a tile per arch would win it
+    back."""
     group = num_heads // num_kv_heads
     return dict(
         GROUP=group,
         BLOCK_G=1 if group == 1 else max(16, _triton.next_power_of_2(group)),
         BLOCK_D=max(16, _triton.next_power_of_2(head_dim)),
-        BLOCK_N=64 if group == 1 and dtype.itemsize <= 2 else 32,
+        BLOCK_N=32,
         FP32_MATH=_triton.compute_in_fp32(dtype),
         PRECISION=_triton.dot_precision(dtype),
         STEP=step or online_softmax_step,

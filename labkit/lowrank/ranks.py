@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..walk import Hessian, calibration_walk
-from .svd import discarded, factor_targets, rank_for_ratio, whitening
+from .svd import discarded, factor_targets, linalg_svd, rank_for_ratio, whitening
 
 
 @dataclass
@@ -135,7 +135,8 @@ def measure_spectra(
     linears = factor_targets(model, targets)
     shapes = {name: (lin.out_features, lin.in_features) for name, lin in linears.items()}
     if calibration is None:
-        return {name: torch.linalg.svdvals(lin.weight.detach().float()).cpu() for name, lin in linears.items()}, shapes
+        spectra = {name: linalg_svd(lin.weight.detach().float(), values_only=True) for name, lin in linears.items()}
+        return {name: s.cpu() for name, s in spectra.items()}, shapes
     chosen = {id(linear) for linear in linears.values()}
     spectra: dict[str, torch.Tensor] = {}
 
@@ -145,7 +146,8 @@ def measure_spectra(
     def update(index, layer, stats):
         for name, stat in stats.items():
             W = layer.get_submodule(name).weight.detach().double()
-            spectra[f"layers.{index}.{name}"] = torch.linalg.svdvals(W @ whitening(stat.H, percdamp)).float().cpu()
+            s = linalg_svd(W @ whitening(stat.H, percdamp), values_only=True)
+            spectra[f"layers.{index}.{name}"] = s.float().cpu()
 
     calibration_walk(model, calibration, make_stats, update, device=device, batch_size=batch_size, desc="spectra")
     return {name: spectra[name] for name in linears}, shapes

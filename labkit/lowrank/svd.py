@@ -90,12 +90,29 @@ def _split(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, rank: int) -> tup
     return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]
 
 
+def linalg_svd(M: torch.Tensor, values_only: bool = False):
+    """torch.linalg.svd (reduced) or svdvals of M [m, n]. On CUDA with the QR-based driver 'gesvd', and on the
+    CPU if cuSOLVER still fails to converge: it did on W S of the tiny test model (H200, torch 2.11,
+    2026-12-04), where LAPACK on the CPU succeeds."""
+    driver = "gesvd" if M.is_cuda else None
+    try:
+        if values_only:
+            return torch.linalg.svdvals(M, driver=driver)
+        return torch.linalg.svd(M, full_matrices=False, driver=driver)
+    except torch.linalg.LinAlgError:
+        if not M.is_cuda:
+            raise
+        # cuSOLVER gave up (with 'gesvd' too, on the H200): LAPACK on the CPU, results back on the GPU
+        out = linalg_svd(M.cpu(), values_only)
+        return out.to(M.device) if values_only else tuple(t.to(M.device) for t in out)
+
+
 def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-r approximation of weight [out, in] in Frobenius norm (Eckart–Young).
 
     Returns (A [r, in], B [out, r], singular values of W [min(out, in)]), fp32; B @ A = W_r.
     """
-    U, s, Vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    U, s, Vh = linalg_svd(weight.detach().float())
     A, B = _split(U, s, Vh, rank)
     return A, B, s
 
@@ -144,7 +161,7 @@ def whitened_factors(
     weight: [out, in]; S: [in, in]. Returns (A [r, in], B [out, r], singular values of W S), fp32, with
     B @ A = U_r Σ_r V_rᵀ S⁻¹ (lesson 08's "build it" writes this function; lowrank.svd's `whitened=`).
     """
-    U, s, Vh = torch.linalg.svd(weight.detach().double() @ S, full_matrices=False)  # SVD of W S
+    U, s, Vh = linalg_svd(weight.detach().double() @ S)  # SVD of W S
     A, B = _split(U, s, Vh, rank)
     A = torch.linalg.solve_triangular(S, A, upper=False, left=False)  # A S⁻¹: solve X S = A
     return A.float(), B.float(), s.float()
@@ -203,7 +220,7 @@ def truncation_errors(weight: torch.Tensor, H: torch.Tensor, ranks: list[int]) -
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= full for r in ranks):
         raise ValueError(f"ranks={ranks!r}: need a non-empty list of integers in [1, {full}] (min(out, in)).")
     Hf = H.detach().to(W.device, torch.float32)  # [in, in]
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # U: [out, full], S: [full], Vh: [full, in]
+    U, S, Vh = linalg_svd(W)  # U: [out, full], S: [full], Vh: [full, in]
     whitened = whitened_svd(W, H, 1)[2]  # singular values of W S
     weight_energy, out_energy = (W**2).sum(), torch.trace(W @ Hf @ W.T)
     curves: dict[str, list[float]] = {
