@@ -21,6 +21,7 @@ import copy
 import functools
 import hashlib
 import importlib.util
+import inspect
 import os
 import shutil
 from dataclasses import dataclass
@@ -363,6 +364,11 @@ def meta_copy(model: nn.Module) -> nn.Module:
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     return copy.deepcopy(model, memo)
+
+
+def cache_kwarg(model) -> str:
+    """The name under which model.forward takes the KV cache: 'cache' (transformers 5.x) or 'past_key_values'."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def check_llama(model, where: str = "labkit") -> None:

@@ -4,8 +4,8 @@ and fp32 on sm75 for the tl.dot kernels. Fails if a kernel stops compiling, spil
 (budget: offline.SPILL_BUDGET bytes per thread) or needs more shared memory than the arch allows.
 
 The compiles run in a fresh process without TRITON_INTERPRET (this process may have run kernels in
-the interpreter). Run time, measured on the shared 2-core machine: 45-62 s with an empty Triton
-cache (about 30 s of CPU for the 55 compiles), about 35 s when Triton's cache already holds them.
+the interpreter). Run time, measured on the shared 2-core machine before the flash-attention kernel
+joined (55 compiles; now 63): 45-62 s with an empty Triton cache, about 35 s when Triton's cache holds them.
 `pytest -s` prints the table of registers, spills and shared memory.
 """
 

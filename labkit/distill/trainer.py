@@ -29,7 +29,6 @@ generators seeded from `seed`, and the global RNG is forked so the caller's is l
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..models import cache_kwarg
 from ..walk import check_calibration
 from .losses import LOSSES, check_beta, check_temperature, hidden_mse
 from .students import check_vocab
@@ -183,7 +183,7 @@ def sample(
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"new_tokens={new_tokens!r}: need a positive integer.")
     # transformers 5.x renamed past_key_values to cache; accept either spelling
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = cache_kwarg(model)
     was_training = model.training
     model.eval()
     try:

@@ -4,6 +4,7 @@
     out = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens)
     y, h = kernels.rms_norm(x, weight, eps, residual=h)
     y = kernels.w4a16_matmul(x, *kernels.w4a16_from_codes(codes, scales, zeros, 128), group_size=128)
+    o = kernels.flash_attention(q, k, v)   # causal prefill attention, tiled with the online softmax
 
 backend="auto" runs Triton on CUDA tensors and the torch reference otherwise. On a CPU machine,
 set TRITON_INTERPRET=1 before importing this package and pass backend="triton" to run the Triton
@@ -17,6 +18,7 @@ needed) and reports registers, spills and shared memory.
 from ._triton import available as triton_available
 from ._triton import device as triton_device
 from ._triton import interpreted as triton_interpreted
+from .flash_attention import attention_traffic, flash_attention, flash_attention_tiled_torch, flash_attention_torch
 from .fused import (
     rms_norm,
     rms_norm_kernel,

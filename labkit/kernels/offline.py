@@ -17,7 +17,7 @@ constants the launchers choose for those shapes, and the cubin's resource use is
 Targets (GPUTarget("cuda", arch, 32)): sm75 (T4, Colab's free GPU), sm80 (A100), sm89 (L4), sm90
 (H100). Dtypes: fp16 everywhere (the GPU profile's dtype); bf16 on sm80 and newer only, since sm75
 has no bf16 tensor cores (Triton would emulate the bf16 tl.dot; lessons run bf16 on Ampere or later);
-fp32 on sm75 for the two kernels with tl.dot, whose fp32 tiles are the ones that press on the T4's
+fp32 on sm75 for the three kernels with tl.dot, whose fp32 tiles are the ones that press on the T4's
 64 KB of shared memory (the unit tests run fp32 on any GPU).
 
 Budgets, checked by problems(): no spills (0 bytes of per-thread stack, where ptxas puts spilled
@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from . import fused, paged_attention
+from .flash_attention import _flash_attention_kernel, _flash_meta
 
 ARCHS = {75: "T4", 80: "A100", 89: "L4", 90: "H100"}  # compute capability -> the GPU the course has in mind
 SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block (opt-in max)
@@ -130,13 +131,20 @@ def cases(dtype: torch.dtype, shapes: dict = LLAMA_7B) -> list[Case]:
             paged(heads // 4),
             paged_attention._launch_meta(heads, heads // 4, d, dt),
         ),
+        Case(
+            f"flash attention {heads}/{heads} d{d} [2048]",
+            _flash_attention_kernel,
+            dict(out_ptr=dt, q_ptr=dt, k_ptr=dt, v_ptr=dt, scale=d**-0.5, num_heads=heads, num_kv_heads=heads)
+            | dict(seq_len=2048, head_dim=d),
+            _flash_meta(d, dt) | dict(CAUSAL=True),
+        ),
     ]
     if dtype == torch.float16:  # groups narrower than a K step (not the GPU profile's): scales loaded per byte
         w4_g16 = w4_args(16) | dict(n_groups=H // 16, group_size=16)
         meta = fused._w4a16_meta(16, 16, dt)
         all_cases.append(Case(f"w4a16 decode [16x{H}] g16", fused._w4a16_matmul_kernel, w4_g16, meta))
     if dtype == torch.float32:  # fp32 only matters for the tl.dot kernels' shared memory (see the docstring)
-        all_cases = [c for c in all_cases if "w4a16 prefill" in c.name or "GQA" in c.name]
+        all_cases = [c for c in all_cases if "w4a16 prefill" in c.name or "GQA" in c.name or "flash" in c.name]
     return all_cases
 
 

@@ -1,4 +1,5 @@
-"""Serving: a paged KV cache, its block manager, and a continuous-batching engine.
+"""Serving: a paged KV cache, its block manager, a continuous-batching engine, speculative decoding, and KV-cache
+compression (int8/int4 with KIVI's scale layouts; StreamingLLM's sinks and window).
 
 from labkit import models, serving
 model, tok = models.load("smollm2-135m")
@@ -6,6 +7,8 @@ engine = serving.Engine(model, tok, num_blocks=256, block_size=16, max_batch=8)
 for c in engine.generate(["The history of the city", "Once upon a time"], max_new_tokens=32):
     print(c.text)
 serving.kv_memory_waste(serving.synthetic_request_lengths(), max_seq_len=2048, block_size=16)
+result = serving.speculative_generate(model, draft, input_ids, max_new_tokens=64, k=4)  # a draft guesses, model checks
+serving.perplexity_with_cache(model, test_ids, 1024, lambda: serving.QuantizedKVCache(model, bits=4))  # int4 KV cache
 """
 
 from .block_manager import (
@@ -17,3 +20,20 @@ from .block_manager import (
     synthetic_request_lengths,
 )
 from .engine import Completion, Engine
+from .kv_compression import (
+    QuantizedKV,
+    QuantizedKVCache,
+    StreamingCache,
+    bytes_per_token,
+    chunked_logits,
+    dequantize_kv,
+    evict,
+    greedy_generate,
+    kv_bytes,
+    pack_codes,
+    perplexity_with_cache,
+    quantize_kv,
+    rope_shift,
+    unpack_codes,
+)
+from .speculative import SpeculativeResult, accept_tokens, expected_tokens_per_pass, speculative_generate
