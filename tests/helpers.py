@@ -1,8 +1,32 @@
 """Small builders shared by several test files (fixtures live in conftest.py)."""
 
+import pytest
 import torch
 
 from labkit import profiles, results
+
+# The Triton kernels' tests: tolerances per dtype (fp32: the same arithmetic in another order; fp16: 11 mantissa
+# bits; bf16: 8), and the dtypes they run in.
+KERNEL_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def kernel_device() -> str:
+    """Where the Triton kernels' tests run: "cpu" in Triton's interpreter, else "cuda"; with neither, the calling
+    test module is skipped."""
+    from labkit.kernels import _triton
+
+    if _triton.interpreted():
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip(
+        "TRITON_INTERPRET is off and there is no CUDA GPU: nowhere to run the Triton kernels", allow_module_level=True
+    )
 
 
 def correlated_layer(seed=0, rows=32, columns=64, tokens=512, noise=0.3):

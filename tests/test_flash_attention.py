@@ -22,6 +22,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tes
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import KERNEL_DTYPES, KERNEL_TOL, kernel_device
 
 pytest.importorskip("triton", reason="triton is not installed (`pip install triton`); the kernel is untested")
 
@@ -36,21 +37,8 @@ from labkit.kernels.flash_attention import (
     flash_attention_torch,
 )
 
-if _triton.interpreted():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip(
-        "TRITON_INTERPRET is off and there is no CUDA GPU: nowhere to run the Triton kernel", allow_module_level=True
-    )
-
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEVICE = kernel_device()
+TOL, DTYPES = KERNEL_TOL, KERNEL_DTYPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

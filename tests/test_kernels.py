@@ -17,6 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tes
 
 import pytest
 import torch
+from helpers import KERNEL_DTYPES, KERNEL_TOL, kernel_device
 
 pytest.importorskip("triton", reason="triton is not installed (`pip install triton`); the kernels are untested")
 
@@ -38,21 +39,8 @@ from labkit.kernels.fused import (
 )
 from labkit.kernels.paged_attention import paged_attention_decode, paged_attention_decode_torch
 
-if _triton.interpreted():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip(
-        "TRITON_INTERPRET is off and there is no CUDA GPU: nowhere to run the Triton kernels", allow_module_level=True
-    )
-
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEVICE = kernel_device()
+TOL, DTYPES = KERNEL_TOL, KERNEL_DTYPES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
