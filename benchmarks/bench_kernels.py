@@ -362,6 +362,36 @@ def bench_paged_attention(report, device, dtype, configs, block_size):
         )
 
 
+# --- prefill attention (issue 20) ---------------------------------------------------------------------
+
+
+def bench_flash_attention(report, device, dtype, configs):
+    """Causal prefill attention: the Triton kernel (kernels.flash_attention) against the naive eager
+    version that stores the [seq, seq] scores (kernels.flash_attention_torch) and PyTorch's SDPA (a
+    FlashAttention kernel on sm80+). No target: at these lengths attention is compute-bound (about
+    seq/2 FLOP per byte of the minimum traffic), so "% peak" of bandwidth understates it; the line after
+    each config gives the Triton kernel's TFLOP/s."""
+    nb = torch.tensor([], dtype=dtype).element_size()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for batch, heads, kv_heads, seq, head_dim in configs:
+        q = torch.randn(batch, heads, seq, head_dim, generator=g).to(device, dtype)
+        k = torch.randn(batch, kv_heads, seq, head_dim, generator=g).to(device, dtype)
+        v = torch.randn(batch, kv_heads, seq, head_dim, generator=g).to(device, dtype)
+        traffic = K.attention_traffic(batch, heads, kv_heads, seq, head_dim, nb, block_m=64)
+        name = f"flash attn b{batch} h{heads}/{kv_heads} s{seq} d{head_dim}"
+        group = heads // kv_heads
+        kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        sdpa_ms = bench_ms(partial(F.scaled_dot_product_attention, q, kr, vr, is_causal=True), device)
+        report.add(name, "sdpa", sdpa_ms, traffic["minimum"])
+        eager_ms = bench_ms(partial(K.flash_attention_torch, q, k, v), device)
+        report.add(name, "torch eager (naive)", eager_ms, traffic["minimum"], sdpa_ms)
+        ms = bench_ms(partial(K.flash_attention, q, k, v, backend="triton"), device)
+        report.add(name, "triton", ms, traffic["minimum"], sdpa_ms)
+        flops = 4 * batch * heads * seq * seq * head_dim / 2  # Q·Kᵀ and P·V, half the matrix when causal
+        print(f"  triton {flops / (ms * 1e-3) / 1e12:.1f} TFLOP/s, sdpa {flops / (sdpa_ms * 1e-3) / 1e12:.1f}, "
+              f"eager {flops / (eager_ms * 1e-3) / 1e12:.1f}; speed-up column: against sdpa")
+
+
 # --- one decode step of a LLaMA-7B-shaped model ----------------------------------------------------------
 
 
@@ -668,6 +698,7 @@ def main(argv=None):
         bench_elementwise(report, device, dtype, 16, 64, 96, 4, 16, False)
         bench_w4a16(report, device, dtype, [(48, 64)], [1], 32, False)
         bench_paged_attention(report, device, dtype, [(2, 40, 4, 2, 16)], 16)
+        bench_flash_attention(report, device, dtype, [(1, 4, 2, 33, 16)])
         bench_decode(report, device, dtype, 2, 2, 20, tiny, 32, 16, False, backend="triton")
         return finish(report, args, name, peak, copy, enforced=False)
     tokens = 4096 if args.quick else 8192
@@ -680,6 +711,10 @@ def main(argv=None):
     if not args.quick:
         attn += [(8, 4096, 32, 32, 128), (64, 512, 32, 8, 128), (128, 256, 32, 32, 128)]
     bench_paged_attention(report, device, dtype, attn, 16)
+    prefill = [(1, 32, 32, 2048, 128), (1, 32, 8, 2048, 128)]
+    if not args.quick:
+        prefill += [(4, 32, 32, 512, 128), (1, 32, 32, 4096, 128)]
+    bench_flash_attention(report, device, dtype, prefill)
     layers = args.layers or (4 if args.quick else 32)
     free, _ = torch.cuda.mem_get_info()
     per_layer = 2 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # fp16 bytes per layer

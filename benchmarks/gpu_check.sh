@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything in the project that needs a CUDA GPU, in one call, in at most 8 minutes (the steps' time limits
 # add up to 470 s) on one GPU, without network access:
-#   1. tests: tests/test_kernels.py, test_kernels_llama.py and test_kernels_roofline.py with the kernels
-#      compiled for the GPU (TRITON_INTERPRET=0), not interpreted;
+#   1. tests: tests/test_kernels.py, test_kernels_llama.py, test_kernels_roofline.py and test_flash_attention.py
+#      with the kernels compiled for the GPU (TRITON_INTERPRET=0), not interpreted;
 #   2. compile: every kernel compiled for sm75/80/89/90 and this GPU's arch at LLaMA-7B shapes
 #      (python -m labkit.kernels.offline): registers, spills, shared memory per kernel, in
 #      $LOGS/kernels_compile.json; fails on a spill or on shared memory over the arch's limit;
@@ -58,11 +58,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 '| triton', triton.__version__, '| transformers', transformers.__version__,
 '| GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1 | tee -a "$LOGS/summary.txt"
 
-step tests 100 "${PYTEST[@]}" --junitxml="$LOGS/tests.xml" \
-    tests/test_kernels.py tests/test_kernels_llama.py tests/test_kernels_roofline.py
+step tests 120 "${PYTEST[@]}" --junitxml="$LOGS/tests.xml" \
+    tests/test_kernels.py tests/test_kernels_llama.py tests/test_kernels_roofline.py tests/test_flash_attention.py
 
 ARCH=$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(); print(10 * a + b)" 2>/dev/null)
-step compile 80 "$PY" -m labkit.kernels.offline --arch $(printf '%s\n' 75 80 89 90 $ARCH | sort -un) \
+step compile 60 "$PY" -m labkit.kernels.offline --arch $(printf '%s\n' 75 80 89 90 $ARCH | sort -un) \
     --json "$LOGS/kernels_compile.json"
 
 step bench 150 "$PY" benchmarks/bench_kernels.py --quick --json "$LOGS/bench.json"
