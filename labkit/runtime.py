@@ -96,8 +96,9 @@ LESSONS = {
     "08": Need(
         "A100-40",
         "rehearsed",
-        "copy.deepcopy of the model plus SVD-LLM's activation-aware walk: 29.55 GiB GPU peak, 2.76 GiB host "
-        "with 2 of 32 layers walked (~12 GiB of parked weights over all 32)",
+        "copy.deepcopy of the model plus SVD-LLM's activation-aware walk: 29.55 GiB GPU peak with 2 of 32 layers "
+        "walked; LoRA recovery of the factored copy and of a dense control copy: 26.75 GiB GPU, 12.1 GiB host "
+        "(the weights all_or_nothing parks in CPU memory while the adapters are merged)",
     ),
     "09": Need(
         "L4",
