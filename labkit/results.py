@@ -62,12 +62,17 @@ class Row:
 
 
 # What a row is, beside its numbers. Only "result" rows are compression results; an "original format" row
-# reproduces the format the model was distributed in (SmolLM2's Q4_1: the same weights) and stays off the front.
+# reproduces the format the model was distributed in (SmolLM2's Q4_1: the same weights) and stays off the front;
+# a "fine-tuned" row was trained on WikiText-2 after loading (a LoRA recovery, or its dense control), which lowers
+# the perplexity on this very text by itself: it compares with its control, not with untrained rows.
 ROLES = {
     "result": "a compressed or otherwise changed model",
     "baseline": "the unchanged model, measured under this protocol",
     "original format": "the model's own stored format reproduced: not a compression result, kept off the Pareto front",
+    "fine-tuned": "trained on WikiText-2 after loading (LoRA recovery or its dense control): compare it with its "
+    "control, trained the same way; kept off the Pareto front",
 }
+FRONT_ROLES = ("result", "baseline")  # the roles pareto_front compares
 
 
 def results_dir() -> Path:
@@ -196,7 +201,8 @@ def record_run(
     data=data): dtype, calibration and BOS come from the profile) and, unless given, the perplexity's
     seqlen and the device. eval_windows: the test windows the perplexity averaged (profile.eval_windows,
     or profile.sweep_windows for a sweep); data: where the test text came from (labkit.data.Text.source).
-    role: "result" (a compressed model), "baseline" (the unchanged model) or "original format" (ROLES).
+    role: "result" (a compressed model), "baseline" (the unchanged model), "original format" or "fine-tuned"
+    (ROLES).
     """
     seqlen = profile.seqlen if seqlen is None else seqlen
     protocol = profile.protocol(eval_windows, seqlen=seqlen, data=data)
@@ -363,11 +369,12 @@ def pareto_front(rows: list[Row]) -> list[Row]:
     """Rows not dominated in (weight_bytes, perplexity): no other row is smaller AND at least as good.
 
     All rows must share one protocol (else ValueError naming the fingerprints and what differs; group them
-    with by_protocol). Sorted by weight memory. Rows without a perplexity, and "original format" rows (the
-    model as it was distributed, not a compression result), are left out."""
+    with by_protocol). Sorted by weight memory. Rows without a perplexity, and rows whose role is not in
+    FRONT_ROLES ("original format": the model as it was distributed; "fine-tuned": trained on the text it is
+    scored on), are left out."""
     one_protocol(rows, "pareto_front")
     scored = sorted(
-        (r for r in rows if r.perplexity is not None and r.role != "original format"),
+        (r for r in rows if r.perplexity is not None and r.role in FRONT_ROLES),
         key=lambda r: (r.weight_bytes, r.perplexity),
     )
     front, best = [], math.inf

@@ -364,6 +364,18 @@ def test_original_format_rows_stay_off_the_front_and_are_marked():
     assert text.splitlines()[0].split()[-1] == "protocol" and text.count(base.fingerprint) == 3
 
 
+def test_fine_tuned_rows_stay_off_the_front_and_are_marked():
+    """A LoRA-recovered model (and its dense control) trained on WikiText-2 would dominate untrained rows."""
+    base = row(method="fp32", weight_bytes=513, perplexity=36.47, role="baseline")
+    w4 = row(method="AWQ", setting="W4 g64", weight_bytes=163, perplexity=43.36)
+    qlora = row(method="AWQ + QLoRA", setting="W4 g64", weight_bytes=172, perplexity=36.06, role="fine-tuned")
+    control = row(method="fp32 + LoRA", setting="dense", weight_bytes=513, perplexity=31.60, role="fine-tuned")
+    assert results.pareto_front([base, w4, qlora, control]) == [w4, base]
+    assert "W4 g64 [fine-tuned]" in results.table([qlora])
+    with pytest.raises(ValueError, match="role='tuned'.*fine-tuned"):
+        results.record(row(role="tuned"))
+
+
 def test_rows_recorded_before_protocols_load_but_are_never_compared(tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_RESULTS_DIR", str(tmp_path))
     old = {k: v for k, v in row().__dict__.items() if k not in ("protocol", "fingerprint", "role")}
