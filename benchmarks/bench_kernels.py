@@ -388,8 +388,10 @@ def bench_flash_attention(report, device, dtype, configs):
         ms = bench_ms(partial(K.flash_attention, q, k, v, backend="triton"), device)
         report.add(name, "triton", ms, traffic["minimum"], sdpa_ms)
         flops = 4 * batch * heads * seq * seq * head_dim / 2  # Q·Kᵀ and P·V, half the matrix when causal
-        print(f"  triton {flops / (ms * 1e-3) / 1e12:.1f} TFLOP/s, sdpa {flops / (sdpa_ms * 1e-3) / 1e12:.1f}, "
-              f"eager {flops / (eager_ms * 1e-3) / 1e12:.1f}; speed-up column: against sdpa")
+        print(
+            f"  triton {flops / (ms * 1e-3) / 1e12:.1f} TFLOP/s, sdpa {flops / (sdpa_ms * 1e-3) / 1e12:.1f}, "
+            f"eager {flops / (eager_ms * 1e-3) / 1e12:.1f}; speed-up column: against sdpa"
+        )
 
 
 # --- one decode step of a LLaMA-7B-shaped model ----------------------------------------------------------

@@ -225,13 +225,22 @@ def test_meta_and_offline_case():
     """Tiles of at least 16 (tl.dot's minimum) in every dtype, and the offline compile covers the kernel at
     LLaMA-7B's shapes with the launcher's own meta, in fp16, bf16 and fp32."""
     for dtype in DTYPES:
-        meta = _flash_meta(128, dtype)
-        assert meta["BLOCK_M"] >= 16 and meta["BLOCK_N"] >= 16 and meta["BLOCK_D"] == 128
-        assert _flash_meta(24, dtype)["BLOCK_D"] == 32 and _flash_meta(8, dtype)["BLOCK_D"] == 16
-        (case,) = [c for c in offline.cases(dtype) if c.kernel is _flash_attention_kernel]
-        assert case.meta == _flash_meta(128, dtype) | dict(CAUSAL=True)
-        assert case.args["num_heads"] == 32 and case.args["seq_len"] == 2048 and case.args["head_dim"] == 128
-        assert math.isclose(case.args["scale"], 128**-0.5)
+        for arch in (None, 75, 80, 89, 90):
+            meta = _flash_meta(128, dtype, arch)
+            assert meta["BLOCK_M"] >= 16 and meta["BLOCK_N"] >= 16 and meta["BLOCK_D"] == 128
+            assert _flash_meta(24, dtype, arch)["BLOCK_D"] == 32 and _flash_meta(8, dtype, arch)["BLOCK_D"] == 16
+            (case,) = [c for c in offline.cases(dtype, arch=arch) if c.kernel is _flash_attention_kernel]
+            assert case.meta == meta | dict(CAUSAL=True)
+            assert case.args["num_heads"] == 32 and case.args["seq_len"] == 2048 and case.args["head_dim"] == 128
+            assert math.isclose(case.args["scale"], 128**-0.5)
+    # tensor cores from sm80: 64 x 64 tiles, fewer stages where shared memory is 99 KB; the T4 and fp32 keep 64 x 16
+    for arch, warps, stages in ((80, 8, 3), (86, 8, 2), (89, 8, 2), (90, 4, 3)):
+        for dtype in (torch.float16, torch.bfloat16):
+            tiles = {k: _flash_meta(128, dtype, arch)[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+            assert tiles == dict(BLOCK_M=64, BLOCK_N=64, num_warps=warps, num_stages=stages)
+    for arch, dtype in ((75, torch.float16), (90, torch.float32), (None, torch.float16)):
+        meta = _flash_meta(128, dtype, arch)
+        assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"]) == (64, 16, 8) and "num_stages" not in meta
 
 
 def test_input_errors(monkeypatch):

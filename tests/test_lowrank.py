@@ -64,6 +64,22 @@ def test_whitening_dampens_a_singular_hessian():
         lowrank.whitening(-torch.eye(3))
 
 
+def test_whitening_retries_when_the_factorization_reports_success_with_nan(monkeypatch):
+    """MKL and cuSOLVER returned info 0 with NaN in S for a singular H (the H200 machine, torch 2.11)."""
+    real, calls = torch.linalg.cholesky_ex, []
+
+    def cholesky_ex(A):
+        calls.append(A.clone())
+        S, info = real(A)
+        return (torch.full_like(S, float("nan")), torch.zeros_like(info)) if len(calls) == 1 else (S, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", cholesky_ex)
+    H = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+    S = lowrank.whitening(H)
+    assert len(calls) == 2 and torch.isfinite(S).all()
+    assert torch.equal(calls[0], H.double()) and (calls[1] - calls[0]).diagonal().gt(0).all()  # dampened retry
+
+
 # --- the model -----------------------------------------------------------------------------------
 
 

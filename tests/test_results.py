@@ -372,7 +372,7 @@ def test_fine_tuned_rows_stay_off_the_front_and_are_marked():
     control = row(method="fp32 + LoRA", setting="dense", weight_bytes=513, perplexity=31.60, role="fine-tuned")
     assert results.pareto_front([base, w4, qlora, control]) == [w4, base]
     assert "W4 g64 [fine-tuned]" in results.table([qlora])
-    with pytest.raises(ValueError, match="role='tuned'.*fine-tuned"):
+    with pytest.raises(ValueError, match=r"role='tuned'.*fine-tuned"):
         results.record(row(role="tuned"))
 
 

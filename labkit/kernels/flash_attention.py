@@ -284,27 +284,33 @@ def _flash_attention_kernel(
     tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _flash_meta(head_dim: int, dtype: torch.dtype) -> dict:
-    """The kernel's compile-time constants and warps (labkit.kernels.offline compiles the same, at
-    LLaMA-7B's head_dim 128, for sm75 to sm90; python -m labkit.kernels.offline shows them).
+def _flash_meta(head_dim: int, dtype: torch.dtype, arch: int | None = None) -> dict:
+    """The kernel's compile-time constants, warps and pipeline stages for a GPU of compute capability
+    `arch` (75 for sm75; None: the interpreter, or unknown). labkit.kernels.offline compiles the same, at
+    LLaMA-7B's head_dim 128, for sm75 to sm90; python -m labkit.kernels.offline shows them.
 
-    fp16 and fp32: 64 queries x 16 keys per step, 8 warps. fp16 also runs on the T4 (sm75), where
-    Triton (3.6 and 3.9) has no tensor-core tl.dot: it lowers both dots to CUDA-core FMAs that hold
-    each thread's rows and columns of the operands across the whole inner dimension in registers, and
-    this is the largest tile found that does not spill there (128 x 64 with 8 warps spilled 9 KB per
-    thread, 64 x 32 with 8 warps half a KB; 64 x 16 uses 235 of 255 registers). fp32 dots are exact
-    ("ieee") FMAs on every GPU, so the same tile. bf16, compiled for sm80 and newer only (tensor
-    cores): 128 x 32, 8 warps (186 registers, 64-81 KB of shared memory). Tuned at head_dim 128; larger
-    heads hold more per thread."""
-    tensor_cores = dtype == torch.bfloat16
-    return dict(
-        BLOCK_M=128 if tensor_cores else 64,
-        BLOCK_N=32 if tensor_cores else 16,
+    sm80 and newer, fp16 and bf16 (tensor cores): 64 queries x 64 keys per step, with 3 stages of K/V
+    loads in flight (2 on sm86/sm89, whose blocks get 99 KB of shared memory, not 163-227 KB). sm90:
+    4 warps. On the H200 (benchmarks/gpu_check_runs.md, 2026-12-04, causal, 32 heads of 128, 2048
+    tokens) this took 133 us where SDPA took 110 us; of the tiles tried, 64 x 32 took 150 us, 128 x 64
+    (8 warps, 3 stages) 183 us, 128 x 32 (8 warps) 230 us, and 64 x 16 (8 warps) 373 us. sm80-sm89:
+    8 warps, because with 4 the tile spills registers there (Triton 3.6 and 3.9; not timed on those GPUs).
+    Otherwise (fp32, the T4, the interpreter): 64 x 16, 8 warps. On sm75 Triton (3.6 and 3.9) has no
+    tensor-core tl.dot: it lowers both dots to CUDA-core FMAs that hold each thread's rows and columns of
+    the operands across the whole inner dimension in registers, and this is the largest tile found that
+    does not spill there (128 x 64 with 8 warps spilled 9 KB per thread, 64 x 32 with 8 warps half a KB;
+    64 x 16 uses 235 of 255 registers). fp32 dots are exact ("ieee") FMAs on every GPU, so the same
+    tile. Tuned at head_dim 128; larger heads hold more per thread."""
+    meta = dict(
         BLOCK_D=max(16, _triton.next_power_of_2(head_dim)),
         FP32_MATH=_triton.compute_in_fp32(dtype),
         PRECISION=_triton.dot_precision(dtype),
-        num_warps=8,
     )
+    if arch is not None and arch >= 80 and dtype in (torch.float16, torch.bfloat16):
+        return meta | dict(
+            BLOCK_M=64, BLOCK_N=64, num_warps=4 if arch >= 90 else 8, num_stages=2 if arch in (86, 89) else 3
+        )
+    return meta | dict(BLOCK_M=64, BLOCK_N=16, num_warps=8)
 
 
 def _flash_attention_triton(q, k, v, causal: bool, scale: float, meta: dict | None = None) -> torch.Tensor:
@@ -313,7 +319,9 @@ def _flash_attention_triton(q, k, v, causal: bool, scale: float, meta: dict | No
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
-    meta = meta or _flash_meta(head_dim, q.dtype)
+    if meta is None:
+        major, minor = (None, 0) if not q.is_cuda else torch.cuda.get_device_capability(q.device)
+        meta = _flash_meta(head_dim, q.dtype, None if major is None else 10 * major + minor)
     grid = (-(-seq // meta["BLOCK_M"]), num_heads, batch)  # query tiles of one head side by side: they share K, V
     _flash_attention_kernel[grid](out, q, k, v, scale, num_heads, k.shape[1], seq, head_dim, CAUSAL=causal, **meta)
     return out

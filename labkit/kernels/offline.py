@@ -82,8 +82,9 @@ class Compiled:
     error: str = ""  # the compile error, if it failed
 
 
-def cases(dtype: torch.dtype, shapes: dict = LLAMA_7B) -> list[Case]:
-    """The kernels as the GPU profile launches them, with the launchers' own constexpr choices."""
+def cases(dtype: torch.dtype, shapes: dict = LLAMA_7B, arch: int | None = None) -> list[Case]:
+    """The kernels as the GPU profile launches them on compute capability `arch`, with the launchers' own
+    constexpr choices (only flash attention's depend on the arch)."""
     H, inter, heads, d, g = (shapes[k] for k in ("hidden", "intermediate", "heads", "head_dim", "group_size"))
     dt, i32 = dtype, torch.int32
     rms = dict(out_ptr=dt, x_ptr=dt, residual_ptr=dt, residual_out_ptr=dt, weight_ptr=dt, hidden=H, eps=1e-6)
@@ -136,7 +137,7 @@ def cases(dtype: torch.dtype, shapes: dict = LLAMA_7B) -> list[Case]:
             _flash_attention_kernel,
             dict(out_ptr=dt, q_ptr=dt, k_ptr=dt, v_ptr=dt, scale=d**-0.5, num_heads=heads, num_kv_heads=heads)
             | dict(seq_len=2048, head_dim=d),
-            _flash_meta(d, dt) | dict(CAUSAL=True),
+            _flash_meta(d, dt, arch) | dict(CAUSAL=True),
         ),
     ]
     if dtype == torch.float16:  # groups narrower than a K step (not the GPU profile's): scales loaded per byte
@@ -242,7 +243,7 @@ def compile_all(archs=tuple(ARCHS), only: str | None = None, **options) -> list[
     whose name contains this text."""
     rows = []
     for arch, dtype in targets(archs):
-        for case in cases(dtype):
+        for case in cases(dtype, arch=arch):
             if only is None or only in case.name:
                 rows.append(compile_case(case, arch, dtype, **options))
     return rows

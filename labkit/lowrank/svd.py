@@ -121,7 +121,8 @@ def whitening(H: torch.Tensor, percdamp: float = 0.0, tries: int = 8) -> torch.T
     """S = cholesky(X Xᵀ), lower triangular, in fp64. H: [in, in] ∝ X Xᵀ (the scale does not matter).
 
     Inputs never active on the calibration data (H_jj = 0) get H_jj = mean(diag H). If H is not
-    positive definite (fewer tokens than inputs, or rounding), λ · mean(diag H) is added to the
+    positive definite (fewer tokens than inputs, or rounding; or the factorization reports success with NaN
+    in S, as MKL and cuSOLVER did for a singular H on the H200 machine), λ · mean(diag H) is added to the
     diagonal, λ growing tenfold from max(percdamp, 1e-8) until the factorization succeeds; with
     percdamp > 0 the dampening is always applied (a ridge term: ‖(W − W')X‖² + λ‖W − W'‖²).
     """
@@ -133,7 +134,7 @@ def whitening(H: torch.Tensor, percdamp: float = 0.0, tries: int = 8) -> torch.T
     damp = percdamp
     for _ in range(tries):
         S, info = torch.linalg.cholesky_ex(H + damp * mean * torch.eye(H.shape[0], dtype=H.dtype, device=H.device))
-        if info == 0:
+        if info == 0 and torch.isfinite(S).all():  # MKL and cuSOLVER may report success with NaN in S: H singular
             return S
         damp = max(damp * 10, 1e-8)
     raise ValueError(
