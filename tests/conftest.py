@@ -1,3 +1,4 @@
+import copy
 import os
 from pathlib import Path
 
@@ -64,3 +65,20 @@ def data_dir():
     if not d:
         pytest.fail("LABKIT_DATA_DIR is not set: point it at the offline WikiText-2 copy (CI uses ../shared/data).")
     return Path(d)
+
+
+@pytest.fixture
+def target_and_draft(tiny):
+    """(target, draft) for speculative decoding. The tiny random model at its default initialisation decodes one
+    token over and over, which any draft guesses; with its weight matrices ×8 its greedy output varies from token
+    to token. The draft is that target with every weight perturbed by 5% (relative): it agrees with the target on
+    some tokens and not others."""
+    with torch.no_grad():
+        for p in tiny.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+        draft = copy.deepcopy(tiny)
+        g = torch.Generator().manual_seed(1)
+        for p in draft.parameters():
+            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+    return tiny, draft

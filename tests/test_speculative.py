@@ -14,22 +14,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def pair(tiny):
-    """(target, draft). The tiny random model at its default initialisation decodes one token over and over, which
-    any draft guesses; with its weight matrices ×8 its greedy output varies from token to token. The draft is that
-    target with every weight perturbed by 5% (relative): it agrees with the target on some tokens and not others."""
-    with torch.no_grad():
-        for p in tiny.parameters():
-            if p.dim() == 2:
-                p.mul_(8)
-        draft = copy.deepcopy(tiny)
-        g = torch.Generator().manual_seed(1)
-        for p in draft.parameters():
-            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
-    return tiny, draft
-
-
-@pytest.fixture
 def prompt():
     return torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))  # [1, 8]
 
@@ -89,8 +73,8 @@ def test_expected_tokens_per_pass():
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
-def test_greedy_equals_target_greedy(pair, prompt, k):
-    target, draft = pair
+def test_greedy_equals_target_greedy(target_and_draft, prompt, k):
+    target, draft = target_and_draft
     expected = target.generate(prompt, do_sample=False, max_new_tokens=40)
     result = speculative_generate(target, draft, prompt, max_new_tokens=40, k=k)
     assert torch.equal(result.token_ids, expected)
@@ -100,8 +84,8 @@ def test_greedy_equals_target_greedy(pair, prompt, k):
     assert result.draft_passes == result.proposed
 
 
-def test_draft_equal_to_target_keeps_every_guess(pair, prompt):
-    target, _ = pair
+def test_draft_equal_to_target_keeps_every_guess(target_and_draft, prompt):
+    target, _ = target_and_draft
     greedy = speculative_generate(target, target, prompt, max_new_tokens=40, k=4)
     assert greedy.acceptance_rate == 1.0
     assert greedy.target_passes == math.ceil(40 / 5) and greedy.tokens_per_target_pass == 5
@@ -114,10 +98,10 @@ def test_draft_equal_to_target_keeps_every_guess(pair, prompt):
     assert sampled.acceptance_rate == 1.0 and sampled.new_tokens == 40
 
 
-def test_sampled_first_token_follows_the_target(pair, prompt):
+def test_sampled_first_token_follows_the_target(target_and_draft, prompt):
     """End to end at temperature 0.2, k = 1: the first new token follows the target's softmax(logits / 0.2), not
     the draft's (they differ by a total variation of ~0.6 at this prompt)."""
-    target, draft = pair
+    target, draft = target_and_draft
     t, n = 0.2, 500
     with torch.no_grad():
         p = (target(prompt).logits[0, -1] / t).softmax(-1)  # [vocab]
@@ -140,8 +124,8 @@ def test_sampled_first_token_follows_the_target(pair, prompt):
     assert ((freq - q_b).abs() > tol).any()
 
 
-def test_sampling_is_seeded_and_greedy_leaves_the_global_rng_alone(pair, prompt):
-    target, draft = pair
+def test_sampling_is_seeded_and_greedy_leaves_the_global_rng_alone(target_and_draft, prompt):
+    target, draft = target_and_draft
     run = lambda seed: (
         speculative_generate(
             target, draft, prompt, 24, k=3, temperature=1.0, generator=torch.Generator().manual_seed(seed)
@@ -153,8 +137,8 @@ def test_sampling_is_seeded_and_greedy_leaves_the_global_rng_alone(pair, prompt)
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_stops_at_eos_as_generate_does(pair, prompt):
-    target, draft = pair
+def test_stops_at_eos_as_generate_does(target_and_draft, prompt):
+    target, draft = target_and_draft
     greedy = target.generate(prompt, do_sample=False, max_new_tokens=40)[0, 8:].tolist()
     target.generation_config.eos_token_id = greedy[12]  # a token first emitted at or before step 12
     expected = target.generate(prompt, do_sample=False, max_new_tokens=40)

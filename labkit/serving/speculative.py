@@ -90,7 +90,14 @@ def accept_tokens(p: torch.Tensor, q: torch.Tensor, draft_tokens: torch.Tensor, 
 
 @torch.no_grad()
 def speculative_generate(
-    target, draft, input_ids: torch.Tensor, max_new_tokens: int, k: int = 4, temperature: float = 0.0, generator=None
+    target,
+    draft,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    k: int = 4,
+    temperature: float = 0.0,
+    generator=None,
+    accept=None,
 ) -> SpeculativeResult:
     """Generate up to max_new_tokens tokens after input_ids ([1, n]) from `target`, with `draft` proposing k at a time.
 
@@ -99,8 +106,16 @@ def speculative_generate(
     (generation_config.eos_token_id), as model.generate does. generator: a torch.Generator on the models' device
     for sampling (None: the global RNG; greedy decoding draws nothing from it). The models are used in eval mode
     and left in the mode they were in; their weights are not touched.
+    accept: None (labkit's accept_tokens) or your own accept(p, q, draft_tokens, generator) -> (n_accepted,
+    next_token) with accept_tokens' contract (lesson 10b's "build it"); an answer that is not two integers with
+    0 <= n_accepted <= k and next_token in the vocabulary raises ValueError.
     """
     _check_args(target, draft, input_ids, max_new_tokens, k, temperature, generator)
+    if accept is not None and not callable(accept):
+        raise ValueError(
+            f"accept={accept!r}: pass a function accept(p, q, draft_tokens, generator) -> (n_accepted, next_token), "
+            "or None for labkit's accept_tokens."
+        )
     device = next(target.parameters()).device
     if temperature == 0:  # one-hot distributions: every draw has a fixed outcome; keep the global RNG untouched
         generator = torch.Generator(device).manual_seed(0)
@@ -108,13 +123,14 @@ def speculative_generate(
     target.eval()
     draft.eval()
     try:
-        return _generate(target, draft, input_ids.to(device, torch.long), max_new_tokens, k, temperature, generator)
+        tokens = input_ids.to(device, torch.long)
+        return _generate(target, draft, tokens, max_new_tokens, k, temperature, generator, accept or accept_tokens)
     finally:
         target.train(modes[0])
         draft.train(modes[1])
 
 
-def _generate(target, draft, tokens, max_new_tokens, k, temperature, generator) -> SpeculativeResult:
+def _generate(target, draft, tokens, max_new_tokens, k, temperature, generator, accept) -> SpeculativeResult:
     start, n_prompt = time.perf_counter(), tokens.shape[1]
     eos = _eos_ids(target)
     caches = {"target": DynamicCache(config=target.config), "draft": DynamicCache(config=draft.config)}
@@ -142,7 +158,7 @@ def _generate(target, draft, tokens, max_new_tokens, k, temperature, generator) 
         q = torch.stack(q) if q else p.new_zeros(0, p.shape[1])  # [k_round, vocab]
         # 3. keep a prefix of the draft, then one token from the target (residual or bonus)
         x = drafted[0, tokens.shape[1] :]  # [k_round]
-        n, next_token = accept_tokens(p, q, x, generator)
+        n, next_token = _checked(accept(p, q, x, generator), k_round, p.shape[1])
         proposed, accepted = proposed + k_round, accepted + n
         new = [*x[:n].tolist(), next_token]
         for i, t in enumerate(new):
@@ -158,6 +174,18 @@ def _generate(target, draft, tokens, max_new_tokens, k, temperature, generator) 
     return SpeculativeResult(
         tokens, tokens.shape[1] - n_prompt, proposed, accepted, target_passes, draft_passes, time.perf_counter() - start
     )
+
+
+def _checked(answer, k: int, vocab: int) -> tuple[int, int]:
+    """An accept function's (n_accepted, next_token), or ValueError saying what is off."""
+    ok = isinstance(answer, tuple) and len(answer) == 2
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in answer)
+    if not ok or not 0 <= answer[0] <= k or not 0 <= answer[1] < vocab:
+        raise ValueError(
+            f"accept returned {answer!r} for {k} draft tokens; expected (n_accepted, next_token): two Python ints "
+            f"with 0 <= n_accepted <= {k} and 0 <= next_token < {vocab} (labkit.serving.accept_tokens' contract)."
+        )
+    return answer
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
