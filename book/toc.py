@@ -19,7 +19,7 @@ TRACKS = [  # (caption, lesson ids: labkit.course.lesson_id, e.g. "05b" for note
     ("Quantization", ["04", "05", "05b", "06"]),
     ("Distillation", ["07"]),
     ("Low rank", ["08"]),
-    ("Systems", ["09", "10", "11"]),
+    ("Systems", ["09", "10", "10b", "11"]),
     ("Capstone", ["12"]),
 ]
 REFERENCE = ["glossary", "bibliography"]

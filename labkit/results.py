@@ -64,13 +64,16 @@ class Row:
 # What a row is, beside its numbers. Only "result" rows are compression results; an "original format" row
 # reproduces the format the model was distributed in (SmolLM2's Q4_1: the same weights) and stays off the front;
 # a "fine-tuned" row was trained on WikiText-2 after loading (a LoRA recovery, or its dense control), which lowers
-# the perplexity on this very text by itself: it compares with its control, not with untrained rows.
+# the perplexity on this very text by itself: it compares with its control, not with untrained rows; an "inference"
+# row runs the same weights differently (lesson 10b), so it has nothing to place on a weight-memory front.
 ROLES = {
     "result": "a compressed or otherwise changed model",
     "baseline": "the unchanged model, measured under this protocol",
     "original format": "the model's own stored format reproduced: not a compression result, kept off the Pareto front",
     "fine-tuned": "trained on WikiText-2 after loading (LoRA recovery or its dense control): compare it with its "
     "control, trained the same way; kept off the Pareto front",
+    "inference": "the same weights run differently (speculative decoding, a compressed KV cache): changes speed or "
+    "run-time memory, not the weights; kept off the Pareto front of weight memory",
 }
 FRONT_ROLES = ("result", "baseline")  # the roles pareto_front compares
 
@@ -201,8 +204,8 @@ def record_run(
     data=data): dtype, calibration and BOS come from the profile) and, unless given, the perplexity's
     seqlen and the device. eval_windows: the test windows the perplexity averaged (profile.eval_windows,
     or profile.sweep_windows for a sweep); data: where the test text came from (labkit.data.Text.source).
-    role: "result" (a compressed model), "baseline" (the unchanged model), "original format" or "fine-tuned"
-    (ROLES).
+    role: "result" (a compressed model), "baseline" (the unchanged model), "original format", "fine-tuned" or
+    "inference" (ROLES).
     """
     seqlen = profile.seqlen if seqlen is None else seqlen
     protocol = profile.protocol(eval_windows, seqlen=seqlen, data=data)

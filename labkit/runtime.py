@@ -112,6 +112,13 @@ LESSONS = {
         "peak 13.35 GiB GPU (the model and layer 0's W4A16 packing) and 12.1 GiB host (fuse parks the replaced fp16 "
         "weights in CPU memory for its all-or-nothing restore): over the T4's 12.8 GiB GPU and 9.1 GiB RAM budgets",
     ),
+    "10b": Need(
+        "A100-40",
+        "estimate",
+        "the 4-bit draft is made from a deepcopy of the fp16 model: two 13.5 GB copies on the GPU until fuse "
+        "replaces the draft's linears (~27 GB, over the L4's 19.8 GiB budget), then the model, the 3.9 GB draft "
+        "and two short KV caches; the KV-cache perplexities hold 2 x 2048-token windows' logits (0.5 GB)",
+    ),
     "11": Need(
         "T4",
         "rehearsed",

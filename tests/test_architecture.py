@@ -228,10 +228,6 @@ NOT_IN_THE_MAP = {
     "rehearsal/plans.py",
     "rehearsal/compression.py",
     "rehearsal/serving_and_training.py",
-    # issue 20's modules, tested, before the lesson that will teach them (README: "Not in a lesson yet")
-    "kernels/flash_attention.py",
-    "serving/speculative.py",
-    "serving/kv_compression.py",
 }
 
 
