@@ -65,7 +65,7 @@ def _all_checks():
 
 def test_every_check_has_a_worked_solution_that_passes(capsys):
     exercises = list(_all_checks())
-    assert len(exercises) == 44
+    assert len(exercises) == 45
     for exercise in exercises:
         assert exercise(solutions.of(exercise)), (exercise.__module__, exercise.__name__, capsys.readouterr().out)
     with pytest.raises(LookupError, match=r"no worked solution for check\.lesson00\.nothing"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from labkit import check, kernels, solutions
+from labkit import check, kernels, serving, solutions
 from labkit.course import lesson_id, lessons
 from labkit.distill import losses
 from labkit.lowrank import break_even
@@ -91,6 +91,7 @@ SOLUTIONS = {
     "lesson11.linear_slices": solutions.lesson11.linear_slices,
     "lesson11.ring_bytes_per_token": lambda hidden, layers, b, world: 2 * (world - 1) / world * 2 * layers * hidden * b,
     "lesson05b.scaled_error": solutions.lesson05b.scaled_error,
+    "lesson10b.accept_tokens": serving.accept_tokens,
     "lesson12.pareto_front": _pareto,
     "lesson12.bits_per_weight_24": lambda value_bits: (value_bits + 2) / 2,
 }
@@ -117,7 +118,7 @@ def _check(key: str):
 
 
 def test_every_check_is_covered():
-    assert len(CHECKS) == 44 and sorted(CHECKS) == sorted(SOLUTIONS)
+    assert len(CHECKS) == 45 and sorted(CHECKS) == sorted(SOLUTIONS)
 
 
 def _poison(value, fill: float, everywhere: bool = True):

@@ -366,7 +366,7 @@ def lesson08(r: Rehearsal, lora_steps: int = 2) -> None:
     with r.phase("cell 2: load"):
         model = llama_7b(GPU)
     with r.phase("cell 19: deepcopy, activation-aware SVD at -20% parameters"):
-        r.assume("if info == 0:", True)  # the damped X Xᵀ is positive definite at the first try
+        r.assume("if info == 0 and", True)  # the damped X Xᵀ is positive definite (and S finite) at the first try
         m = llama_7b(GPU)  # copy.deepcopy(model): fake parameters deep-copied cannot be moved by .to() (weakrefs)
         with first_layers():
             lowrank.svd(m, param_ratio=0.8, activation_aware=True, calibration=calib)
