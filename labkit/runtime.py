@@ -117,7 +117,8 @@ LESSONS = {
         "estimate",
         "the 4-bit draft is made from a deepcopy of the fp16 model: two 13.5 GB copies on the GPU until fuse "
         "replaces the draft's linears (~27 GB, over the L4's 19.8 GiB budget), then the model, the 3.9 GB draft "
-        "and two short KV caches; the KV-cache perplexities hold 2 x 2048-token windows' logits (0.5 GB)",
+        "and two short KV caches; section 3 (draft freed): 4096-token windows, a 2 GiB fp16 cache, its dequantized "
+        "copy and the window's logits (~0.8 GB) beside the model",
     ),
     "11": Need(
         "T4",
