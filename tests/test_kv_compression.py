@@ -14,6 +14,7 @@ from labkit.serving.kv_compression import (
     QuantizedKVCache,
     StreamingCache,
     bytes_per_token,
+    cache_nbytes,
     chunked_logits,
     dequantize_kv,
     evict,
@@ -113,7 +114,12 @@ def test_cache_bytes_by_hand(tiny):
     # per layer (batch 1, 2 KV heads, head_dim 16, fp32): keys 512 B codes + 2 · (2·4·16) · 4 B for scales and
     # zeros; values 512 + 2 · (2·32·2) · 4; residual 2 · (2·8·16) · 4 B
     per_layer = (512 + 512 + 512) + (512 + 512 + 512) + 2048
-    assert cache.nbytes() == 2 * per_layer
+    assert cache.nbytes() == 2 * per_layer == cache_nbytes(cache)
+    plain, window = DynamicCache(), StreamingCache(tiny, sinks=2, window=6)
+    for c in (plain, window):
+        chunked_logits(tiny, _ids(40), c, chunk=8)
+    assert cache_nbytes(plain) == 2 * 2 * (2 * 40 * 16) * 4  # 2 layers x (K, V) x [1, 2, 40, 16] fp32
+    assert cache_nbytes(window) == 2 * 2 * (2 * 8 * 16) * 4  # 2 sinks + 6 kept
     quantized = 2 * (512 + 512 + 512) * 2
     assert quantized / 32 == bytes_per_token(tiny.config, 4, group_size=8, scale_bytes=4)  # fp32 scales here
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Verdict, call, describe, exercise
+from ..serving.speculative import answer_problem
+from . import Verdict, call, exercise
 
 # One draft token on a 5-token vocabulary: the target p and the draft q disagree most on tokens 0 and 2.
 _P = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05])
@@ -48,16 +49,8 @@ def _emitted(fn, v: Verdict, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor |
 
 
 def _valid(v: Verdict, got, k: int, vocab: int) -> bool:
-    if not (isinstance(got, tuple) and len(got) == 2):
-        return v.fail(f"return a pair (n_accepted, next_token); got {describe(got)}.")
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in got):
-        return v.fail(f"return two Python ints (use int(...) on tensors); got {tuple(type(x).__name__ for x in got)}.")
-    n, token = got
-    if not 0 <= n <= k:
-        return v.fail(f"n_accepted = {n} for {k} draft token(s): it counts kept draft tokens, 0 to {k}.")
-    if not 0 <= token < vocab:
-        return v.fail(f"next_token = {token} is not a token of the {vocab}-token vocabulary.")
-    return True
+    problem = answer_problem(got, k, vocab)  # the contract speculative_generate enforces
+    return v.fail(problem) if problem is not None else True
 
 
 def _slips(p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from .kv_compression import (
     QuantizedKVCache,
     StreamingCache,
     bytes_per_token,
+    cache_nbytes,
     chunked_logits,
     dequantize_kv,
     evict,

@@ -299,6 +299,19 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, cache: 
 # --- memory ---------------------------------------------------------------------------------------------
 
 
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes a cache holds now: QuantizedKVCache.nbytes() (codes, scales, zeros, residual), else every layer's
+    keys and values as stored (DynamicCache; StreamingCache after its evictions)."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        if layer.is_initialized
+        for t in (layer.keys, layer.values)
+    )
+
+
 def bytes_per_token(config, bits: int = 16, group_size: int = 128, scale_bytes: int = 2) -> float:
     """KV bytes one token costs across all layers (a model config: layers, KV heads, head_dim).
 

@@ -176,14 +176,29 @@ def _generate(target, draft, tokens, max_new_tokens, k, temperature, generator, 
     )
 
 
+def answer_problem(answer, k: int, vocab: int) -> str | None:
+    """What is wrong with an accept function's answer for k draft tokens, in words; None when it keeps
+    accept_tokens' contract: two Python ints (n_accepted, next_token), 0 <= n_accepted <= k, next_token in the
+    vocabulary. Shared by speculative_generate (which raises) and lesson 10b's check (which reports)."""
+    if not (isinstance(answer, tuple) and len(answer) == 2):
+        return f"return a pair (n_accepted, next_token); got {type(answer).__name__}."
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in answer):
+        return f"return two Python ints (use int(...) on tensors); got {tuple(type(x).__name__ for x in answer)}."
+    n, token = answer
+    if not 0 <= n <= k:
+        return f"n_accepted = {n} for {k} draft token(s): it counts kept draft tokens, 0 to {k}."
+    if not 0 <= token < vocab:
+        return f"next_token = {token} is not a token of the {vocab}-token vocabulary."
+    return None
+
+
 def _checked(answer, k: int, vocab: int) -> tuple[int, int]:
     """An accept function's (n_accepted, next_token), or ValueError saying what is off."""
-    ok = isinstance(answer, tuple) and len(answer) == 2
-    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in answer)
-    if not ok or not 0 <= answer[0] <= k or not 0 <= answer[1] < vocab:
+    problem = answer_problem(answer, k, vocab)
+    if problem is not None:
         raise ValueError(
-            f"accept returned {answer!r} for {k} draft tokens; expected (n_accepted, next_token): two Python ints "
-            f"with 0 <= n_accepted <= {k} and 0 <= next_token < {vocab} (labkit.serving.accept_tokens' contract)."
+            f"accept returned {answer!r} for {k} draft tokens, expected (n_accepted, next_token): two Python ints "
+            f"with 0 <= n_accepted <= {k} and 0 <= next_token < {vocab} (accept_tokens' contract). {problem}"
         )
     return answer
 
