@@ -113,12 +113,12 @@ LESSONS = {
         "weights in CPU memory for its all-or-nothing restore): over the T4's 12.8 GiB GPU and 9.1 GiB RAM budgets",
     ),
     "10b": Need(
-        "A100-40",
+        "L4",
         "estimate",
-        "the 4-bit draft is made from a deepcopy of the fp16 model: two 13.5 GB copies on the GPU until fuse "
-        "replaces the draft's linears (~27 GB, over the L4's 19.8 GiB budget), then the model, the 3.9 GB draft "
-        "and two short KV caches; section 3 (draft freed): 4096-token windows, a 2 GiB fp16 cache, its dequantized "
-        "copy and the window's logits (~0.8 GB) beside the model",
+        "the model (13.5 GB) and its 4-bit draft (~3.9 GB, quantized in CPU memory, then moved): ~17.4 GB; "
+        "section 3 (draft freed): 4096-token windows, a 2 GiB fp16 cache, its dequantized copy and the window's "
+        "logits (~0.8 GB) beside the model, ~18.8 GB, within the L4's 19.8 GiB budget; host: the draft's fp16 "
+        "load (13.5 GB)",
     ),
     "11": Need(
         "T4",
