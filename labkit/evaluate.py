@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import reuse as _reuse
+
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
@@ -87,6 +89,7 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    reuse: bool = True,
 ) -> float:
     """Perplexity with the GPTQ paper's protocol.
 
@@ -97,22 +100,36 @@ def perplexity(
     windows. ppl = exp(mean NLL over all predicted tokens).
     seqlen: an integer >= 2; max_windows: a positive integer or None (all); batch_size: windows per
     forward pass, a positive integer. Bad arguments raise ValueError naming the argument.
+    reuse: a window already measured on this very model (the same modules, settings and weights, the same
+    code and threads) with the same results folder adds its stored NLL instead of running again
+    (labkit.reuse: e.g. lesson 00's 16 dense windows serve every later lesson's dense windows); False
+    always runs the model.
     """
     windows = _windows(model, token_ids, seqlen, max_windows)
     n_windows = windows.shape[0]
     _check_int(batch_size, "batch_size", 1, "windows per forward pass")
+    name = _reuse.model_key(model) if reuse else None  # None: nothing reused, nothing stored
+    known, measured = _reuse.stored() if name else {}, {}
     device = _device(model)
     nll_sum = 0.0
     for start in tqdm(
         range(0, n_windows, batch_size), desc="perplexity", disable=not progress, unit_scale=batch_size, unit="window"
     ):
-        batch = windows[start : start + batch_size].to(device)
+        batch = windows[start : start + batch_size]
+        key = _reuse.key(name, "window nll", batch)
+        if key in known:
+            nll_sum += known[key]
+            continue
+        batch = batch.to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
         nll = nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        nll_sum += nll.item()
-        del batch, logits, nll  # not alive while the next window's forward runs (its logits would be)
+        ).item()
+        nll_sum += nll
+        if key is not None:
+            measured[key] = nll
+        del batch, logits  # not alive while the next window's forward runs (its logits would be)
+    _reuse.store(measured)
     return math.exp(nll_sum / (n_windows * (seqlen - 1)))
 
 

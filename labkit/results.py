@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._lesson_ids import is_lesson_id, lesson_id
+from .folders import results_dir
 from .profiles import PROTOCOL_FIELDS, Protocol, differences, fingerprint
 
 if TYPE_CHECKING:
@@ -76,17 +77,6 @@ ROLES = {
     "run-time memory, not the weights; kept off the Pareto front of weight memory",
 }
 FRONT_ROLES = ("result", "baseline")  # the roles pareto_front compares
-
-
-def results_dir() -> Path:
-    """$LABKIT_RESULTS_DIR; else, on Colab with Google Drive mounted, <Drive>/labkit/results (kept across
-    sessions: labkit.colab); else ~/.cache/labkit/results."""
-    if os.environ.get("LABKIT_RESULTS_DIR"):
-        return Path(os.environ["LABKIT_RESULTS_DIR"])
-    from .colab import drive_folder  # here, not at the top: `python -m labkit.colab` imports labkit first
-
-    drive = drive_folder()
-    return drive / "results" if drive is not None else Path.home() / ".cache" / "labkit" / "results"
 
 
 def _path(profile: str) -> Path:

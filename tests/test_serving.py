@@ -216,6 +216,31 @@ def test_engine_serves_compressed_models(tiny, tiny_tokenizer, compress):
     assert engine.stats["tokens_per_s"] > 0 and max(engine.stats["batch_sizes"]) == 3
 
 
+def test_engine_prefills_with_flash_attention(tiny, tiny_tokenizer, monkeypatch):
+    """Prefill runs the layers by hand with labkit's FlashAttention (causal, one call per layer and prefill; no
+    hooks, no HF forward), and the tokens still equal model.generate's."""
+    from labkit.serving import engine as engine_module
+
+    calls = []
+    real = engine_module.flash_attention
+
+    def flash(q, k, v, causal, scale, backend):
+        calls.append((causal, q.shape[2]))
+        return real(q, k, v, causal=causal, scale=scale, backend=backend)
+
+    monkeypatch.setattr(engine_module, "flash_attention", flash)
+    model, tok = tiny, tiny_tokenizer
+    monkeypatch.setattr(model, "forward", None)  # the engine must not call the model's own forward
+    engine = Engine(model, tok, num_blocks=32, block_size=4, max_batch=2)
+    outs = engine.generate(PROMPTS[:3], max_new_tokens=[4, 2, 3])
+    monkeypatch.undo()
+    n_layers = model.config.num_hidden_layers
+    assert len(calls) == engine.stats["prefills"] * n_layers and all(causal for causal, _ in calls)
+    assert [n for _, n in calls[::n_layers]] == [len(tok(p).input_ids) for p in PROMPTS[:3]]
+    for prompt, n, out in zip(PROMPTS, [4, 2, 3], outs):
+        assert out.token_ids == hf_greedy(model, tok, prompt, n), prompt
+
+
 def test_engine_preempts_when_blocks_run_out(tiny, tiny_tokenizer):
     model, tok = tiny, tiny_tokenizer
     engine = Engine(model, tok, num_blocks=16, block_size=4, max_batch=6)  # too few blocks for all at once

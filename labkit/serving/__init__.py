@@ -9,6 +9,7 @@ for c in engine.generate(["The history of the city", "Once upon a time"], max_ne
 serving.kv_memory_waste(serving.synthetic_request_lengths(), max_seq_len=2048, block_size=16)
 result = serving.speculative_generate(model, draft, input_ids, max_new_tokens=64, k=4)  # a draft guesses, model checks
 serving.perplexity_with_cache(model, test_ids, 1024, lambda: serving.QuantizedKVCache(model, bits=4))  # int4 KV cache
+serving.Engine(model, tok, num_blocks=serving.blocks_for_budget(2**30, model.config, 16, kv_bits=8), kv_bits=8)
 """
 
 from .block_manager import (
@@ -23,7 +24,9 @@ from .engine import Completion, Engine
 from .kv_compression import (
     QuantizedKV,
     QuantizedKVCache,
+    QuantizedPagedKVCache,
     StreamingCache,
+    blocks_for_budget,
     bytes_per_token,
     cache_nbytes,
     chunked_logits,

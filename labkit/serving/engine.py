@@ -5,10 +5,10 @@
 
 Each step of `generate`:
   1. admit waiting requests (first come, first served) while the batch has room and the pool has
-     blocks for their tokens; prefill each with the model's ordinary forward pass, whose K/V are
-     captured (hooks on k_proj / v_proj, rotary applied as the attention module does) and written
-     into the request's blocks; the prefill's last logits give its first new token;
-  2. decode one token for every running request at once: each decoder layer is run by hand on a
+     blocks for their tokens; prefill each: the decoder layers run by hand on its [1, n, hidden]
+     prompt, the K/V of all n tokens go straight into its blocks, and attention over the prompt is
+     FlashAttention (labkit.kernels.flash_attention, causal); its last logits give the first new token;
+  2. decode one token for every running request at once: the same per-layer code on a
      [batch, 1, hidden] input, the new K/V go into each request's next slot, and attention reads the
      whole context through the block tables (labkit.kernels.paged_attention_decode);
   3. requests that hit max_new_tokens or EOS leave the batch and free their blocks at once, so
@@ -16,9 +16,12 @@ Each step of `generate`:
 When a running request needs a block and none is free, the most recently admitted request is
 preempted: its blocks are freed and it is recomputed (re-prefilled) later, as in vLLM.
 
+kv_bits=8 or 4 stores K/V quantized (QuantizedPagedKVCache: a scale and zero per token and KV head), so
+the same memory holds about 1.9x or 3.5x the blocks (blocks_for_budget sizes the pool from a byte budget).
+
 Greedy outputs equal `model.generate(ids, do_sample=False)` request by request (the tests check
-this in fp32 on CPU; in fp16 on a GPU other kernels sum in other orders, and a near-tie between
-two tokens can then go the other way).
+this in fp32 on CPU with kv_bits=16; in fp16 on a GPU other kernels sum in other orders, and a near-tie
+between two tokens can then go the other way; quantized K/V change the logits a little more).
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import paged_attention_decode, rotary
+from ..kernels import flash_attention, paged_attention_decode, rotary
 from ..kernels.paged_attention import check_block_tables
 from ..models import check_llama
 from .block_manager import BlockManager, PagedKVCache
+from .kv_compression import QuantizedPagedKVCache
+
+KV_BITS = (16, 8, 4)  # 16: K/V in the model's dtype; 8, 4: QuantizedPagedKVCache
 
 
 @dataclass
@@ -54,21 +60,35 @@ class _Request:
 
 class Engine:
     def __init__(
-        self, model, tokenizer, num_blocks: int, block_size: int = 16, max_batch: int = 8, backend: str = "auto"
+        self,
+        model,
+        tokenizer,
+        num_blocks: int,
+        block_size: int = 16,
+        max_batch: int = 8,
+        backend: str = "auto",
+        kv_bits: int = 16,
     ):
         """model: a Llama LlamaForCausalLM (labkit.models.load); tokenizer: its tokenizer.
-        num_blocks, block_size: the KV pool (num_blocks · block_size tokens in all).
-        max_batch: most requests decoded together. backend: for the attention and rotary kernels."""
+        num_blocks, block_size: the KV pool (num_blocks · block_size tokens in all; blocks_for_budget
+        gives num_blocks for a memory budget). max_batch: most requests decoded together. backend: for
+        the attention and rotary kernels. kv_bits: 16 (K/V in the model's dtype), 8 or 4 (quantized)."""
+        if isinstance(kv_bits, bool) or kv_bits not in KV_BITS:
+            raise ValueError(f"kv_bits={kv_bits!r}: allowed values are {', '.join(map(str, KV_BITS))}.")
         check_llama(model, "labkit.serving.Engine")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1; got {max_batch}.")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.block_size, self.max_batch, self.backend = block_size, max_batch, backend
+        self.block_size, self.max_batch, self.backend, self.kv_bits = block_size, max_batch, backend, kv_bits
         self.blocks = BlockManager(num_blocks, block_size)
-        self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        if kv_bits == 16:
+            self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        else:
+            self.cache = QuantizedPagedKVCache.for_model(model, num_blocks, block_size, kv_bits)
         c = model.config
         self.num_heads, self.num_kv_heads = c.num_attention_heads, c.num_key_value_heads
-        self.head_dim = self.cache.k[0].shape[-1]
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.device = next(model.parameters()).device
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = c.eos_token_id if eos is None else eos
         self.eos_ids = set() if eos is None else set(eos if isinstance(eos, (list, tuple)) else [eos])
@@ -158,41 +178,22 @@ class Engine:
         elif len(r.output_ids) >= r.max_new_tokens:
             r.finish_reason = "length"
 
-    # --- prefill: the model's ordinary forward, with K/V captured into the paged cache ---------------
+    # --- prefill: the whole prompt at once, FlashAttention over it ---------------------------------
     def _prefill(self, r: _Request) -> None:
         ids = r.prompt_ids + r.output_ids  # after a preemption, recompute the generated tokens too
         n = len(ids)
         self.blocks.allocate(r.id, n)
-        slots = torch.tensor([self.blocks.slot(r.id, t) for t in range(n)], device=self.cache.k[0].device)
-        model = self.model
-        captured: dict[tuple[int, str], torch.Tensor] = {}
-        hooks = []
-        for i, layer in enumerate(model.model.layers):
-            for name in ("k_proj", "v_proj"):
+        slots = torch.tensor([self.blocks.slot(r.id, t) for t in range(n)], device=self.device)  # [n]
 
-                def hook(module, args, out, key=(i, name)):
-                    captured[key] = out  # [1, n, num_kv_heads · head_dim]
+        def attend(i, q, k, v, scale):  # the prompt attends to itself: its K/V, fresh, not read back
+            return flash_attention(q, k, v, causal=True, scale=scale, backend=self.backend)
 
-                hooks.append(getattr(layer.self_attn, name).register_forward_hook(hook))
-        try:
-            input_ids = torch.tensor([ids], device=self.cache.k[0].device)
-            logits = model(input_ids, use_cache=False).logits[0, -1]  # [vocab]
-        finally:
-            for h in hooks:
-                h.remove()
-        positions = torch.arange(n, device=input_ids.device)[None]  # [1, n]
-        cos, sin = model.model.rotary_emb(captured[(0, "k_proj")], positions)  # [1, n, head_dim]
-        for i in range(len(model.model.layers)):
-            k = captured[(i, "k_proj")].view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            k = rotary(k.contiguous(), cos, sin, backend=self.backend)  # [1, kv_heads, n, head_dim]
-            v = captured[(i, "v_proj")].view(n, self.num_kv_heads, self.head_dim)
-            self.cache.write(i, slots, k[0].transpose(0, 1), v)
-        self._emit(r, int(logits.float().argmax()))
+        tokens = torch.tensor([ids], device=self.device)  # [1, n]
+        logits = self._forward(tokens, torch.arange(n, device=self.device)[None], slots, attend)
+        self._emit(r, int(logits[0].float().argmax()))
 
     # --- decode: one token for every running request -----------------------------------------------
     def _decode_step(self, running: list[_Request]) -> None:
-        model, B = self.model, len(running)
-        device = self.cache.k[0].device
         slots, positions = [], []
         for r in running:
             positions.append(self.blocks.num_tokens(r.id))  # the new token's position
@@ -207,34 +208,53 @@ class Engine:
         # The kernel trusts these values for its addresses: check them here, once per step and on the
         # CPU, rather than in every layer's attention call on the device (a GPU sync per check).
         check_block_tables(block_tables, context_lens, self.blocks.num_blocks, self.block_size)
-        block_tables, context_lens = block_tables.to(device), context_lens.to(device)  # [B, width], [B]
-        slots = torch.tensor(slots, device=device)  # [B]
-        tokens = torch.tensor([[r.output_ids[-1]] for r in running], device=device)  # [B, 1]
+        used = None
+        if self.kv_bits != 16:
+            # The paged kernels (Triton and torch) read fp K/V only: dequantize the blocks this step
+            # uses (in torch) into a small pool, and renumber the block tables into it.
+            used = block_tables.unique()  # [m] sorted physical blocks
+            block_tables = torch.searchsorted(used, block_tables).to(torch.int32)
+            used = used.to(self.device)
+        block_tables, context_lens = block_tables.to(self.device), context_lens.to(self.device)  # [B, width], [B]
 
-        h = model.model.embed_tokens(tokens)  # [B, 1, hidden]
-        cos, sin = model.model.rotary_emb(h, torch.tensor(positions, device=device)[:, None])  # [B, 1, head_dim]
-        for i, layer in enumerate(model.model.layers):
-            attn = layer.self_attn
-            residual = h
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, 1, self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, 1, head_dim]
-            k = attn.k_proj(x).view(B, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(B, self.num_kv_heads, self.head_dim)  # [B, kv_heads, head_dim]
-            q = rotary(q.contiguous(), cos, sin, backend=self.backend)
-            k = rotary(k.contiguous(), cos, sin, backend=self.backend)
-            self.cache.write(i, slots, k[:, :, 0], v)
+        def attend(i, q, k, v, scale):  # q: [B, heads, 1, head_dim]; k, v: already in the cache
+            pools = (self.cache.k[i], self.cache.v[i]) if used is None else self.cache.read(i, used)
             o = paged_attention_decode(
                 q[:, :, 0].contiguous(),
-                self.cache.k[i],
-                self.cache.v[i],
+                *pools,
                 block_tables,
                 context_lens,
-                scale=attn.scaling,
+                scale=scale,
                 backend=self.backend,
                 check_values=False,  # checked above, once per step
             )  # [B, heads, head_dim]
-            h = residual + attn.o_proj(o.reshape(B, 1, self.num_heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = model.lm_head(model.model.norm(h))[:, -1]  # [B, vocab]
+            return o[:, :, None]
+
+        tokens = torch.tensor([[r.output_ids[-1]] for r in running], device=self.device)  # [B, 1]
+        positions = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
+        logits = self._forward(tokens, positions, torch.tensor(slots, device=self.device), attend)
         for r, token in zip(running, logits.float().argmax(-1).tolist()):
             self._emit(r, token)
+
+    # --- the decoder layers, run by hand (prefill and decode) -----------------------------------------
+    def _forward(self, tokens, positions, slots, attend) -> torch.Tensor:
+        """The model on tokens [B, n] at positions [B, n]; the K/V of all B · n tokens are written to
+        slots [B · n] (row-major) before attend(layer, q, k, v, scale) -> [B, heads, n, head_dim] runs,
+        q [B, heads, n, head_dim] and k, v [B, kv_heads, n, head_dim] after rotary. Returns the last
+        position's logits [B, vocab]."""
+        model, (B, n) = self.model, tokens.shape
+        h = model.model.embed_tokens(tokens)  # [B, n, hidden]
+        cos, sin = model.model.rotary_emb(h, positions)  # [B, n, head_dim]
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(B, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, heads, n, head_dim]
+            k = attn.k_proj(x).view(B, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(B, n, self.num_kv_heads, self.head_dim)  # [B, n, kv_heads, head_dim]
+            q = rotary(q.contiguous(), cos, sin, backend=self.backend)
+            k = rotary(k.contiguous(), cos, sin, backend=self.backend)  # [B, kv_heads, n, head_dim]
+            self.cache.write(i, slots, k.transpose(1, 2).flatten(0, 1), v.flatten(0, 1))
+            o = attend(i, q, k, v.transpose(1, 2).contiguous(), attn.scaling)  # [B, heads, n, head_dim]
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, n, self.num_heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return model.lm_head(model.model.norm(h[:, -1:]))[:, -1]  # the last position only, as generate does

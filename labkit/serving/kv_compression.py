@@ -5,6 +5,8 @@
     perplexity_with_cache(model, tokens, 1024, lambda: QuantizedKVCache(model, bits=4), max_windows=4)
     perplexity_with_cache(model, tokens, 1024, lambda: StreamingCache(model, sinks=4, window=256))
     bytes_per_token(config, bits=4, group_size=128) vs bytes_per_token(config)  # fp16
+    QuantizedPagedKVCache(...)  # the serving engine's paged pool in int8/int4 (Engine(kv_bits=8))
+    blocks_for_budget(2**30, config, block_size=16, kv_bits=4)  # blocks that 1 GiB of KV holds
 
 KIVI (Liu et al. 2024): keys have a few outlier channels, so keys are quantized per channel (a scale and
 zero point per channel, from the statistics of a group of tokens); values have no such channels and are
@@ -251,6 +253,97 @@ class StreamingCache(Cache):
         _check_int(window, "window", 1)
         inv_freq = model.model.rotary_emb.inv_freq
         super().__init__(layers=[_SinkLayer(sinks, window, inv_freq) for _ in range(model.config.num_hidden_layers)])
+
+
+# --- a quantized paged pool (the serving engine's kv_bits=8 / 4) --------------------------------------------
+
+
+class QuantizedPagedKVCache:
+    """PagedKVCache's interface (write, copy_block, nbytes) with K and V stored as `bits`-bit codes.
+
+    Each token's K and V are quantized per KV head (quantize_kv's axis="token", one group of head_dim):
+    a scale and a zero point in fp16 per token and head. KIVI quantizes keys per channel, but that needs
+    the statistics of a group of tokens, and a paged slot is written one token at a time. Per layer:
+        k[layer], v[layer]: QuantizedKV over the flat slots: codes [num_blocks · block_size, kv_heads, 1,
+        head_dim · bits / 8] uint8, scales and zeros [num_blocks · block_size, kv_heads, 1, 1] fp16
+    K/V are rounded to fp16 before quantizing; read() returns them in `dtype`."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        bits: int = 8,
+        dtype=torch.float32,
+        device="cpu",
+    ):
+        _check_bits(bits)
+        if head_dim % (8 // bits):
+            raise ValueError(f"head_dim={head_dim} must be a multiple of {8 // bits} for bits={bits}.")
+        slots = num_blocks * block_size
+
+        def pool() -> QuantizedKV:
+            codes = torch.zeros(slots, num_kv_heads, 1, head_dim * bits // 8, dtype=torch.uint8, device=device)
+            scales = torch.zeros(slots, num_kv_heads, 1, 1, dtype=torch.float16, device=device)
+            return QuantizedKV(codes, scales, scales.clone(), (slots, num_kv_heads, 1, head_dim), bits, "token")
+
+        self.k = [pool() for _ in range(num_layers)]
+        self.v = [pool() for _ in range(num_layers)]
+        self.block_size, self.bits, self.dtype = block_size, bits, dtype
+
+    @classmethod
+    def for_model(cls, model, num_blocks: int, block_size: int, bits: int = 8) -> QuantizedPagedKVCache:
+        c = model.config
+        p = next(model.parameters())
+        return cls(
+            c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, _head_dim(c), bits, p.dtype, p.device
+        )
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize and store K/V of some tokens. slots: [n_tokens]; k, v: [n_tokens, num_kv_heads, head_dim]."""
+        for pool, x in ((self.k[layer], k), (self.v[layer], v)):
+            q = quantize_kv(x.to(torch.float16)[:, :, None], self.bits, "token")  # [n, kv_heads, 1, head_dim]
+            for t, new in zip((pool.codes, pool.scales, pool.zeros), (q.codes, q.scales, q.zeros)):
+                t[slots] = new
+
+    def read(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized K and V of some blocks. blocks: [m] block numbers -> k, v [m, block_size, num_kv_heads,
+        head_dim] in self.dtype: a pool for paged attention whose block i is blocks[i]."""
+        slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size, device=blocks.device)).flatten()
+        out = []
+        for pool in (self.k[layer], self.v[layer]):
+            shape = (len(slots), *pool.shape[1:])
+            q = QuantizedKV(pool.codes[slots], pool.scales[slots], pool.zeros[slots], shape, pool.bits, pool.axis)
+            x = dequantize_kv(q)  # [m · block_size, kv_heads, 1, head_dim]
+            out.append(x.view(len(blocks), self.block_size, x.shape[1], x.shape[3]).to(self.dtype))
+        return out[0], out[1]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy-on-write: duplicate block src into dst in every layer."""
+        b = self.block_size
+        for pool in (*self.k, *self.v):
+            for t in (pool.codes, pool.scales, pool.zeros):
+                t[dst * b : (dst + 1) * b] = t[src * b : (src + 1) * b]
+
+    def nbytes(self) -> int:
+        """Bytes stored: codes, scales and zeros of every slot."""
+        return sum(kv_bytes(q) for q in (*self.k, *self.v))
+
+
+def blocks_for_budget(budget_bytes: int, config, block_size: int = 16, kv_bits: int = 16) -> int:
+    """How many KV blocks of block_size tokens fit in budget_bytes (a model config: layers, KV heads, head_dim).
+
+    kv_bits=16: an fp16/bf16 PagedKVCache; 8 or 4: a QuantizedPagedKVCache (codes plus an fp16 scale and zero
+    per token and KV head, i.e. bytes_per_token with group_size=head_dim). The same budget holds
+    (2 · head_dim) / (head_dim · bits / 8 + 4) times the fp16 blocks: 1.94x for int8, 3.76x for int4 at head_dim 128."""
+    if isinstance(kv_bits, bool) or kv_bits not in (16, 8, 4):
+        raise ValueError(f"kv_bits={kv_bits!r}: allowed values are 16, 8, 4.")
+    _check_int(block_size, "block_size", 1)
+    _check_int(budget_bytes, "budget_bytes", 0)
+    per_token = bytes_per_token(config, kv_bits, group_size=_head_dim(config), scale_bytes=2)
+    return int(budget_bytes // (per_token * block_size))
 
 
 # --- running a model with a cache -----------------------------------------------------------------------
