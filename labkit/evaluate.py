@@ -124,11 +124,12 @@ def perplexity(
         logits = model(batch, use_cache=False).logits[:, :-1].float()
         nll = nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        ).item()
-        nll_sum += nll
+        )
+        value = nll.item()
+        nll_sum += value
         if key is not None:
-            measured[key] = nll
-        del batch, logits  # not alive while the next window's forward runs (its logits would be)
+            measured[key] = value
+        del batch, logits, nll  # not alive while the next window's forward runs (its logits would be)
     _reuse.store(measured)
     return math.exp(nll_sum / (n_windows * (seqlen - 1)))
 

@@ -53,6 +53,12 @@ def code_version() -> str:
     return h.hexdigest()
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A dense tensor whose bytes can be read: not meta, not a subclass (fake tensors of labkit.rehearsal,
+    2:4 semi-structured sparse weights), not a sparse layout."""
+    return type(t) in (torch.Tensor, nn.Parameter) and not t.is_meta and t.layout == torch.strided
+
+
 def _tensor(h, t: torch.Tensor) -> None:
     h.update(f"{t.dtype} {tuple(t.shape)} {t.device.type}".encode())
     data = t.detach().contiguous().cpu()
@@ -96,6 +102,8 @@ def model_key(model: nn.Module) -> str | None:
             if attr in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set") or attr.endswith("hooks"):
                 continue
             if isinstance(value, torch.Tensor):
+                if not _plain(value):
+                    return None
                 h.update(f"tensor {attr}".encode())
                 _tensor(h, value)
                 continue
@@ -105,6 +113,8 @@ def model_key(model: nn.Module) -> str | None:
             h.update(f"{attr}={text}".encode())
         for kind, tensors in (("param", module._parameters), ("buffer", module._buffers)):
             for attr, t in sorted(tensors.items()):
+                if t is not None and not _plain(t):
+                    return None
                 h.update(f"{kind} {attr}".encode())
                 if t is not None:
                     _tensor(h, t)
@@ -113,7 +123,7 @@ def model_key(model: nn.Module) -> str | None:
 
 def key(model_key: str | None, what: str, inputs: torch.Tensor, **settings) -> str | None:
     """The key of measurement `what` on `inputs` with `settings` of the model named by model_key (None: none)."""
-    if model_key is None:
+    if model_key is None or not _plain(inputs):
         return None
     h = hashlib.sha256(f"{what} {code_version()} {model_key} threads {torch.get_num_threads()}".encode())
     h.update(repr(sorted(settings.items())).encode())

@@ -109,3 +109,13 @@ def test_offloaded_model_is_measured(tiny, results, tmp_path):
 
     offloaded = parallel.offload(copy.deepcopy(tiny), folder=tmp_path / "layers")
     assert reuse.model_key(offloaded) is None
+
+
+def test_tensors_without_readable_bytes_are_never_keyed(tiny):
+    from torch._subclasses.fake_tensor import FakeTensorMode  # what labkit.rehearsal runs lessons with
+
+    assert reuse.model_key(copy.deepcopy(tiny).to("meta")) is None
+    name = reuse.model_key(tiny)
+    assert name is not None
+    assert reuse.key(name, "window nll", IDS.to("meta")) is None
+    assert reuse.key(name, "window nll", FakeTensorMode().from_tensor(IDS)) is None

@@ -36,9 +36,7 @@ from ..kernels import flash_attention, paged_attention_decode, rotary
 from ..kernels.paged_attention import check_block_tables
 from ..models import check_llama
 from .block_manager import BlockManager, PagedKVCache
-from .kv_compression import QuantizedPagedKVCache
-
-KV_BITS = (16, 8, 4)  # 16: K/V in the model's dtype; 8, 4: QuantizedPagedKVCache
+from .kv_compression import QuantizedPagedKVCache, check_kv_bits
 
 
 @dataclass
@@ -73,8 +71,7 @@ class Engine:
         num_blocks, block_size: the KV pool (num_blocks · block_size tokens in all; blocks_for_budget
         gives num_blocks for a memory budget). max_batch: most requests decoded together. backend: for
         the attention and rotary kernels. kv_bits: 16 (K/V in the model's dtype), 8 or 4 (quantized)."""
-        if isinstance(kv_bits, bool) or kv_bits not in KV_BITS:
-            raise ValueError(f"kv_bits={kv_bits!r}: allowed values are {', '.join(map(str, KV_BITS))}.")
+        check_kv_bits(kv_bits)
         check_llama(model, "labkit.serving.Engine")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1; got {max_batch}.")

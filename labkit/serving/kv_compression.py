@@ -332,14 +332,21 @@ class QuantizedPagedKVCache:
         return sum(kv_bytes(q) for q in (*self.k, *self.v))
 
 
+KV_BITS = (16, 8, 4)  # a paged pool's K/V: 16 in the model's dtype (PagedKVCache); 8, 4: QuantizedPagedKVCache
+
+
+def check_kv_bits(kv_bits) -> None:
+    if isinstance(kv_bits, bool) or kv_bits not in KV_BITS:
+        raise ValueError(f"kv_bits={kv_bits!r}: allowed values are {', '.join(map(str, KV_BITS))}.")
+
+
 def blocks_for_budget(budget_bytes: int, config, block_size: int = 16, kv_bits: int = 16) -> int:
     """How many KV blocks of block_size tokens fit in budget_bytes (a model config: layers, KV heads, head_dim).
 
     kv_bits=16: an fp16/bf16 PagedKVCache; 8 or 4: a QuantizedPagedKVCache (codes plus an fp16 scale and zero
     per token and KV head, i.e. bytes_per_token with group_size=head_dim). The same budget holds
     (2 · head_dim) / (head_dim · bits / 8 + 4) times the fp16 blocks: 1.94x for int8, 3.76x for int4 at head_dim 128."""
-    if isinstance(kv_bits, bool) or kv_bits not in (16, 8, 4):
-        raise ValueError(f"kv_bits={kv_bits!r}: allowed values are 16, 8, 4.")
+    check_kv_bits(kv_bits)
     _check_int(block_size, "block_size", 1)
     _check_int(budget_bytes, "budget_bytes", 0)
     per_token = bytes_per_token(config, kv_bits, group_size=_head_dim(config), scale_bytes=2)
