@@ -54,7 +54,7 @@ def _check_stream(token_ids) -> torch.Tensor:
     return token_ids.reshape(-1).long()  # long ids stay the same tensor
 
 
-def _windows(model, token_ids, seqlen: int, max_windows: int | None) -> torch.Tensor:
+def split_windows(model, token_ids, seqlen: int, max_windows: int | None) -> torch.Tensor:
     """The first `max_windows` non-overlapping windows of `seqlen` tokens: [n_windows, seqlen], checked."""
     stream = _check_stream(token_ids)
     _check_int(seqlen, "seqlen", 2, "a window needs at least 2 tokens: one to read, one to predict")
@@ -105,7 +105,7 @@ def perplexity(
     (labkit.reuse: e.g. lesson 00's 16 dense windows serve every later lesson's dense windows); False
     always runs the model.
     """
-    windows = _windows(model, token_ids, seqlen, max_windows)
+    windows = split_windows(model, token_ids, seqlen, max_windows)
     n_windows = windows.shape[0]
     _check_int(batch_size, "batch_size", 1, "windows per forward pass")
     name = _reuse.model_key(model) if reuse else None  # None: nothing reused, nothing stored
@@ -150,7 +150,7 @@ def predictions(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | 
     """Confidence and accuracy of the next-token predictions on the first `max_windows` windows (the windows
     of `perplexity`, same arguments). A perplexity above the vocabulary size means confident wrong guesses:
     these numbers show how confident and how wrong."""
-    windows = _windows(model, token_ids, seqlen, max_windows)
+    windows = split_windows(model, token_ids, seqlen, max_windows)
     device = _device(model)
     nll = entropy = hits = top = 0.0
     for window in windows:

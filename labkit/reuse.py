@@ -38,6 +38,13 @@ from .folders import results_dir
 
 STORE = "reused-measurements.json"
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size)
+# Code whose version code_version() names: a class or function from anywhere else (a notebook's own
+# module, edited between two runs) could change what runs under the same name, so it is never keyed.
+_KNOWN = ("torch", "transformers", "labkit")
+
+
+def _known(module_name: str) -> bool:
+    return module_name.split(".")[0] in _KNOWN
 
 
 @lru_cache(maxsize=1)
@@ -80,8 +87,10 @@ def _setting(value) -> str | None:
         return None if None in parts.values() else repr(sorted(parts.items()))
     if isinstance(value, (types.FunctionType, types.BuiltinFunctionType)):  # module-level ones only: a name says it all
         name = f"{value.__module__}.{value.__qualname__}"
-        return None if "<" in name else f"function {name}"
+        return None if "<" in name or not _known(value.__module__ or "") else f"function {name}"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. the model's labkit_compression list
+        if not _known(type(value).__module__):
+            return None
         text = _setting({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
         return None if text is None else f"{type(value).__qualname__}{text}"
     if hasattr(value, "to_json_string"):  # a transformers config: all of it, as JSON
@@ -96,6 +105,8 @@ def model_key(model: nn.Module) -> str | None:
     h = hashlib.sha256()
     for name, module in model.named_modules(remove_duplicate=False):
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+            return None
+        if not _known(type(module).__module__):  # e.g. a module class written in a notebook
             return None
         h.update(f"module {name} {type(module).__module__}.{type(module).__qualname__}".encode())
         for attr, value in sorted(vars(module).items()):

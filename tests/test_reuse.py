@@ -119,3 +119,12 @@ def test_tensors_without_readable_bytes_are_never_keyed(tiny):
     assert name is not None
     assert reuse.key(name, "window nll", IDS.to("meta")) is None
     assert reuse.key(name, "window nll", FakeTensorMode().from_tensor(IDS)) is None
+
+
+def test_a_module_class_from_outside_the_libraries_is_never_keyed(tiny):
+    class Doubler(torch.nn.Module):  # e.g. written in a notebook, and perhaps edited before the next run
+        def forward(self, x):
+            return 2 * x
+
+    tiny.model.layers[0].mlp.act_fn = Doubler()
+    assert reuse.model_key(tiny) is None

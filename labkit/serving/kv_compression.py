@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..evaluate import _windows
+from ..evaluate import split_windows
 from ..models import cache_kwarg
 from .block_manager import kv_bytes_per_token
 
@@ -374,7 +374,7 @@ def perplexity_with_cache(
     """evaluate.perplexity's protocol (the same non-overlapping windows; ppl = exp(mean NLL of tokens 2..seqlen)),
     each window fed through a fresh cache new_cache() (e.g. lambda: QuantizedKVCache(model, bits=4); None: the
     uncompressed DynamicCache) `chunk` tokens at a time (chunked_logits), so attention reads the past as stored."""
-    windows = _windows(model, token_ids, seqlen, max_windows)  # [n_windows, seqlen]
+    windows = split_windows(model, token_ids, seqlen, max_windows)  # [n_windows, seqlen]
     device = next(model.parameters()).device
     nll = 0.0
     for window in windows:
