@@ -366,6 +366,11 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def head_dim(config) -> int:
+    """Size of one attention head: the config's head_dim, or hidden_size / num_attention_heads where it has none."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def cache_kwarg(model) -> str:
     """The name under which model.forward takes the KV cache: 'cache' (transformers 5.x) or 'past_key_values'."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -466,7 +471,7 @@ def describe(model) -> str:
     return (
         f"{type(model).__name__}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
         f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads of dim "
-        f"{getattr(c, 'head_dim', c.hidden_size // c.num_attention_heads)}, MLP {c.intermediate_size}, "
+        f"{head_dim(c)}, MLP {c.intermediate_size}, "
         f"vocabulary {c.vocab_size:,}, {parameter_count(model) / 1e6:.1f} M parameters, "
         f"{next(model.parameters()).dtype}, on {next(model.parameters()).device}"
     )

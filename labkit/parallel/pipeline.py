@@ -20,6 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..models import head_dim
 from . import store
 from .comm import CommLog, recv, send
 from .tensor import rank_device
@@ -60,7 +61,7 @@ def split_layers(num_layers: int, world_size: int, sizes: list[int] | None = Non
 
 def layer_macs(config) -> int:
     """Multiply-adds per token of one decoder layer's linears (attention's score part left out)."""
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d = head_dim(config)
     h = config.hidden_size
     attention = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)  # q, o; k, v
     return attention + 3 * h * config.intermediate_size  # gate, up, down

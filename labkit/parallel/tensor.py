@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models import check_llama, set_module
+from ..models import check_llama, head_dim, set_module
 from . import store
 from .comm import CommLog, all_reduce
 
@@ -112,7 +112,7 @@ def linear_slices(config, rank: int, world_size: int) -> dict[str, tuple[int, in
     columns (dim 1); every split is a contiguous block of whole heads or MLP features, the same block
     for the linears that meet (q rows = o columns, k rows = v rows, gate rows = up rows = down columns)."""
     check_world_size(config, world_size)
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d = head_dim(config)
     width = {  # features per rank along the split dimension
         "self_attn.q_proj": config.num_attention_heads * d // world_size,
         "self_attn.k_proj": config.num_key_value_heads * d // world_size,
@@ -129,7 +129,7 @@ def linear_slices(config, rank: int, world_size: int) -> dict[str, tuple[int, in
 
 
 def _weight_shapes(config) -> dict[str, tuple[int, int]]:
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d = head_dim(config)
     hidden, q, kv, mlp = (
         config.hidden_size,
         config.num_attention_heads * d,
@@ -184,7 +184,7 @@ def check_plan(config, world_size: int, plan) -> None:
         raise ValueError(f"plan must be a list of {world_size} dicts, one per rank (labkit.parallel.tensor_plan).")
     plan = [_checked_entry(entry, rank, "plan holds") for rank, entry in enumerate(plan)]
     shapes = _weight_shapes(config)
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d = head_dim(config)
     group = config.num_attention_heads // config.num_key_value_heads
     for name, kind in PLAN.items():
         dim = 0 if kind == "column" else 1

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import walk
+from .. import models, walk
 from ..transform import all_or_nothing, check_count, check_model, record, replace_data
 from .formats import fake_quantize
 from .formats import quantize as labkit_quantize
@@ -222,7 +222,7 @@ def awq(
     check_count(batch_size, "batch_size")
     config = model.config
     n_rep = config.num_attention_heads // config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = models.head_dim(config)
     checked = _checked_loss(loss) if loss is not None else None
     report = AWQReport("AWQ", bits, group_size, sym=False, clip=clip)
     start = time.perf_counter()

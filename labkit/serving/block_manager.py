@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from ..models import head_dim
+
 
 class NoFreeBlocksError(RuntimeError):
     """The pool has no free block left (the engine preempts a request when it sees this)."""
@@ -165,6 +167,18 @@ class BlockManager:
             self._free.append(b)
 
 
+def pool_arguments(model) -> dict:
+    """What a paged K/V pool takes from a model: its layers, KV heads and head size, its weights' dtype and device."""
+    c, p = model.config, next(model.parameters())
+    return dict(
+        num_layers=c.num_hidden_layers,
+        num_kv_heads=c.num_key_value_heads,
+        head_dim=head_dim(c),
+        dtype=p.dtype,
+        device=p.device,
+    )
+
+
 class PagedKVCache:
     """Per-layer K and V block pools, the tensors the BlockManager's block numbers index.
 
@@ -188,10 +202,7 @@ class PagedKVCache:
 
     @classmethod
     def for_model(cls, model, num_blocks: int, block_size: int) -> PagedKVCache:
-        c = model.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        p = next(model.parameters())
-        return cls(c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, head_dim, p.dtype, p.device)
+        return cls(num_blocks=num_blocks, block_size=block_size, **pool_arguments(model))
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V of some tokens (vLLM's reshape_and_cache).
@@ -217,8 +228,7 @@ class PagedKVCache:
 
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     """K and V of one token across all layers: 2 · layers · kv_heads · head_dim · bytes."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * dtype_bytes
 
 
 def synthetic_request_lengths(

@@ -34,7 +34,7 @@ import torch
 
 from ..kernels import flash_attention, paged_attention_decode, rotary
 from ..kernels.paged_attention import check_block_tables
-from ..models import check_llama
+from ..models import check_llama, head_dim
 from .block_manager import BlockManager, PagedKVCache
 from .kv_compression import QuantizedPagedKVCache, check_kv_bits
 
@@ -84,7 +84,7 @@ class Engine:
             self.cache = QuantizedPagedKVCache.for_model(model, num_blocks, block_size, kv_bits)
         c = model.config
         self.num_heads, self.num_kv_heads = c.num_attention_heads, c.num_key_value_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.head_dim = head_dim(c)
         self.device = next(model.parameters()).device
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = c.eos_token_id if eos is None else eos

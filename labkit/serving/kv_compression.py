@@ -28,8 +28,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..evaluate import split_windows
-from ..models import cache_kwarg
-from .block_manager import kv_bytes_per_token
+from ..models import cache_kwarg, head_dim
+from .block_manager import kv_bytes_per_token, pool_arguments
 
 BITS = (2, 4, 8)
 AXES = ("channel", "token")  # channel: statistics over tokens (keys); token: statistics over channels (values)
@@ -43,10 +43,6 @@ def _check_int(value, name: str, minimum: int) -> None:
 def _check_bits(bits) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
         raise ValueError(f"bits={bits!r}: allowed values are {', '.join(map(str, BITS))}.")
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 # --- quantize / dequantize ------------------------------------------------------------------------------
@@ -187,9 +183,9 @@ class QuantizedKVCache(Cache):
         _check_bits(bits)
         _check_int(group_size, "group_size", 1)
         _check_int(residual, "residual", 0)
-        head_dim = _head_dim(model.config)
-        if head_dim % group_size or head_dim % (8 // bits):
-            raise ValueError(f"group_size={group_size} must divide head_dim={head_dim} (values group channels).")
+        dim = head_dim(model.config)
+        if dim % group_size or dim % (8 // bits):
+            raise ValueError(f"group_size={group_size} must divide head_dim={dim} (values group channels).")
         n = model.config.num_hidden_layers
         super().__init__(layers=[_QuantizedLayer(bits, group_size, residual) for _ in range(n)])
 
@@ -295,11 +291,7 @@ class QuantizedPagedKVCache:
 
     @classmethod
     def for_model(cls, model, num_blocks: int, block_size: int, bits: int = 8) -> QuantizedPagedKVCache:
-        c = model.config
-        p = next(model.parameters())
-        return cls(
-            c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, _head_dim(c), bits, p.dtype, p.device
-        )
+        return cls(num_blocks=num_blocks, block_size=block_size, bits=bits, **pool_arguments(model))
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize and store K/V of some tokens. slots: [n_tokens]; k, v: [n_tokens, num_kv_heads, head_dim]."""
@@ -349,7 +341,7 @@ def blocks_for_budget(budget_bytes: int, config, block_size: int = 16, kv_bits: 
     check_kv_bits(kv_bits)
     _check_int(block_size, "block_size", 1)
     _check_int(budget_bytes, "budget_bytes", 0)
-    per_token = bytes_per_token(config, kv_bits, group_size=_head_dim(config), scale_bytes=2)
+    per_token = bytes_per_token(config, kv_bits, group_size=head_dim(config), scale_bytes=2)
     return int(budget_bytes // (per_token * block_size))
 
 
@@ -426,6 +418,6 @@ def bytes_per_token(config, bits: int = 16, group_size: int = 128, scale_bytes: 
     if bits == 16:
         return float(kv_bytes_per_token(config, 2))
     _check_int(group_size, "group_size", 1)
-    d = _head_dim(config)
+    d = head_dim(config)
     per_head = 2 * (d * bits / 8 + 2 * scale_bytes * d / group_size)
     return config.num_hidden_layers * config.num_key_value_heads * per_head
