@@ -7,7 +7,6 @@ unit tests' time, beside a measure of how busy the machine was: an fp32 matrix p
 copy's GB/s, taken at the start and at the end of the run (issue 16: the suite's time, lesson by lesson)."""
 
 import os
-import time
 from collections import defaultdict
 
 os.environ.setdefault("LABKIT_SOLUTIONS", "1")
@@ -21,17 +20,12 @@ def machine_speed(repeats: int = 20) -> tuple[float, float]:
     512-token window; GB/s of copying 256 MiB), the best of `repeats` each, on torch's default threads."""
     import torch
 
+    from labkit.evaluate import best_time
+
     x, w = torch.randn(512, 576), torch.randn(576, 1536)
     src, dst = torch.empty(64 * 2**20), torch.empty(64 * 2**20)  # 256 MiB each
-    best_mm = best_copy = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x @ w
-        best_mm = min(best_mm, time.perf_counter() - start)
-        start = time.perf_counter()
-        dst.copy_(src)
-        best_copy = min(best_copy, time.perf_counter() - start)
-    return 2 * 512 * 576 * 1536 / best_mm / 1e9, 2 * src.numel() * 4 / best_copy / 1e9  # copy: read + write
+    mm, copy = best_time(lambda: x @ w, repeats), best_time(lambda: dst.copy_(src), repeats)
+    return 2 * 512 * 576 * 1536 / mm / 1e9, 2 * src.numel() * 4 / copy / 1e9  # copy: read + write
 
 
 def pytest_sessionstart(session):

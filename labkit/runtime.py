@@ -94,11 +94,12 @@ LESSONS = {
         "hidden states at every layer boundary, 4.1 GiB), over the L4's 19.8 GiB budget",
     ),
     "08": Need(
-        "A100-40",
+        "L4",
         "rehearsed",
-        "copy.deepcopy of the model plus SVD-LLM's activation-aware walk: 29.55 GiB GPU peak with 2 of 32 layers "
-        "walked; LoRA recovery of the factored copy and of a dense control copy: 26.75 GiB GPU, 12.1 GiB host "
-        "(the weights all_or_nothing parks in CPU memory while the adapters are merged)",
+        "one 7B model at a time (cell 10 frees `model`; each factored model and the LoRA control is a fresh load): "
+        "SVD-LLM's activation-aware walk peaks at 17.33 GiB GPU with 2 of 32 layers walked, the LoRA recoveries at "
+        "14.2 GiB GPU and 12.1 GiB host (the weights all_or_nothing parks in CPU memory while the adapters are "
+        "merged), over the T4's budgets",
     ),
     "09": Need(
         "L4",

@@ -19,14 +19,19 @@ works because labkit's transforms never write into a tensor the model already ho
 - tensors on an accelerator: nothing at first; when one is replaced (`replace_data`, or its module replaced by
   `models.set_module`), its old values are copied to CPU memory and its accelerator memory is freed, so GPU
   memory is not doubled (a 7B model's 13.5 GB would not fit twice on an L4). The restore copies them back.
+
+`undone(model)` keeps the same for a block of code and always restores: try a compression, measure it, go back
+(lesson 12), without a second copy of the model. Nested calls share one CPU copy of each parked tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +148,8 @@ def _parked(t: torch.Tensor) -> bool:
 
 
 class _Journal:
-    """What an all_or_nothing call parked in CPU memory: the old values of replaced accelerator tensors.
+    """What an all_or_nothing call (or an `undone` block) parked in CPU memory: the old values of replaced
+    accelerator tensors.
 
     referenced: ids of the tensors whose old data the snapshot holds already (CPU tensors at the start): not
     parked again when a walk has moved them to the GPU meanwhile. devices: where each tensor was at the start,
@@ -153,18 +159,8 @@ class _Journal:
         self.tensors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.device]] = {}
         self.referenced, self.devices = referenced, devices or {}
 
-    def tensor_replaced(self, t: torch.Tensor) -> None:
-        if _parked(t) and id(t) not in self.tensors and id(t) not in self.referenced:
-            self.tensors[id(t)] = (t, t.data.to("cpu", copy=True), self.devices.get(id(t), t.device))
-
-    def module_replaced(self, old: nn.Module, new: nn.Module) -> None:
-        """`old` leaves the model: its accelerator tensors are parked and emptied, except those `new` still holds
-        (a bias passed on, or a base layer that a LoRA wrapper keeps)."""
-        kept = {id(t) for t in [*new.parameters(), *new.buffers()]}
-        for t in [*old.parameters(), *old.buffers()]:
-            if _parked(t) and id(t) not in kept:
-                self.tensor_replaced(t)
-                t.data = torch.empty(0, dtype=t.dtype, device=t.device)  # frees its accelerator memory
+    def wants(self, t: torch.Tensor) -> bool:  # the first replacement of an accelerator tensor it does not hold
+        return _parked(t) and id(t) not in self.tensors and id(t) not in self.referenced
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -175,18 +171,32 @@ class _Journal:
 _journals: list[_Journal] = []  # one per all_or_nothing call in progress (they may nest)
 
 
+def _park(t: torch.Tensor) -> None:
+    """Give each journal in progress that needs them the old values of `t`, copied to CPU memory once (nested
+    calls share the copy)."""
+    saved = None
+    for journal in _journals:
+        if journal.wants(t):
+            saved = t.data.to("cpu", copy=True) if saved is None else saved
+            journal.tensors[id(t)] = (t, saved, journal.devices.get(id(t), t.device))
+
+
 def replace_data(tensor: torch.Tensor, new: torch.Tensor) -> None:
     """Give `tensor` (a parameter or buffer of the model) the values `new`, in a new storage.
 
     Never written in place, so that all_or_nothing can put the old storage back."""
-    for journal in _journals:
-        journal.tensor_replaced(tensor)
+    _park(tensor)
     tensor.data = new.to(tensor.dtype)
 
 
 def _module_replaced(old: nn.Module, new: nn.Module) -> None:
-    for journal in _journals:
-        journal.module_replaced(old, new)
+    """`old` leaves the model: its accelerator tensors are parked, then emptied, except those `new` still holds
+    (a bias passed on, or a base layer that a LoRA wrapper keeps)."""
+    kept = {id(t) for t in [*new.parameters(), *new.buffers()]}
+    for t in [*old.parameters(), *old.buffers()]:
+        if _parked(t) and id(t) not in kept:
+            _park(t)
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)  # frees its accelerator memory
 
 
 def _snapshot(model: nn.Module):
@@ -225,6 +235,22 @@ def _restore(model: nn.Module, snapshot) -> None:
         model.config.__dict__.update(config)
 
 
+def _begin(model: nn.Module):
+    """Start keeping what a restore of `model` needs: (snapshot, journal)."""
+    snapshot = _snapshot(model)
+    journal = _Journal(*_start_devices(snapshot))
+    _journals.append(journal)
+    if _module_replaced not in models.before_replace:
+        models.before_replace.append(_module_replaced)
+    return snapshot, journal
+
+
+def _end(journal: _Journal) -> None:
+    _journals.remove(journal)
+    if not _journals:
+        models.before_replace.remove(_module_replaced)
+
+
 def all_or_nothing(transform):
     """Decorate a function `transform(model, ...)` that changes `model`: if it raises, the model is put back
     exactly as it was (same modules, same tensors, same config) before the error propagates."""
@@ -233,11 +259,7 @@ def all_or_nothing(transform):
     def wrapper(model, *args, **kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{transform.__qualname__}: model must be a torch.nn.Module; got {type(model).__name__}.")
-        snapshot = _snapshot(model)
-        journal = _Journal(*_start_devices(snapshot))
-        _journals.append(journal)
-        if _module_replaced not in models.before_replace:
-            models.before_replace.append(_module_replaced)
+        snapshot, journal = _begin(model)
         try:
             return transform(model, *args, **kwargs)
         except BaseException:
@@ -245,8 +267,33 @@ def all_or_nothing(transform):
             journal.restore()
             raise
         finally:
-            _journals.remove(journal)
-            if not _journals:
-                models.before_replace.remove(_module_replaced)
+            _end(journal)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def undone(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block that changes `model` with labkit's transforms, then put the model back exactly as it was
+    (same modules, tensors, config and history), also when the block raises. To try a compression, measure
+    it and go back without a second copy of the model (lesson 12: GPTQ on a pruned model, to count what it
+    does to the 2:4 pattern):
+
+        with transform.undone(model):
+            quant.gptq(model, calibration, 4, 128, pack=False)
+            ...measure model...
+        # model is as before the block
+
+    What is kept, as in all_or_nothing: CPU tensors by reference; accelerator tensors copied to CPU memory
+    when first replaced (a 7B model's weights: 13.5 GB of RAM, not of GPU memory). Like all_or_nothing it
+    relies on the block changing tensors only through replace_data and models.set_module (every labkit
+    transform does), never in place."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"transform.undone: model must be a torch.nn.Module; got {type(model).__name__}.")
+    snapshot, journal = _begin(model)
+    try:
+        yield model
+    finally:
+        _restore(model, snapshot)
+        journal.restore()
+        _end(journal)

@@ -403,3 +403,77 @@ def test_parking_frees_what_a_successful_transform_replaced(name, where, model, 
     assert now.keys() == then.keys() and all(torch.equal(now[k], then[k]) for k in now)  # parking changes no result
     if name != "prune.wanda":  # the float linears left the model: their memory was freed
         assert all(w.numel() == 0 for w in old)
+
+
+# --- transform.undone: try a compression, measure it, go back -------------------------------------------------
+
+
+@pytest.mark.parametrize("where", PARKING)
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_undone_puts_the_model_back_after_any_transform(name, where, model, cal, monkeypatch):
+    model = _parking_on(where, model, monkeypatch)
+    before = state(model)
+    with transform.undone(model):
+        TRANSFORMS[name](model, cal)
+        changed = state(model)
+    tensors_changed = changed[0].keys() != before[0].keys() or any(
+        not same_bits(changed[0][k], before[0][k]) for k in before[0]
+    )
+    assert tensors_changed or changed[1:] != before[1:]  # the block did change the model
+    assert_unchanged(model, before)
+    assert not transform._journals and not models.before_replace
+
+
+@pytest.mark.parametrize("where", PARKING)
+def test_undone_puts_the_model_back_when_the_block_raises(where, model, cal, monkeypatch):
+    model = _parking_on(where, model, monkeypatch)
+    before = state(model)
+    with pytest.raises(RuntimeError, match="measured"), transform.undone(model):
+        quant.gptq(model, cal, 4, 32)
+        raise RuntimeError("measured, then failed")
+    assert_unchanged(model, before)
+    assert not transform._journals and not models.before_replace
+
+
+@pytest.mark.parametrize("where", PARKING)
+def test_a_failed_transform_inside_undone_is_undone_by_both(where, model, cal, monkeypatch):
+    """Nested restores: the transform's own (all_or_nothing) and the block's share one parked copy per tensor."""
+    model = _parking_on(where, model, monkeypatch)
+    before = state(model)
+    with transform.undone(model):
+        prune.wanda(model, cal, 0.5)
+        after_wanda = state(model)
+        with monkeypatch.context() as patch:
+            _fail_at_the_end(patch, "quant.gptq")
+            with pytest.raises(RuntimeError, match="boom"):
+                quant.gptq(model, cal, 4, 32)
+        assert_unchanged(model, after_wanda)  # the failed GPTQ put back the pruned model
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("where", PARKING)
+def test_lesson_12s_sequence_gives_what_a_copy_gives(where, model, cal, monkeypatch):
+    """SparseGPT 2:4, a naive GPTQ inside undone, then GPTQ keep_zeros: the same as the naive GPTQ on a deep copy."""
+    reference = copy.deepcopy(model)
+    prune.sparsegpt(reference, cal, None, "2:4")
+    naive = copy.deepcopy(reference)
+    quant.gptq(naive, cal, 4, 32, pack=False)
+    quant.gptq(reference, cal, 4, 32, keep_zeros=True)
+
+    model = _parking_on(where, model, monkeypatch)
+    prune.sparsegpt(model, cal, None, "2:4")
+    with transform.undone(model):
+        quant.gptq(model, cal, 4, 32, pack=False)
+        inside = {k: v.clone() for k, v in model.state_dict().items()}
+    quant.gptq(model, cal, 4, 32, keep_zeros=True)
+    for got, want in ((inside, naive.state_dict()), (model.state_dict(), reference.state_dict())):
+        assert got.keys() == want.keys() and all(same_bits(got[k], want[k]) for k in got)
+    assert transform.history(model) == transform.history(reference)
+
+
+def test_undone_refuses_what_is_not_a_model():
+    with (
+        pytest.raises(TypeError, match=r"transform\.undone: model must be a torch\.nn\.Module; got Tensor"),
+        transform.undone(torch.zeros(2)),
+    ):
+        pass

@@ -71,8 +71,8 @@ def test_lesson00_fits_a_t4_only_without_the_margin(lesson00):
 
 
 def test_copies_of_the_model_on_the_gpu_are_refused():
-    """deepcopy of a GPU model (lessons 07, 08, 09, 12) or a second load (01, 03, 06). Two fp16 copies
-    (25.1 GiB) are refused on a T4 and an L4 but fit an A100 40 GB; three (lesson 12 cell 15) do not."""
+    """deepcopy of a GPU model (lesson 12) or a second load (01, 03, 06). Two fp16 copies
+    (25.1 GiB) are refused on a T4 and an L4 but fit an A100 40 GB; three do not."""
     two = rehearse(plans.two_models)
     assert 2 * WEIGHTS <= two.peak_gpu <= 2 * WEIGHTS * 1.0001
     for runtime in ("T4", "L4"):

@@ -355,37 +355,40 @@ def lesson06(r: Rehearsal) -> None:
 
 
 def lesson08(r: Rehearsal, lora_steps: int = 2) -> None:
-    """Low rank: cell 19 deep-copies `model` (two copies on the GPU), factors it with lowrank.svd,
-    activation-aware (a calibration walk of Hessians, then a whitened SVD per linear), and keeps it; cell 21
-    trains rank-8 LoRA adapters on its factors (lora.lora_recover, batch 2 x 128 tokens), then the same on a
-    deep copy of the dense model (the control)."""
+    """Low rank, one 7B model on the GPU at a time: cell 10 measures `model` and frees it (cell 6's rank
+    allocation walks `model` alone before that, as cell 12's walk does its copy); every factored model starts
+    from a fresh models.load, factored with lowrank.svd, activation-aware (a calibration walk of Hessians, then
+    a whitened SVD per linear); cell 13 trains rank-8 LoRA adapters on its factors (lora.lora_recover, batch
+    2 x 128 tokens), frees it, then does the same on a fresh dense model (the control)."""
     from .. import lora, lowrank
 
     calib = _calibration()
     r.assume("if not torch.isfinite(norm)", True)  # the fine-tune checks its gradient norm (fake values)
+    r.assume("if info == 0 and", True)  # the damped X Xᵀ is positive definite (and S finite) at the first try
     with r.phase("cell 2: load"):
         model = llama_7b(GPU)
-    with r.phase("cell 19: deepcopy, activation-aware SVD at -20% parameters"):
-        r.assume("if info == 0 and", True)  # the damped X Xᵀ is positive definite (and S finite) at the first try
-        m = llama_7b(GPU)  # copy.deepcopy(model): fake parameters deep-copied cannot be moved by .to() (weakrefs)
+    with r.phase("cell 10: the dense model measured, then freed"):
+        _perplexity(model)
+        del model
+    with r.phase("cell 12: a fresh load, activation-aware SVD at -20% parameters"):
+        m = llama_7b(GPU)  # models.load
         with first_layers():
             lowrank.svd(m, param_ratio=0.8, activation_aware=True, calibration=calib)
         _perplexity(m)
     recover = tokens(64, 128)  # data.calibration(tokenizer, 64, 128): [windows, 128] on the host
-    with r.phase("cell 21: LoRA on the factored model"), torch.enable_grad():
+    with r.phase("cell 13: LoRA on the factored model"), torch.enable_grad():
         lora.lora_recover(m, recover, steps=lora_steps, lr=2e-3, batch_size=2)
         del m
-    with r.phase("cell 21: the dense control, LoRA on a deep copy"), torch.enable_grad():
-        control = llama_7b(GPU)
+    with r.phase("cell 13: the dense control, a fresh load"), torch.enable_grad():
+        control = llama_7b(GPU)  # models.load
         lora.lora_recover(control, recover, steps=lora_steps, lr=2e-3, batch_size=2)
         del control
-    del model
     _note_repeats(r)
-    r.note("the deep copies are built as more llama_7b(GPU): the same bytes on the GPU")
     r.note(
         f"LoRA: {lora_steps} of the lesson's 10 steps (the same shapes every step); the factored model has only "
         "its first 2 layers factored, so it is larger here than in the lesson"
     )
+    r.note("cell 6's allocate_ranks walks `model` alone, as cell 12's lowrank.svd walks its fresh copy")
 
 
 PLANS = {

@@ -34,8 +34,8 @@ def lesson00(r: Rehearsal, windows: int = 2, new_tokens: int = 2, seqlen: int = 
 
 
 def copies(r: Rehearsal, n: int = 2) -> None:
-    """n LLaMA-7B fp16 models on the GPU at once: what `copy.deepcopy` of a GPU model does (lessons 07, 08,
-    09, 12), or a second models.load while the first is alive (01, 03, 06)."""
+    """n LLaMA-7B fp16 models on the GPU at once: what `copy.deepcopy` of a GPU model does (lesson 12),
+    or a second models.load while the first is alive (01, 03, 06)."""
     if n < 1:
         raise ValueError(f"n={n!r}: need at least one copy.")
     models = []

@@ -246,11 +246,11 @@ def flap20_stand_in_config():
 
 
 def lesson12(r: Rehearsal, micro: int = MICRO) -> None:
-    """Capstone with one compressed 7B model alive at a time: cell 6 counts bytes on a meta copy; cell 15 compresses
-    `model` itself (SparseGPT 2:4, then GPTQ) with the naive GPTQ on one copy; cell 20 reloads the dense model
-    as the teacher and trains a FLaP-20% copy through LoRA adapters, then frees the teacher; cell 24 reloads
-    the two exports one at a time."""
-    from .. import lora, models, quant
+    """Capstone with one compressed 7B model alive at a time: cell 6 counts bytes on a meta copy; cell 15
+    compresses `model` itself (SparseGPT 2:4, then GPTQ), the naive GPTQ tried inside transform.undone (no
+    copy); cell 20 reloads the dense model as the teacher and trains a FLaP-20% copy through LoRA adapters,
+    then frees the teacher; cell 24 reloads the two exports one at a time."""
+    from .. import lora, models, quant, transform
     from .compression import column_loops, first_layers
 
     rank = profile("gpu").lora_rank
@@ -262,13 +262,12 @@ def lesson12(r: Rehearsal, micro: int = MICRO) -> None:
         evaluate.weight_bytes(models.meta_copy(model).to(torch.float16))  # half is fp16 on the GPU profile
     with r.phase("cell 8: perplexity"):
         _ppl(model)
-    with r.phase("cell 15: SparseGPT 2:4 in place, naive GPTQ on a copy"), first_layers(), column_loops():
+    with r.phase("cell 15: SparseGPT 2:4 in place, naive GPTQ inside transform.undone"), first_layers(), column_loops():
         combo = model  # the lesson: combo = model; del model
         del model
         prune.sparsegpt(combo, calib, pattern="2:4")
-        naive = _deepcopy(combo)
-        quant.gptq(naive, calib, 4, group_size=128, pack=False)
-        del naive
+        with transform.undone(combo):  # the replaced fp16 weights wait in CPU memory, then come back
+            quant.gptq(combo, calib, 4, group_size=128, pack=False)
     with r.phase("cell 15: GPTQ keep_zeros, packed"):
         quant.rtn(combo, 4, 128)  # stands in for quant.gptq(combo, ..., keep_zeros=True): the same packed layout
     with r.phase("cell 17: perplexity, generation"):
