@@ -258,13 +258,14 @@ def test_lesson08_rank_curve_uses_the_models_shapes_on_its_device():
 
 
 def test_lesson08_explore_cell_plots_from_cpu_memory():
-    source = cell("08", "W15 = model.model.layers[15]")
+    source = cell("08", "import ipywidgets as widgets")
     widgets = type("widgets", (), {"interact": staticmethod(lambda *a, **k: None), "IntSlider": _Plot()})
     source = source.replace("import ipywidgets as widgets\n", "")
 
     def plan(r):
         model = harness.llama_7b(GPU, dtype=torch.float32, config=small_config(16, torch.float32))
-        run_cell(source, {"torch": torch, "lowrank": lowrank, "plt": _Plot(), "widgets": widgets, "model": model})
+        W15 = model.model.layers[15].self_attn.o_proj.weight.detach().float().clone()  # as section 4 keeps it
+        run_cell(source, {"torch": torch, "lowrank": lowrank, "plt": _Plot(), "widgets": widgets, "W15": W15})
 
     rehearse(plan)
 
