@@ -46,6 +46,10 @@ def same_bits(a, b):  # bit-identical, NaN included (torch.equal says NaN != NaN
     return torch.equal(a.contiguous().flatten().view(torch.uint8), b.contiguous().flatten().view(torch.uint8))
 
 
+def same_tensors(got: dict, want: dict) -> bool:  # two state dicts, bit for bit
+    return got.keys() == want.keys() and all(same_bits(got[k], want[k]) for k in got)
+
+
 def assert_unchanged(model, before):
     tensors, types, history, config = before
     now = model.state_dict()
@@ -55,6 +59,11 @@ def assert_unchanged(model, before):
     assert [(name, type(m)) for name, m in model.named_modules()] == types
     assert transform.history(model) == history
     assert model.config.to_dict() == config
+
+
+def assert_changed(model, before):  # the opposite: a tensor, a module type, the history or the config moved
+    now = state(model)
+    assert not same_tensors(now[0], before[0]) or now[1:] != before[1:], "the model did not change"
 
 
 # --- every public transform, with arguments that work on the tiny model --------------------------------------
@@ -400,7 +409,7 @@ def test_parking_frees_what_a_successful_transform_replaced(name, where, model, 
     old = [m.weight for layer in models.decoder_layers(model) for m in models.linear_layers(layer).values()]
     TRANSFORMS[name](model, cal)
     now, then = model.state_dict(), reference.state_dict()
-    assert now.keys() == then.keys() and all(torch.equal(now[k], then[k]) for k in now)  # parking changes no result
+    assert same_tensors(now, then)  # parking changes no result
     if name != "prune.wanda":  # the float linears left the model: their memory was freed
         assert all(w.numel() == 0 for w in old)
 
@@ -415,11 +424,7 @@ def test_undone_puts_the_model_back_after_any_transform(name, where, model, cal,
     before = state(model)
     with transform.undone(model):
         TRANSFORMS[name](model, cal)
-        changed = state(model)
-    tensors_changed = changed[0].keys() != before[0].keys() or any(
-        not same_bits(changed[0][k], before[0][k]) for k in before[0]
-    )
-    assert tensors_changed or changed[1:] != before[1:]  # the block did change the model
+        assert_changed(model, before)
     assert_unchanged(model, before)
     assert not transform._journals and not models.before_replace
 
@@ -467,7 +472,7 @@ def test_lesson_12s_sequence_gives_what_a_copy_gives(where, model, cal, monkeypa
         inside = {k: v.clone() for k, v in model.state_dict().items()}
     quant.gptq(model, cal, 4, 32, keep_zeros=True)
     for got, want in ((inside, naive.state_dict()), (model.state_dict(), reference.state_dict())):
-        assert got.keys() == want.keys() and all(same_bits(got[k], want[k]) for k in got)
+        assert same_tensors(got, want)
     assert transform.history(model) == transform.history(reference)
 
 
